@@ -1,0 +1,1 @@
+"""Thin Dagster asset and check definitions; the computation lives in candlestack/."""

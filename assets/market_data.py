@@ -1,0 +1,312 @@
+"""1-minute candles, market rules, coverage and the DuckDB catalog, with their checks."""
+
+import time
+from collections import defaultdict
+from datetime import UTC, date, datetime
+
+import dagster as dg
+import polars as pl
+
+from assets.partitions import candle_partitions, daily_partitions
+from candlestack.checks import gap_failure, ohlc_violations, quality
+from candlestack.config import load_settings, symbol_key
+from candlestack.coverage import coverage_frame, month_strips, recent_grid
+from candlestack.errors import SourceError
+from candlestack.ingest import Ingestor, PartitionOutcome, day_start_ms
+from candlestack.lake import write_parquet_atomic
+from candlestack.schema import MINUTE_MS
+from candlestack.validate import describe_rejections
+from resources import CandleSourceResource, LakeResource
+
+GAPS_CHECK = "gaps"
+OHLC_CHECK = "ohlc_sanity"
+MAX_TABLE_ROWS = 40
+
+
+def _md_table(frame: pl.DataFrame, limit: int = MAX_TABLE_ROWS) -> str:
+    if frame.is_empty():
+        return "_none_"
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
+    rows = "".join(
+        "| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.head(limit).iter_rows()
+    )
+    more = f"\n_... and {frame.height - limit} more_" if frame.height > limit else ""
+    return header + rows + more
+
+
+def _gap_ranges(gaps: pl.DataFrame) -> pl.DataFrame:
+    return gaps.select(
+        pl.col("gap_start").dt.strftime("%Y-%m-%d %H:%M").alias("from"),
+        pl.col("gap_end").dt.strftime("%H:%M").alias("to"),
+        "minutes",
+        "refetched",
+        "imputed",
+        "missing",
+    )
+
+
+def _partition_metadata(outcome: PartitionOutcome, failure: str | None) -> dict:
+    report = outcome.report
+    metadata = {
+        "rows": report["rows"],
+        "missing_found": report["missing_found"],
+        "refetched": report["refetched"],
+        "imputed": report["imputed"],
+        "missing": report["missing"],
+        "rejected_rows": report["rejected"],
+        "first_ts": str(report["first_ts"]),
+        "last_ts": str(report["last_ts"]),
+        "content_hash": report["content_hash"],
+        "source": report["source"],
+        "quality": quality(report),
+        "gaps_check": f"failed: {failure}" if failure else "passed",
+        "path": dg.MetadataValue.path(str(outcome.path)),
+    }
+    if outcome.gaps.height:
+        metadata["gap_ranges"] = dg.MetadataValue.md(_md_table(_gap_ranges(outcome.gaps)))
+    if outcome.rejected.height:
+        metadata["rejected_examples"] = describe_rejections(outcome.rejected)
+    return metadata
+
+
+@dg.asset(
+    partitions_def=candle_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="market_data",
+    kinds={"parquet", "polars"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            GAPS_CHECK,
+            asset="candles_1m",
+            blocking=True,
+            description="No unresolved missing minutes; imputed share within the threshold.",
+        ),
+        dg.AssetCheckSpec(
+            OHLC_CHECK,
+            asset="candles_1m",
+            blocking=True,
+            description="low <= open, close <= high; volume >= 0; unique, increasing, "
+            "minute-aligned timestamps inside the day (read back from the lake).",
+        ),
+    ],
+)
+def candles_1m(
+    context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
+) -> dg.MaterializeResult:
+    """Closed 1-minute OHLCV candles per UTC day and symbol, gaps re-requested and imputed
+    (flat at the previous close, volume 0, `imputed = true`). A range backfill is one run."""
+    settings = load_settings()
+    symbols = settings.symbol_by_key
+    keys_by_symbol_day: dict[str, dict[date, str]] = defaultdict(dict)
+    for key in context.partition_keys:
+        dims = candle_partitions.get_partition_key_from_str(key).keys_by_dimension
+        if dims["symbol"] not in symbols:
+            raise dg.Failure(f"symbol partition {dims['symbol']} is not in CANDLESTACK_SYMBOLS")
+        keys_by_symbol_day[symbols[dims["symbol"]]][date.fromisoformat(dims["date"])] = key
+
+    started = time.perf_counter()
+    ingestor = Ingestor(source.open(), lake.lake, source.refetch_attempts)
+    outcomes: list[PartitionOutcome] = []
+    for symbol, keys_by_day in keys_by_symbol_day.items():
+        try:
+            outcomes.extend(ingestor.ingest(symbol, sorted(keys_by_day)))
+        except SourceError as exc:
+            raise dg.Failure(
+                f"{symbol} {min(keys_by_day)}..{max(keys_by_day)}: {exc}. Days written "
+                "before the failure are kept; re-running the range is safe."
+            ) from exc
+
+    gap_failures, sanity_failures = [], []
+    for outcome in outcomes:
+        failure = gap_failure(outcome.report, settings.imputed_max_share)
+        key = keys_by_symbol_day[outcome.symbol][outcome.day]
+        context.add_asset_metadata(_partition_metadata(outcome, failure), partition_key=key)
+        if failure:
+            gap_failures.append((outcome, failure))
+        stored = lake.lake.read(outcome.path)
+        violations = {
+            k: v for k, v in ohlc_violations(stored, day_start_ms(outcome.day)).items() if v
+        }
+        if violations:
+            sanity_failures.append((outcome, violations))
+    elapsed = time.perf_counter() - started
+    rows = sum(o.report["rows"] for o in outcomes)
+    context.log.info(
+        "%d partitions, %d rows in %.1f s (%.0f candles/s), %d gap failures, %d sanity failures",
+        len(outcomes),
+        rows,
+        elapsed,
+        rows / elapsed if elapsed else 0.0,
+        len(gap_failures),
+        len(sanity_failures),
+    )
+
+    def totals(field: str) -> int:
+        return sum(o.report[field] for o in outcomes)
+
+    expected = totals("expected")
+    gap_table = pl.DataFrame(
+        [
+            {
+                "date": str(o.day),
+                "symbol": o.symbol,
+                "why": why,
+                "gaps (from-to minutes)": ", ".join(
+                    f"{r['from']}-{r['to']} ({r['minutes']})"
+                    for r in _gap_ranges(o.gaps).head(5).iter_rows(named=True)
+                ),
+            }
+            for o, why in gap_failures
+        ],
+        schema=["date", "symbol", "why", "gaps (from-to minutes)"],
+    )
+    sanity_table = pl.DataFrame(
+        [
+            {"date": str(o.day), "symbol": o.symbol, "violations": str(v)}
+            for o, v in sanity_failures
+        ],
+        schema=["date", "symbol", "violations"],
+    )
+    return dg.MaterializeResult(
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=GAPS_CHECK,
+                passed=not gap_failures,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "partitions_checked": len(outcomes),
+                    "partitions_failed": len(gap_failures),
+                    "missing_minutes": totals("missing"),
+                    "imputed_minutes": totals("imputed"),
+                    "imputed_share": totals("imputed") / expected if expected else 0.0,
+                    "imputed_max_share": settings.imputed_max_share,
+                    "failures": dg.MetadataValue.md(_md_table(gap_table)),
+                },
+            ),
+            dg.AssetCheckResult(
+                check_name=OHLC_CHECK,
+                passed=not sanity_failures,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "partitions_checked": len(outcomes),
+                    "partitions_failed": len(sanity_failures),
+                    "failures": dg.MetadataValue.md(_md_table(sanity_table)),
+                },
+            ),
+        ],
+    )
+
+
+@dg.asset_check(
+    asset=candles_1m,
+    name="freshness",
+    description="The newest candle of the open UTC day is no older than the allowed lag.",
+)
+def candles_freshness(lake: LakeResource, source: CandleSourceResource) -> dg.AssetCheckResult:
+    settings = load_settings()
+    now_ms = int(time.time() * 1000)
+    today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
+    exchange = source.open().exchange
+    rows = []
+    for symbol in settings.symbols:
+        stored = lake.lake.read_report(
+            lake.lake.candles_path(exchange, "1m", symbol_key(symbol), today)
+        )
+        newest = stored[0]["last_ts"] if stored else None
+        lag = (
+            (now_ms - int(datetime.fromisoformat(newest).timestamp() * 1000)) / MINUTE_MS - 1
+            if newest
+            else None
+        )
+        rows.append({"symbol": symbol, "newest_open": newest or "none today", "lag_minutes": lag})
+    lags = [r["lag_minutes"] for r in rows]
+    stale = [
+        r
+        for r in rows
+        if r["lag_minutes"] is None or r["lag_minutes"] > settings.freshness_lag_minutes
+    ]
+    return dg.AssetCheckResult(
+        passed=not stale,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "max_lag_minutes": max((x for x in lags if x is not None), default=-1.0),
+            "allowed_lag_minutes": settings.freshness_lag_minutes,
+            "stale_symbols": len(stale),
+            "newest_candles": dg.MetadataValue.md(_md_table(pl.DataFrame(rows))),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="market_data",
+    kinds={"parquet"},
+)
+def markets(
+    context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
+) -> dg.MaterializeResult:
+    """Market rules (lot step, price tick, min/max amount, min cost, fees) per exchange and UTC
+    day. A day's snapshot is taken once: a past day already stored is never overwritten with
+    later rules; a past day without one gets today's rules, marked by `snapshot_ts`."""
+    client = source.open()
+    snapshot_ts = datetime.now(UTC)
+    rules = client.load_markets().with_columns(pl.lit(snapshot_ts).alias("snapshot_ts"))
+    written, kept = [], []
+    for key in context.partition_keys:
+        day = date.fromisoformat(key)
+        path = lake.lake.markets_path(client.exchange, day)
+        if path.exists() and day < snapshot_ts.date():
+            kept.append(key)
+            continue
+        write_parquet_atomic(path, rules.to_arrow(), {})
+        written.append(key)
+    return dg.MaterializeResult(
+        metadata={
+            "exchange": client.exchange,
+            "markets": rules.height,
+            "days_written": len(written),
+            "days_kept": len(kept),
+            "snapshot_ts": snapshot_ts.isoformat(),
+            "sample": dg.MetadataValue.md(
+                _md_table(rules.drop("snapshot_ts", "market_id", "active"), limit=15)
+            ),
+        }
+    )
+
+
+@dg.asset(deps=[candles_1m], group_name="market_data", kinds={"polars"})
+def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.MaterializeResult:
+    """The symbol x day grid of the lake: complete, imputed, missing minutes, or absent.
+
+    Dagster records checks of a single-run range without a partition; this grid (and each
+    partition's own metadata) is where a person sees quality per symbol and day."""
+    coverage = coverage_frame(lake.lake.reports(source.open().exchange), load_settings().symbols)
+    counts = dict(coverage.group_by("status").len().iter_rows())
+    return dg.MaterializeResult(
+        metadata={
+            "recent_days": dg.MetadataValue.md(recent_grid(coverage)),
+            "all_days": dg.MetadataValue.md(month_strips(coverage)),
+            **{
+                f"partitions_{s}": counts.get(s, 0)
+                for s in ("complete", "imputed", "missing", "open", "absent")
+            },
+        }
+    )
+
+
+@dg.asset(deps=[candles_1m, markets], group_name="market_data", kinds={"duckdb"})
+def catalog(lake: LakeResource) -> dg.MaterializeResult:
+    """DuckDB views (ohlcv, gaps, partitions, markets) over the lake, rebuilt atomically."""
+    counts = lake.rebuild_catalog()
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(lake.catalog_path),
+            **{f"{view}_rows": count for view, count in counts.items()},
+            "try": dg.MetadataValue.md(
+                f"```\nduckdb -readonly {lake.catalog_path} "
+                '"SELECT symbol, date, minutes, imputed FROM gaps '
+                'ORDER BY minutes DESC LIMIT 10"\n```'
+            ),
+        }
+    )

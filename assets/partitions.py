@@ -1,0 +1,32 @@
+"""Partition definitions, declared once.
+
+1-minute candles are partitioned by UTC day x symbol. The symbol dimension is a
+static list read from CANDLESTACK_SYMBOLS when the code location loads: adding a
+symbol is a settings change and a reload, no code; and unlike dynamic partitions
+it needs no sensor or instance write before a CLI backfill can name it.
+"""
+
+import dagster as dg
+
+from candlestack.config import load_settings, symbol_key
+
+settings = load_settings()
+
+# end_offset=1: today's partition exists while the day is open, so the minutely
+# schedule can keep it current.
+daily_partitions = dg.DailyPartitionsDefinition(
+    start_date=settings.start_date.isoformat(), timezone="UTC", end_offset=1
+)
+symbol_partitions = dg.StaticPartitionsDefinition([symbol_key(s) for s in settings.symbols])
+candle_partitions = dg.MultiPartitionsDefinition(
+    {"date": daily_partitions, "symbol": symbol_partitions}
+)
+
+
+def candle_range(first_day: str, last_day: str) -> dg.PartitionKeyRange:
+    """Every symbol for days first_day..last_day, as one single-run range."""
+    keys = symbol_partitions.get_partition_keys()
+    return dg.PartitionKeyRange(
+        start=str(dg.MultiPartitionKey({"date": first_day, "symbol": keys[0]})),
+        end=str(dg.MultiPartitionKey({"date": last_day, "symbol": keys[-1]})),
+    )

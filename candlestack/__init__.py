@@ -1,0 +1,1 @@
+"""candlestack: the pure computation behind the Dagster pipelines (no Dagster imports here)."""

@@ -1,0 +1,98 @@
+"""The DuckDB catalog: a small file of views over the Parquet lake.
+
+It is rebuilt into a temp file and renamed over the old one, so pipelines never
+hold its write lock for long and a reader with the old file open keeps a
+consistent (if slightly stale) view. Partitioned assets never write through it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import duckdb
+
+from candlestack.lake import FILE_NAME, GAPS_KEY, REPORT_KEY, Lake
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _hive(column: str) -> str:
+    return f"regexp_extract(file_name, '{column}=([^/]+)', 1)"
+
+
+_REPORT_JSON = (
+    '{"expected":"BIGINT","rows":"BIGINT","missing_found":"BIGINT","refetched":"BIGINT",'
+    '"imputed":"BIGINT","missing":"BIGINT","rejected":"BIGINT","first_ts":"TIMESTAMPTZ",'
+    '"last_ts":"TIMESTAMPTZ","content_hash":"VARCHAR","source":"VARCHAR","day_closed":"BOOLEAN"}'
+)
+_GAPS_JSON = (
+    '[{"gap_start":"TIMESTAMPTZ","gap_end":"TIMESTAMPTZ","minutes":"BIGINT",'
+    '"refetched":"BIGINT","imputed":"BIGINT","missing":"BIGINT"}]'
+)
+
+EMPTY_VIEWS = {
+    "ohlcv": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR timeframe, NULL::VARCHAR symbol, "
+    "NULL::DATE date, NULL::TIMESTAMPTZ ts, NULL::DOUBLE open, NULL::DOUBLE high, "
+    "NULL::DOUBLE low, NULL::DOUBLE close, NULL::DOUBLE volume, NULL::BOOLEAN imputed "
+    "WHERE false",
+    "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
+    f"unnest(json_transform('{{}}', '{_REPORT_JSON}')) WHERE false",
+    "gaps": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
+    "NULL::TIMESTAMPTZ gap_start, NULL::TIMESTAMPTZ gap_end, NULL::BIGINT AS minutes, "
+    "NULL::BIGINT refetched, NULL::BIGINT imputed, NULL::BIGINT missing WHERE false",
+    "markets": "SELECT NULL::VARCHAR exchange, NULL::DATE date, NULL::VARCHAR symbol WHERE false",
+}
+
+
+def view_sql(lake: Lake) -> dict[str, str]:
+    """The SQL of each view, over whatever the lake holds now."""
+    root = lake.root.resolve()
+    candles = root / "ohlcv" / "*" / "*" / "*" / "*" / FILE_NAME
+    markets = root / "markets" / "*" / "*" / FILE_NAME
+    views = dict(EMPTY_VIEWS)
+    if any(root.glob(f"ohlcv/*/*/*/*/{FILE_NAME}")):
+        footer = (
+            f"SELECT {_hive('exchange')} exchange, {_hive('symbol')} symbol, "
+            f"{_hive('date')}::DATE date, decode(key) k, decode(value) v "
+            f"FROM parquet_kv_metadata({_literal(str(candles))})"
+        )
+        views["ohlcv"] = (
+            "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
+            f"imputed FROM read_parquet({_literal(str(candles))}, hive_partitioning = true)"
+        )
+        views["partitions"] = (
+            f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_REPORT_JSON}')) "
+            f"FROM ({footer}) WHERE k = '{REPORT_KEY.decode()}'"
+        )
+        views["gaps"] = (
+            "SELECT exchange, symbol, date, unnest(g) FROM ("
+            f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_GAPS_JSON}')) g "
+            f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
+        )
+    if any(root.glob(f"markets/*/*/{FILE_NAME}")):
+        views["markets"] = (
+            f"SELECT * FROM read_parquet({_literal(str(markets))}, hive_partitioning = true)"
+        )
+    return views
+
+
+def build_catalog(lake: Lake, path: Path | str) -> dict[str, int]:
+    """(Re)build the catalog file; returns the row count of each view."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    counts = {}
+    try:
+        with duckdb.connect(str(tmp)) as con:
+            for name, sql in view_sql(lake).items():
+                con.execute(f"CREATE VIEW {name} AS {sql}")
+                counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+    return counts

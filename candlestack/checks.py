@@ -1,0 +1,49 @@
+"""Quality rules behind the asset checks: pure functions over what the lake holds."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from candlestack.schema import DAY_MS, MINUTE_MS
+
+
+def ohlc_violations(candles: pl.DataFrame, day_start_ms: int) -> dict[str, int]:
+    """Count of rows breaking each OHLC sanity rule in one day's stored candles."""
+    ts = pl.col("ts").dt.epoch("ms")
+    body_low = pl.min_horizontal("open", "close")
+    body_high = pl.max_horizontal("open", "close")
+    rules = {
+        "non_finite": pl.any_horizontal(
+            ~pl.col(c).is_finite() | pl.col(c).is_null()
+            for c in ("open", "high", "low", "close", "volume")
+        ),
+        "low_above_body": pl.col("low") > body_low,
+        "high_below_body": pl.col("high") < body_high,
+        "negative_volume": pl.col("volume") < 0,
+        "duplicate_ts": ts.is_duplicated(),
+        "not_increasing": ts.diff() <= 0,
+        "not_on_minute": ts % MINUTE_MS != 0,
+        "outside_day": ~ts.is_between(day_start_ms, day_start_ms + DAY_MS, closed="left"),
+    }
+    counts = candles.select(rule.fill_null(False).sum().alias(n) for n, rule in rules.items())
+    return {name: int(value) for name, value in counts.row(0, named=True).items()}
+
+
+def gap_failure(report: dict, imputed_max_share: float) -> str | None:
+    """Why a partition fails the gaps check, or None when it passes."""
+    reasons = []
+    if report["missing"]:
+        reasons.append(f"{report['missing']} minutes still missing")
+    share = report["imputed"] / report["expected"] if report["expected"] else 0.0
+    if share > imputed_max_share:
+        reasons.append(f"imputed share {share:.2%} > {imputed_max_share:.2%}")
+    return "; ".join(reasons) or None
+
+
+def quality(report: dict) -> str:
+    """complete, imputed or missing: how a partition shows on the coverage grid."""
+    if report["missing"]:
+        return "missing"
+    if report["imputed"]:
+        return "imputed"
+    return "complete"

@@ -1,0 +1,118 @@
+"""Deployment settings, read once from CANDLESTACK_* environment variables.
+
+Partitions and resources are built from these at definitions load time, so a
+wrong value fails when the code location loads, naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from candlestack.errors import ConfigError
+
+DEFAULT_SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+ENV_PREFIX = "CANDLESTACK_"
+
+
+def symbol_key(symbol: str) -> str:
+    """Path- and partition-safe form of a ccxt symbol: BTC/USDT -> BTC-USDT."""
+    return symbol.replace("/", "-").replace(":", "_")
+
+
+class Settings(BaseModel, frozen=True):
+    source: Literal["synthetic", "ccxt", "replay"] = "synthetic"
+    exchange: str = Field(
+        "", description="ccxt exchange id; defaults to binance, or the source name"
+    )
+    symbols: tuple[str, ...] = DEFAULT_SYMBOLS
+    start_date: date = date(2020, 1, 1)
+    lake: Path = Path("data/lake")
+    catalog: Path = Path("data/catalog.duckdb")
+    ccxt_options: dict = Field(default_factory=dict)
+    ccxt_sandbox: bool = False
+    replay_files: dict[str, Path] = Field(default_factory=dict)
+    replay_markets_file: Path | None = None
+    synthetic_seed: int = 7
+    refetch_attempts: int = Field(2, ge=0, le=10)
+    imputed_max_share: float = Field(0.01, ge=0, le=1)
+    freshness_lag_minutes: int = Field(3, ge=1)
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(s.strip() for s in value.split(",") if s.strip())
+        return value
+
+    @field_validator("symbols")
+    @classmethod
+    def _check_symbols(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one symbol is needed")
+        keys = [symbol_key(s) for s in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"symbols repeat: {', '.join(value)}")
+        for symbol in value:
+            if "/" not in symbol or any(c in symbol for c in " |,[]{}*"):
+                raise ValueError(f"{symbol!r} is not a ccxt symbol like BTC/USDT")
+        return value
+
+    @property
+    def exchange_id(self) -> str:
+        if self.exchange:
+            return self.exchange
+        return "binance" if self.source in ("ccxt", "replay") else self.source
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(os.environ.get("CANDLESTACK_API_KEY"))
+
+    @property
+    def symbol_by_key(self) -> dict[str, str]:
+        return {symbol_key(s): s for s in self.symbols}
+
+    @classmethod
+    def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        raw: dict[str, object] = {}
+        unknown = sorted(
+            key
+            for key in environ
+            if key.startswith(ENV_PREFIX)
+            and key.removeprefix(ENV_PREFIX).lower() not in cls.model_fields
+            and key not in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
+        )
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see README")
+        for name in cls.model_fields:
+            value = environ.get(ENV_PREFIX + name.upper())
+            if value is None or value == "":
+                continue
+            if name in ("ccxt_options", "replay_files"):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(
+                        f"{ENV_PREFIX}{name.upper()} is not valid JSON: {exc}"
+                    ) from exc
+            raw[name] = value
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid candlestack settings: {problems}") from exc
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """The process's settings: partitions, resources and the demo read the same ones."""
+    return Settings.from_env()

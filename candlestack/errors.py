@@ -1,0 +1,21 @@
+"""One exception hierarchy; every message names the exchange, symbol, day or file at fault."""
+
+
+class CandlestackError(Exception):
+    """Base of every error candlestack raises on purpose."""
+
+
+class ConfigError(CandlestackError):
+    """A setting a user wrote is wrong; raised at load time, not at night."""
+
+
+class SourceError(CandlestackError):
+    """A source cannot deliver candles (after retries, or for a reason retries cannot fix)."""
+
+
+class SourceFormatError(SourceError):
+    """A recorded file cannot be read as candles."""
+
+
+class LakeError(CandlestackError):
+    """The lake cannot be read or written."""

@@ -1,0 +1,90 @@
+"""Polars schemas of every frame that crosses a module boundary, declared once."""
+
+from __future__ import annotations
+
+import polars as pl
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+MINUTES_PER_DAY = 1_440
+
+TS = pl.Datetime("ms", "UTC")
+
+# What a source hands over: open time in UTC milliseconds, unvalidated prices.
+RAW_CANDLES = pl.Schema(
+    {
+        "ts": pl.Int64,
+        "open": pl.Float64,
+        "high": pl.Float64,
+        "low": pl.Float64,
+        "close": pl.Float64,
+        "volume": pl.Float64,
+    }
+)
+
+# What the lake stores for 1-minute candles.
+CANDLES_1M = pl.Schema(
+    {
+        "ts": TS,
+        "open": pl.Float64,
+        "high": pl.Float64,
+        "low": pl.Float64,
+        "close": pl.Float64,
+        "volume": pl.Float64,
+        "imputed": pl.Boolean,
+    }
+)
+
+# Rows refused by validation, kept for reports (never written to the candle files).
+REJECTED = pl.Schema({**RAW_CANDLES, "reason": pl.String})
+
+# One row per run of consecutive missing minutes found in a partition.
+GAPS = pl.Schema(
+    {
+        "gap_start": TS,
+        "gap_end": TS,  # open time of the last missing minute (inclusive)
+        "minutes": pl.Int64,
+        "refetched": pl.Int64,  # minutes recovered by re-requesting them
+        "imputed": pl.Int64,  # minutes filled as flat candles
+        "missing": pl.Int64,  # minutes left missing (no earlier close known)
+    }
+)
+
+# One row per ingested partition: the figures behind metadata, checks and coverage.
+PARTITION_REPORT = pl.Schema(
+    {
+        "expected": pl.Int64,  # closed minutes the day had when it was ingested
+        "rows": pl.Int64,
+        "missing_found": pl.Int64,
+        "refetched": pl.Int64,
+        "imputed": pl.Int64,
+        "missing": pl.Int64,
+        "rejected": pl.Int64,
+        "first_ts": TS,
+        "last_ts": TS,
+        "content_hash": pl.String,
+        "source": pl.String,
+        "day_closed": pl.Boolean,
+    }
+)
+
+MARKETS = pl.Schema(
+    {
+        "symbol": pl.String,
+        "market_id": pl.String,
+        "base": pl.String,
+        "quote": pl.String,
+        "active": pl.Boolean,
+        "amount_step": pl.Float64,
+        "price_tick": pl.Float64,
+        "min_amount": pl.Float64,
+        "max_amount": pl.Float64,
+        "min_cost": pl.Float64,
+        "maker_fee": pl.Float64,
+        "taker_fee": pl.Float64,
+    }
+)
+
+
+def empty(schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)

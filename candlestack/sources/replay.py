@@ -1,0 +1,152 @@
+"""Recorded candles replayed as a source: research on files, tests without a network.
+
+Formats, told apart by extension and header:
+- normalised CSV with a header `ts_ms,open,high,low,close,volume` (as in shared/data);
+- Binance public-data kline CSV (12 columns, open time in ms, or in µs since 2025);
+- Parquet with `ts` (datetime or ms) or `ts_ms` and OHLCV columns;
+- freqtrade JSON (`[[ts_ms, o, h, l, c, v], ...]`) and freqtrade feather (`date` column).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import ccxt
+import polars as pl
+
+from candlestack.errors import SourceError, SourceFormatError
+from candlestack.schema import MARKETS, RAW_CANDLES
+from candlestack.sources.markets import markets_frame
+
+_OHLCV = ("open", "high", "low", "close", "volume")
+_KLINE_COLUMNS = (
+    "ts",
+    *_OHLCV,
+    "close_time",
+    "quote_volume",
+    "trades",
+    "taker_base",
+    "taker_quote",
+    "ignore",
+)
+# Open times above this are microseconds (Binance public data switched in 2025).
+_MICROSECONDS_FROM = 10**14
+
+
+def _to_raw(frame: pl.DataFrame, ts: pl.Expr) -> pl.DataFrame:
+    return frame.select(ts.alias("ts"), *_OHLCV).cast(RAW_CANDLES, strict=False)
+
+
+def _epoch_ms(column: str) -> pl.Expr:
+    col = pl.col(column)
+    return pl.when(col > _MICROSECONDS_FROM).then(col // 1000).otherwise(col)
+
+
+def read_candle_file(path: Path) -> pl.DataFrame:
+    """Read any supported recording into RAW_CANDLES, sorted by ts."""
+    if not path.exists():
+        raise SourceFormatError(f"replay file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path) as handle:
+                header = handle.readline().strip().lower().split(",")
+            if header[0] in ("ts_ms", "ts", "timestamp", "date", "open_time"):
+                frame = pl.read_csv(path, infer_schema_length=0)
+                frame = frame.rename({header[0]: "_t"}).with_columns(pl.col("_t").cast(pl.Int64))
+                raw = _to_raw(frame, _epoch_ms("_t"))
+            elif len(header) == len(_KLINE_COLUMNS):
+                frame = pl.read_csv(
+                    path,
+                    has_header=False,
+                    new_columns=list(_KLINE_COLUMNS),
+                    infer_schema_length=0,
+                ).with_columns(pl.col("ts").cast(pl.Int64))
+                raw = _to_raw(frame, _epoch_ms("ts"))
+            else:
+                raise SourceFormatError(
+                    f"{path}: unrecognised CSV header {','.join(header)!r}; expected "
+                    "ts_ms,open,high,low,close,volume or a 12-column Binance kline CSV"
+                )
+        elif suffix == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list) or (rows and len(rows[0]) < 6):
+                raise SourceFormatError(f"{path}: expected freqtrade JSON [[ts, o, h, l, c, v]]")
+            frame = pl.DataFrame(
+                [r[:6] for r in rows],
+                schema=list(RAW_CANDLES.names()),
+                orient="row",
+                strict=False,
+            )
+            raw = frame.cast(RAW_CANDLES, strict=False)
+        elif suffix in (".parquet", ".feather", ".arrow", ".ipc"):
+            frame = pl.read_parquet(path) if suffix == ".parquet" else pl.read_ipc(path)
+            time_column = next(
+                (c for c in ("ts", "ts_ms", "date", "open_time") if c in frame), None
+            )
+            if time_column is None:
+                raise SourceFormatError(f"{path}: no ts, ts_ms, date or open_time column")
+            ts = pl.col(time_column)
+            if frame.schema[time_column].is_temporal():
+                ts = ts.dt.epoch("ms")
+            raw = _to_raw(frame, ts)
+        else:
+            raise SourceFormatError(
+                f"{path}: unsupported extension {suffix!r} (csv, json, parquet, feather)"
+            )
+    except SourceFormatError:
+        raise
+    except Exception as exc:
+        raise SourceFormatError(f"cannot read candles from {path}: {exc}") from exc
+    return raw.sort("ts", nulls_last=True)
+
+
+def read_exchange_info(path: Path, exchange_id: str = "binance") -> pl.DataFrame:
+    """Market rules from a recorded exchangeInfo payload, parsed by ccxt itself."""
+    client = getattr(ccxt, exchange_id)({"options": {"fetchMargins": False}})
+    # Binance's parser looks up margin pair lists that fetch_markets would have loaded.
+    client.options.setdefault("crossMarginPairsData", [])
+    client.options.setdefault("isolatedMarginPairsData", [])
+    payload = json.loads(path.read_text())
+    return markets_frame(client.parse_markets(payload["symbols"]), client.precisionMode)
+
+
+class ReplaySource:
+    kind = "replay"
+
+    def __init__(
+        self,
+        files: Mapping[str, Path | str],
+        exchange: str = "binance",
+        markets_file: Path | str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.files = {symbol: Path(path) for symbol, path in files.items()}
+        self.exchange = exchange
+        self.markets_file = Path(markets_file) if markets_file else None
+        self._clock = clock
+        self._cache: dict[str, pl.DataFrame] = {}
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _candles(self, symbol: str) -> pl.DataFrame:
+        if symbol not in self._cache:
+            if symbol not in self.files:
+                raise SourceError(
+                    f"replay has no recording for {symbol!r}; configured: "
+                    f"{', '.join(self.files) or 'none'}"
+                )
+            self._cache[symbol] = read_candle_file(self.files[symbol])
+        return self._cache[symbol]
+
+    def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return self._candles(symbol).filter(pl.col("ts").is_between(start_ms, end_ms, "left"))
+
+    def load_markets(self) -> pl.DataFrame:
+        if self.markets_file is None:
+            return pl.DataFrame(schema=MARKETS)
+        return read_exchange_info(self.markets_file, self.exchange)

@@ -1,0 +1,32 @@
+"""The code location: everything Dagster loads is assembled here."""
+
+import dagster as dg
+
+from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
+from candlestack.config import load_settings
+from pipelines.jobs import ingest_candles_job, refresh_catalog_job, snapshot_markets_job
+from pipelines.schedules import (
+    finalise_yesterday,
+    keep_open_day_current,
+    refresh_catalog_daily,
+    snapshot_markets_daily,
+)
+from resources import LakeResource, source_resource
+
+settings = load_settings()
+
+defs = dg.Definitions(
+    assets=[candles_1m, markets, candle_coverage, catalog],
+    asset_checks=[candles_freshness],
+    jobs=[ingest_candles_job, snapshot_markets_job, refresh_catalog_job],
+    schedules=[
+        keep_open_day_current,
+        finalise_yesterday,
+        snapshot_markets_daily,
+        refresh_catalog_daily,
+    ],
+    resources={
+        "source": source_resource(settings),
+        "lake": LakeResource(root=str(settings.lake), catalog_path=str(settings.catalog)),
+    },
+)

@@ -1,0 +1,23 @@
+"""Jobs: ingestion (partitioned by day x symbol), market rules, and the lake's catalog."""
+
+import dagster as dg
+
+from assets.market_data import candle_coverage, candles_1m, catalog, markets
+from assets.partitions import candle_partitions, daily_partitions
+
+ingest_candles_job = dg.define_asset_job(
+    "ingest_candles",
+    selection=dg.AssetSelection.assets(candles_1m),
+    partitions_def=candle_partitions,
+    description="1-minute candles with gap pass and checks, for any day x symbol range.",
+)
+snapshot_markets_job = dg.define_asset_job(
+    "snapshot_markets",
+    selection=dg.AssetSelection.assets(markets),
+    partitions_def=daily_partitions,
+)
+refresh_catalog_job = dg.define_asset_job(
+    "refresh_catalog",
+    selection=dg.AssetSelection.assets(catalog, candle_coverage),
+    description="Rebuild the DuckDB catalog and the coverage grid from what the lake holds.",
+)

@@ -1,0 +1,46 @@
+"""Schedules: keep the open day current, finalise yesterday, refresh catalog and rules."""
+
+from datetime import timedelta
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from assets.partitions import candle_range
+from pipelines.jobs import ingest_candles_job, refresh_catalog_job, snapshot_markets_job
+
+
+def _all_symbols(day: str, run_key: str) -> dg.RunRequest:
+    # One run for every symbol of the day (a single-run range), not one run per symbol.
+    keys = candle_range(day, day)
+    return dg.RunRequest(
+        run_key=run_key,
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end},
+    )
+
+
+@dg.schedule(job=ingest_candles_job, cron_schedule="* * * * *", execution_timezone="UTC")
+def keep_open_day_current(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    """Every minute: append the newly closed candles of today for every symbol."""
+    now = context.scheduled_execution_time
+    return _all_symbols(now.date().isoformat(), f"open-day-{now:%Y-%m-%dT%H:%M}")
+
+
+@dg.schedule(job=ingest_candles_job, cron_schedule="10 0 * * *", execution_timezone="UTC")
+def finalise_yesterday(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    """Just after midnight UTC: re-fetch yesterday in full, last gap pass, checks."""
+    yesterday = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+    return _all_symbols(yesterday, f"finalise-{yesterday}")
+
+
+@dg.schedule(job=snapshot_markets_job, cron_schedule="5 0 * * *", execution_timezone="UTC")
+def snapshot_markets_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    today = context.scheduled_execution_time.date().isoformat()
+    return dg.RunRequest(run_key=f"markets-{today}", partition_key=today)
+
+
+refresh_catalog_daily = dg.ScheduleDefinition(
+    job=refresh_catalog_job, cron_schedule="20 0 * * *", execution_timezone="UTC"
+)

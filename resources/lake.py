@@ -1,0 +1,20 @@
+"""The lake and its DuckDB catalog as a Dagster resource."""
+
+import dagster as dg
+
+from candlestack.catalog import build_catalog
+from candlestack.lake import Lake
+
+
+class LakeResource(dg.ConfigurableResource):
+    """Where the Parquet lake and the DuckDB catalog file live."""
+
+    root: str = "data/lake"
+    catalog_path: str = "data/catalog.duckdb"
+
+    @property
+    def lake(self) -> Lake:
+        return Lake(self.root)
+
+    def rebuild_catalog(self) -> dict[str, int]:
+        return build_catalog(self.lake, self.catalog_path)

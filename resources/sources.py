@@ -1,0 +1,90 @@
+"""The exchange source as a Dagster resource: one interface, three configurations."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from candlestack.config import Settings
+from candlestack.sources import CandleSource, CcxtSource, ReplaySource, SyntheticSource
+
+
+class CandleSourceResource(dg.ConfigurableResource):
+    """Base of the source resources; assets ask for this type under the key `source`."""
+
+    refetch_attempts: int = Field(2, description="re-requests of missing minutes per day")
+
+    def open(self) -> CandleSource:
+        raise NotImplementedError
+
+
+class SyntheticSourceResource(CandleSourceResource):
+    """Seeded synthetic market: offline, deterministic, with missing minutes on purpose."""
+
+    seed: int = 7
+    symbols: list[str] = Field(default_factory=list, description="markets load_markets lists")
+
+    def open(self) -> SyntheticSource:
+        return SyntheticSource(seed=self.seed, symbols=self.symbols)
+
+
+class ReplaySourceResource(CandleSourceResource):
+    """Recorded candles: symbol -> file (CSV, Parquet, freqtrade JSON/feather, kline CSV)."""
+
+    files: dict[str, str]
+    exchange: str = "binance"
+    markets_file: str | None = Field(None, description="a recorded exchangeInfo JSON")
+
+    def open(self) -> ReplaySource:
+        return ReplaySource(self.files, exchange=self.exchange, markets_file=self.markets_file)
+
+
+class CcxtSourceResource(CandleSourceResource):
+    """Any ccxt exchange over REST. Keys come from the environment and are never logged."""
+
+    exchange: str = "binance"
+    options_json: str = Field(
+        "{}",
+        description="ccxt constructor options as JSON: urls, options, timeout, proxies, ...",
+    )
+    sandbox: bool = False
+    api_key: str | None = None
+    secret: str | None = None
+    retry_max_seconds: float = 120.0
+
+    def open(self) -> CcxtSource:
+        config = json.loads(self.options_json)
+        if self.api_key:
+            config |= {"apiKey": self.api_key, "secret": self.secret}
+        return CcxtSource(
+            self.exchange,
+            config,
+            sandbox=self.sandbox,
+            retry_max_seconds=self.retry_max_seconds,
+        )
+
+
+def source_resource(settings: Settings) -> CandleSourceResource:
+    """The source the settings ask for (CANDLESTACK_SOURCE)."""
+    common = {"refetch_attempts": settings.refetch_attempts}
+    if settings.source == "ccxt":
+        return CcxtSourceResource(
+            exchange=settings.exchange_id,
+            options_json=json.dumps(settings.ccxt_options),
+            sandbox=settings.ccxt_sandbox,
+            api_key=dg.EnvVar("CANDLESTACK_API_KEY") if settings.has_credentials else None,
+            secret=dg.EnvVar("CANDLESTACK_API_SECRET") if settings.has_credentials else None,
+            **common,
+        )
+    if settings.source == "replay":
+        return ReplaySourceResource(
+            files={symbol: str(path) for symbol, path in settings.replay_files.items()},
+            exchange=settings.exchange_id,
+            markets_file=str(settings.replay_markets_file)
+            if settings.replay_markets_file
+            else None,
+            **common,
+        )
+    return SyntheticSourceResource(
+        seed=settings.synthetic_seed, symbols=list(settings.symbols), **common
+    )
