@@ -1,0 +1,83 @@
+"""Assets materialized in process with a temporary lake, on the real recorded candles."""
+
+import dagster as dg
+import duckdb
+import pytest
+
+from assets.market_data import candle_coverage, candles_1m, catalog, markets
+from resources import LakeResource, ReplaySourceResource
+from tests.conftest import EXCHANGE_INFO, REPLAY_FILES
+
+
+@pytest.fixture
+def resources(tmp_path, shared_data):
+    return {
+        "source": ReplaySourceResource(
+            files={s: str(p) for s, p in REPLAY_FILES.items()},
+            markets_file=str(EXCHANGE_INFO),
+        ),
+        "lake": LakeResource(root=str(tmp_path / "lake"), catalog_path=str(tmp_path / "c.duckdb")),
+    }
+
+
+def _checks(result):
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_gap_day_is_imputed_and_blocks_with_the_gap_range_in_metadata(resources):
+    """2021-04-25 lost 284 minutes to exchange maintenance: stored as flagged flat candles,
+    and the blocking gaps check fails naming the range, since 19.7 % > the 1 % threshold."""
+    result = dg.materialize(
+        [candles_1m],
+        partition_key="2021-04-25|BTC-USDT",
+        resources=resources,
+        raise_on_error=False,
+    )
+    (materialization,) = result.asset_materializations_for_node("candles_1m")
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    assert meta["rows"] == 1440
+    assert meta["imputed"] == 284
+    assert meta["quality"] == "imputed"
+    assert meta["gaps_check"].startswith("failed: imputed share 19.72%")
+    checks = _checks(result)
+    assert not checks["gaps"].passed
+    assert "04:01-08:44 (284)" in checks["gaps"].metadata["failures"].value
+    assert checks["ohlc_sanity"].passed
+
+
+def test_clean_days_pass_and_feed_coverage_and_catalog(resources, tmp_path):
+    """Complete days pass both blocking checks; the coverage grid and the catalog show them."""
+    keys = dg.PartitionKeyRange("2021-04-24|BTC-USDT", "2021-04-25|BTC-USDT")
+    instance = dg.DagsterInstance.ephemeral()
+    for day in ("2021-04-24", "2021-04-25"):
+        dg.materialize(
+            [candles_1m],
+            partition_key=f"{day}|BTC-USDT",
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+    assert keys.start in instance.get_materialized_partitions(dg.AssetKey("candles_1m"))
+
+    coverage = dg.materialize([candle_coverage], resources=resources, instance=instance)
+    meta = coverage.asset_materializations_for_node("candle_coverage")[0].metadata
+    assert meta["partitions_complete"].value == 1
+    assert meta["partitions_imputed"].value == 1
+    grid = meta["recent_days"].value
+    assert "| 2021-04-25 | 🟨 imputed (284 min)" in grid
+    assert "| 2021-04-24 | ✅ complete" in grid
+
+    dg.materialize([catalog], resources=resources, instance=instance, selection=[catalog])
+    with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM ohlcv").fetchone()[0] == 2 * 1440
+        assert con.execute("SELECT minutes, imputed FROM gaps").fetchall() == [(284, 284)]
+
+
+def test_markets_snapshot_keeps_past_days(resources, tmp_path):
+    """Rules of a past day are written once and never replaced by later rules."""
+    first = dg.materialize([markets], partition_key="2021-03-24", resources=resources)
+    meta = first.asset_materializations_for_node("markets")[0].metadata
+    assert meta["markets"].value == 13
+    assert meta["days_written"].value == 1
+    again = dg.materialize([markets], partition_key="2021-03-24", resources=resources)
+    assert again.asset_materializations_for_node("markets")[0].metadata["days_kept"].value == 1
