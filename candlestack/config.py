@@ -82,12 +82,12 @@ class Settings(BaseModel, frozen=True):
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         raw: dict[str, object] = {}
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | {
+            "CANDLESTACK_API_KEY",
+            "CANDLESTACK_API_SECRET",
+        }
         unknown = sorted(
-            key
-            for key in environ
-            if key.startswith(ENV_PREFIX)
-            and key.removeprefix(ENV_PREFIX).lower() not in cls.model_fields
-            and key not in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
+            key for key in environ if key.upper().startswith(ENV_PREFIX) and key not in known
         )
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see README")

@@ -77,11 +77,11 @@ class Ingestor:
 
     def ingest(self, symbol: str, days: Sequence[date]) -> list[PartitionOutcome]:
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
+        not_started = sorted(d for d in days if day_start_ms(d) >= closed_end)
+        if not_started:
+            raise ValueError(f"{symbol} {not_started[0]}: the day has no closed minute yet")
         outcomes = []
         for run in contiguous_runs(days):
-            not_started = [d for d in run if day_start_ms(d) >= closed_end]
-            if not_started:
-                raise ValueError(f"{symbol} {not_started[0]}: the day has no closed minute yet")
             outcomes.extend(self._ingest_run(symbol, run, closed_end))
         return outcomes
 

@@ -8,9 +8,11 @@ rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from candlestack.schema import GAPS, PARTITION_REPORT, TS
 FILE_NAME = "data.parquet"
 REPORT_KEY = b"candlestack.report"
 GAPS_KEY = b"candlestack.gaps"
+STALE_TEMP_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,15 @@ def _encodings(schema: pa.Schema) -> dict[str, str]:
     return encodings
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files a crash left behind; young ones may belong to a writer still running."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+
+
 def write_parquet_atomic(path: Path, table: pa.Table, key_value: dict[bytes, bytes]) -> int:
     """Write through a temp file in the same folder, fsync, then rename over `path`.
 
@@ -66,6 +78,7 @@ def write_parquet_atomic(path: Path, table: pa.Table, key_value: dict[bytes, byt
     file; readers glob *.parquet, so a leftover temp file is invisible to them.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **key_value})
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -174,7 +187,8 @@ class Lake:
         schema = {"symbol": pl.String, "date": pl.Date, **PARTITION_REPORT}
         if not rows:
             return pl.DataFrame(schema=schema)
-        frame = pl.DataFrame(rows)
+        # A day without any candle stores null timestamps: keep them strings until parsed.
+        frame = pl.DataFrame(rows, schema_overrides={"first_ts": pl.String, "last_ts": pl.String})
         return frame.with_columns(
             pl.col("first_ts", "last_ts").str.to_datetime(time_zone="UTC").cast(TS)
         ).select(schema.keys())

@@ -165,10 +165,7 @@ class CcxtSource:
                 break
             since = newest + MINUTE_MS
         frame = pl.DataFrame(
-            [row[:6] for row in rows],
-            schema=list(RAW_CANDLES.names()),
-            orient="row",
-            strict=False,
-        ).cast(RAW_CANDLES, strict=False)
+            [row[:6] for row in rows], schema=RAW_CANDLES, orient="row", strict=False
+        )
         # Pages may run past `until` on exchanges that ignore it: that is pagination, not bad data.
         return frame.filter(pl.col("ts").is_null() | (pl.col("ts") < end_ms))

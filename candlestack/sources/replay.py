@@ -75,13 +75,11 @@ def read_candle_file(path: Path) -> pl.DataFrame:
             rows = json.loads(path.read_text())
             if not isinstance(rows, list) or (rows and len(rows[0]) < 6):
                 raise SourceFormatError(f"{path}: expected freqtrade JSON [[ts, o, h, l, c, v]]")
-            frame = pl.DataFrame(
-                [r[:6] for r in rows],
-                schema=list(RAW_CANDLES.names()),
-                orient="row",
-                strict=False,
+            # A typed schema: inferring from the first rows would make integral JSON
+            # prices Int64 and silently truncate later fractional ones.
+            raw = pl.DataFrame(
+                [r[:6] for r in rows], schema=RAW_CANDLES, orient="row", strict=False
             )
-            raw = frame.cast(RAW_CANDLES, strict=False)
         elif suffix in (".parquet", ".feather", ".arrow", ".ipc"):
             frame = pl.read_parquet(path) if suffix == ".parquet" else pl.read_ipc(path)
             time_column = next(

@@ -1,0 +1,146 @@
+"""Settings.from_env: parsing CANDLESTACK_* variables and naming the one at fault."""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from candlestack.config import DEFAULT_SYMBOLS, Settings, symbol_key
+from candlestack.errors import ConfigError
+
+
+def test_defaults_without_variables():
+    settings = Settings.from_env({"PATH": "/usr/bin", "OTHER_CANDLESTACK_X": "1"})
+    assert settings.symbols == DEFAULT_SYMBOLS
+    assert settings.source == "synthetic"
+    assert settings.exchange_id == "synthetic"
+    assert settings.imputed_max_share == 0.01
+    assert settings.replay_files == {}
+
+
+def test_symbols_are_split_and_trimmed():
+    settings = Settings.from_env({"CANDLESTACK_SYMBOLS": " BTC/USDT, ETH/USDT,,BTC/USDT:USDT "})
+    assert settings.symbols == ("BTC/USDT", "ETH/USDT", "BTC/USDT:USDT")
+    assert settings.symbol_by_key == {
+        "BTC-USDT": "BTC/USDT",
+        "ETH-USDT": "ETH/USDT",
+        "BTC-USDT_USDT": "BTC/USDT:USDT",
+    }
+    assert symbol_key("BTC/USDT:USDT") == "BTC-USDT_USDT"
+
+
+def test_replay_files_json_and_other_typed_values():
+    settings = Settings.from_env(
+        {
+            "CANDLESTACK_SOURCE": "replay",
+            "CANDLESTACK_REPLAY_FILES": '{"BTC/USDT": "/data/btc.csv", "ETH/USDT": "eth.json"}',
+            "CANDLESTACK_CCXT_OPTIONS": '{"options": {"defaultType": "spot"}}',
+            "CANDLESTACK_START_DATE": "2021-04-20",
+            "CANDLESTACK_IMPUTED_MAX_SHARE": "0.05",
+            "CANDLESTACK_REFETCH_ATTEMPTS": "0",
+            "CANDLESTACK_LAKE": "/tmp/lake",
+            "CANDLESTACK_API_KEY": "not-a-setting-but-allowed",
+        }
+    )
+    assert settings.replay_files == {
+        "BTC/USDT": Path("/data/btc.csv"),
+        "ETH/USDT": Path("eth.json"),
+    }
+    assert settings.ccxt_options == {"options": {"defaultType": "spot"}}
+    assert settings.start_date == date(2021, 4, 20)
+    assert settings.imputed_max_share == 0.05
+    assert settings.refetch_attempts == 0
+    assert settings.lake == Path("/tmp/lake")
+    assert settings.exchange_id == "binance"
+
+
+def test_empty_value_means_default():
+    settings = Settings.from_env({"CANDLESTACK_SYMBOLS": "", "CANDLESTACK_REPLAY_FILES": ""})
+    assert settings.symbols == DEFAULT_SYMBOLS
+    assert settings.replay_files == {}
+
+
+def test_reads_the_process_environment(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("CANDLESTACK_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CANDLESTACK_SYMBOLS", "SOL/USDT")
+    assert Settings.from_env().symbols == ("SOL/USDT",)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable", "detail"),
+    [
+        ({"CANDLESTACK_SYMBOLS": "BTCUSDT"}, "CANDLESTACK_SYMBOLS", "BTCUSDT"),
+        ({"CANDLESTACK_SYMBOLS": "BTC/USDT ETH/USDT"}, "CANDLESTACK_SYMBOLS", "BTC/USDT ETH"),
+        ({"CANDLESTACK_SYMBOLS": "BTC/USDT,BTC/USDT"}, "CANDLESTACK_SYMBOLS", "repeat"),
+        ({"CANDLESTACK_SYMBOLS": " , "}, "CANDLESTACK_SYMBOLS", "at least one symbol"),
+        ({"CANDLESTACK_REPLAY_FILES": "{BTC/USDT: x.csv}"}, "CANDLESTACK_REPLAY_FILES", "JSON"),
+        ({"CANDLESTACK_CCXT_OPTIONS": "{'a': 1}"}, "CANDLESTACK_CCXT_OPTIONS", "JSON"),
+        ({"CANDLESTACK_REPLAY_FILES": "[1, 2]"}, "CANDLESTACK_REPLAY_FILES", "dictionary"),
+        (
+            {"CANDLESTACK_IMPUTED_MAX_SHARE": "1.5"},
+            "CANDLESTACK_IMPUTED_MAX_SHARE",
+            "less than or equal to 1",
+        ),
+        (
+            {"CANDLESTACK_IMPUTED_MAX_SHARE": "-0.1"},
+            "CANDLESTACK_IMPUTED_MAX_SHARE",
+            "greater than or equal to 0",
+        ),
+        (
+            {"CANDLESTACK_REFETCH_ATTEMPTS": "11"},
+            "CANDLESTACK_REFETCH_ATTEMPTS",
+            "less than or equal to 10",
+        ),
+        (
+            {"CANDLESTACK_FRESHNESS_LAG_MINUTES": "0"},
+            "CANDLESTACK_FRESHNESS_LAG_MINUTES",
+            "greater than or equal to 1",
+        ),
+        ({"CANDLESTACK_SOURCE": "kraken"}, "CANDLESTACK_SOURCE", "synthetic"),
+        ({"CANDLESTACK_START_DATE": "yesterday"}, "CANDLESTACK_START_DATE", "date"),
+    ],
+)
+def test_bad_value_names_the_variable(environ, variable, detail):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(environ)
+    message = str(info.value)
+    assert variable in message
+    assert detail in message
+
+
+def test_only_the_bad_variable_is_named():
+    environ = {"CANDLESTACK_SYMBOLS": "BTC/USDT", "CANDLESTACK_IMPUTED_MAX_SHARE": "2"}
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(environ)
+    assert "CANDLESTACK_IMPUTED_MAX_SHARE" in str(info.value)
+    assert "CANDLESTACK_SYMBOLS" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "typo", ["CANDLESTACK_SYMBOL", "CANDLESTACK_IMPUTED_SHARE", "CANDLESTACK_"]
+)
+def test_unknown_variable_is_named(typo):
+    with pytest.raises(ConfigError, match="unknown setting") as info:
+        Settings.from_env({typo: "x", "CANDLESTACK_SYMBOLS": "BTC/USDT"})
+    assert typo in str(info.value)
+
+
+def test_all_unknown_variables_are_named_at_once():
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"CANDLESTACK_B": "1", "CANDLESTACK_A": "2"})
+    assert "CANDLESTACK_A, CANDLESTACK_B" in str(info.value)
+
+
+def test_wrong_case_variable_is_not_silently_ignored():
+    environ = {"CANDLESTACK_Symbols": "ETH/USDT"}
+    try:
+        settings = Settings.from_env(environ)
+    except ConfigError as exc:
+        assert "CANDLESTACK_Symbols" in str(exc)
+    else:
+        assert settings.symbols == ("ETH/USDT",)
