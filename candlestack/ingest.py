@@ -100,17 +100,21 @@ class Ingestor:
     def _ingest_run(self, symbol: str, run: list[date], closed_end: int) -> list[PartitionOutcome]:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
-        kept = pl.DataFrame(schema=RAW_CANDLES)
-        fetch_from_open_day = run_end
         if run_end < day_start_ms(run[-1]) + DAY_MS:
             # The open day is topped up: real candles stored by the previous pass are kept
-            # and only the minutes after the newest of them are asked for.
+            # and only the minutes from the newest of them on are asked for. The newest is
+            # asked for again, so a candle stored while still forming (a clock ahead of the
+            # exchange's) is replaced by its final values.
             open_start = day_start_ms(run[-1])
             kept = self._stored_real(symbol, run[-1])
-            fetch_from_open_day = int(kept["ts"].max()) + MINUTE_MS if kept.height else open_start
+            fetch_from_open_day = int(kept["ts"].max()) if kept.height else open_start
             closed_part = self._fetch(symbol, run_start, open_start)
             open_part = self._fetch(symbol, fetch_from_open_day, run_end)
-            clean = pl.concat([closed_part[0], kept, open_part[0]])
+            clean = (
+                pl.concat([closed_part[0], open_part[0], kept])
+                .unique("ts", keep="first", maintain_order=True)
+                .sort("ts")
+            )
             rejected = pl.concat([closed_part[1], open_part[1]])
         else:
             clean, rejected = self._fetch(symbol, run_start, run_end)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 RETRYABLE = (ccxt.OperationFailed,)
 FATAL = (ccxt.BadSymbol, ccxt.BadRequest, ccxt.AuthenticationError, ccxt.PermissionDenied)
 DEFAULT_PAGE_LIMIT = 500
+# A minute counts as closed only this long after its end: a local clock a little ahead
+# of the exchange's must not take the candle still forming for a closed one.
+CLOSE_MARGIN_MS = 5_000
 
 
 class CcxtSource:
@@ -65,7 +68,7 @@ class CcxtSource:
         return DEFAULT_PAGE_LIMIT
 
     def now_ms(self) -> int:
-        return int(self.client.milliseconds())
+        return int(self.client.milliseconds()) - CLOSE_MARGIN_MS
 
     def _call(self, what: str, symbol: str | None, fn: Callable[..., Any], *args, **kwargs) -> Any:
         """Call ccxt, retrying transient errors with exponential backoff and full jitter.
@@ -86,7 +89,10 @@ class CcxtSource:
             except RETRYABLE as exc:
                 delay = min(self.retry_max_delay, self.retry_base_delay * 2**attempt)
                 delay = random.uniform(delay / 2, delay)
-                delay = max(delay, self._retry_after())
+                if isinstance(exc, ccxt.DDoSProtection | ccxt.RateLimitExceeded):
+                    # Only a rate-limit answer carries a Retry-After meant for us; after a
+                    # timeout, ccxt's headers are still those of an earlier response.
+                    delay = max(delay, self._retry_after())
                 attempt += 1
                 if self._clock() + delay > deadline:
                     raise SourceError(
