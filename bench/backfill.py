@@ -33,6 +33,7 @@ TARGET = "target: < 60 s for 365 days x 3 symbols on 2 cores"
 # The asset's own summary line (assets/market_data.py, context.log.info).
 SUMMARY = re.compile(r"(\d+) partitions, (\d+) rows in ([\d.]+) s \(")
 STDERR_TAIL_LINES = 40
+IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
 
 # Make `candlestack` importable when run as `python bench/backfill.py`.
 if str(REPO) not in sys.path:
@@ -48,6 +49,11 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated ccxt symbols",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="comparison: run config selecting the in-process executor (no step subprocesses)",
+    )
     args = parser.parse_args()
     if args.days < 1:
         parser.error("--days must be at least 1")
@@ -188,7 +194,7 @@ def fmt_bytes(size: float) -> str:
 
 
 def line(label: str, value: str) -> None:
-    print(f"{label + ':':<34} {value}")
+    print(f"{label + ':':<44} {value}")
 
 
 def main() -> int:
@@ -220,10 +226,13 @@ def main() -> int:
         "--partition-range",
         partition_range,
     ]
+    if args.in_process:
+        command += ["--config-json", IN_PROCESS]
     print(f"backfill: {args.days} days ({first}..{last}) x {len(keys)} symbols ({', '.join(keys)})")
     print(f"temp dir: {tmp}{' (kept)' if args.keep else ''}")
     print(f"command:  {' '.join(command[1:])}", flush=True)
 
+    load_before = os.getloadavg()[0]
     try:
         launched = time.time()
         started = time.perf_counter()
@@ -266,6 +275,7 @@ def main() -> int:
         if match:
             compute = float(match.group(3))
             line("compute inside the asset", f"{compute:.1f} s ({int(match.group(2)):,} rows)")
+            print("  (as the asset logs it: includes Dagster's context.add_asset_metadata calls)")
             line("dagster share of the time", f"{1 - compute / wall:.0%} (1 - compute / wall)")
         else:
             compute = None
@@ -282,6 +292,8 @@ def main() -> int:
         note = "" if comparable else f" (this run: {args.days} days x {len(keys)} symbols)"
         cores = os.cpu_count()
         print(f"result: {verdict}, {wall:.1f} s on {cores} cores{note}")
+        load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+        print(f"1-min load average: {load} (other work on the machine skews the figures)")
         return 0
     finally:
         if not args.keep:
