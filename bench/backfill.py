@@ -33,7 +33,6 @@ TARGET = "target: < 60 s for 365 days x 3 symbols on 2 cores"
 # The asset's own summary line (assets/market_data.py, context.log.info).
 SUMMARY = re.compile(r"(\d+) partitions, (\d+) rows in ([\d.]+) s \(")
 STDERR_TAIL_LINES = 40
-IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
 
 # Make `candlestack` importable when run as `python bench/backfill.py`.
 if str(REPO) not in sys.path:
@@ -49,11 +48,6 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated ccxt symbols",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="comparison: run config selecting the in-process executor (no step subprocesses)",
-    )
     args = parser.parse_args()
     if args.days < 1:
         parser.error("--days must be at least 1")
@@ -226,8 +220,6 @@ def main() -> int:
         "--partition-range",
         partition_range,
     ]
-    if args.in_process:
-        command += ["--config-json", IN_PROCESS]
     print(f"backfill: {args.days} days ({first}..{last}) x {len(keys)} symbols ({', '.join(keys)})")
     print(f"temp dir: {tmp}{' (kept)' if args.keep else ''}")
     print(f"command:  {' '.join(command[1:])}", flush=True)
