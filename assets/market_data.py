@@ -8,11 +8,11 @@ import dagster as dg
 import polars as pl
 
 from assets.partitions import candle_partitions, daily_partitions
-from candlestack.checks import gap_failure, ohlc_violations, quality
+from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
-from candlestack.ingest import Ingestor, PartitionOutcome, day_start_ms
+from candlestack.ingest import Ingestor, PartitionOutcome
 from candlestack.lake import write_parquet_atomic
 from candlestack.schema import MINUTE_MS
 from candlestack.validate import describe_rejections
@@ -116,19 +116,15 @@ def candles_1m(
                 "before the failure are kept; re-running the range is safe."
             ) from exc
 
-    gap_failures, sanity_failures = [], []
     for outcome in outcomes:
         failure = gap_failure(outcome.report, settings.imputed_max_share)
         key = keys_by_symbol_day[outcome.symbol][outcome.day]
         context.add_asset_metadata(_partition_metadata(outcome, failure), partition_key=key)
-        if failure:
-            gap_failures.append((outcome, failure))
-        stored = lake.lake.read(outcome.path)
-        violations = {
-            k: v for k, v in ohlc_violations(stored, day_start_ms(outcome.day)).items() if v
-        }
-        if violations:
-            sanity_failures.append((outcome, violations))
+    gaps_failed = gap_failures(
+        ((o.symbol, o.day, o.report, o.gaps) for o in outcomes), settings.imputed_max_share
+    )
+    # Sanity is checked on what the lake holds, read back, not on what was meant to be written.
+    sanity_failed = sanity_failures((o.symbol, o.day, lake.lake.read(o.path)) for o in outcomes)
     elapsed = time.perf_counter() - started
     rows = sum(o.report["rows"] for o in outcomes)
     context.log.info(
@@ -137,63 +133,40 @@ def candles_1m(
         rows,
         elapsed,
         rows / elapsed if elapsed else 0.0,
-        len(gap_failures),
-        len(sanity_failures),
+        gaps_failed.height,
+        sanity_failed.height,
     )
-
-    def totals(field: str) -> int:
-        return sum(o.report[field] for o in outcomes)
-
-    expected = totals("expected")
-    gap_table = pl.DataFrame(
-        [
-            {
-                "date": str(o.day),
-                "symbol": o.symbol,
-                "why": why,
-                "gaps (from-to minutes)": ", ".join(
-                    f"{r['from']}-{r['to']} ({r['minutes']})"
-                    for r in _gap_ranges(o.gaps).head(5).iter_rows(named=True)
-                ),
-            }
-            for o, why in gap_failures
-        ],
-        schema=["date", "symbol", "why", "gaps (from-to minutes)"],
-    )
-    sanity_table = pl.DataFrame(
-        [
-            {"date": str(o.day), "symbol": o.symbol, "violations": str(v)}
-            for o, v in sanity_failures
-        ],
-        schema=["date", "symbol", "violations"],
-    )
+    imputed = sum(o.report["imputed"] for o in outcomes)
+    expected = sum(o.report["expected"] for o in outcomes)
     return dg.MaterializeResult(
         check_results=[
-            dg.AssetCheckResult(
-                check_name=GAPS_CHECK,
-                passed=not gap_failures,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "partitions_checked": len(outcomes),
-                    "partitions_failed": len(gap_failures),
-                    "missing_minutes": totals("missing"),
-                    "imputed_minutes": totals("imputed"),
-                    "imputed_share": totals("imputed") / expected if expected else 0.0,
-                    "imputed_max_share": settings.imputed_max_share,
-                    "failures": dg.MetadataValue.md(_md_table(gap_table)),
-                },
+            _blocking_result(
+                GAPS_CHECK,
+                gaps_failed,
+                len(outcomes),
+                missing_minutes=sum(o.report["missing"] for o in outcomes),
+                imputed_minutes=imputed,
+                imputed_share=imputed / expected if expected else 0.0,
+                imputed_max_share=settings.imputed_max_share,
             ),
-            dg.AssetCheckResult(
-                check_name=OHLC_CHECK,
-                passed=not sanity_failures,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "partitions_checked": len(outcomes),
-                    "partitions_failed": len(sanity_failures),
-                    "failures": dg.MetadataValue.md(_md_table(sanity_table)),
-                },
-            ),
+            _blocking_result(OHLC_CHECK, sanity_failed, len(outcomes)),
         ],
+    )
+
+
+def _blocking_result(
+    name: str, failures: pl.DataFrame, checked: int, **figures: float
+) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=failures.is_empty(),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "partitions_checked": checked,
+            "partitions_failed": failures.height,
+            **figures,
+            "failures": dg.MetadataValue.md(_md_table(failures)),
+        },
     )
 
 

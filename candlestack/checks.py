@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+
 import polars as pl
 
 from candlestack.schema import DAY_MS, MINUTE_MS
@@ -47,3 +50,33 @@ def quality(report: dict) -> str:
     if report["imputed"]:
         return "imputed"
     return "complete"
+
+
+def _gap_summary(gaps: pl.DataFrame, limit: int = 5) -> str:
+    return ", ".join(
+        f"{r['gap_start']:%Y-%m-%d %H:%M}-{r['gap_end']:%H:%M} ({r['minutes']})"
+        for r in gaps.head(limit).iter_rows(named=True)
+    )
+
+
+def gap_failures(
+    partitions: Iterable[tuple[str, date, dict, pl.DataFrame]], imputed_max_share: float
+) -> pl.DataFrame:
+    """One row per (symbol, day, report, gaps) failing the gaps check: why, and its first gaps."""
+    rows = [
+        {"date": str(day), "symbol": symbol, "why": why, "gaps (from-to minutes)": _gap_summary(g)}
+        for symbol, day, report, g in partitions
+        if (why := gap_failure(report, imputed_max_share))
+    ]
+    return pl.DataFrame(rows, schema=["date", "symbol", "why", "gaps (from-to minutes)"])
+
+
+def sanity_failures(partitions: Iterable[tuple[str, date, pl.DataFrame]]) -> pl.DataFrame:
+    """One row per (symbol, day, stored candles) breaking an OHLC sanity rule."""
+    rows = []
+    for symbol, day, stored in partitions:
+        start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+        broken = {rule: n for rule, n in ohlc_violations(stored, start).items() if n}
+        if broken:
+            rows.append({"date": str(day), "symbol": symbol, "violations": str(broken)})
+    return pl.DataFrame(rows, schema=["date", "symbol", "violations"])
