@@ -147,11 +147,21 @@ class Ingestor:
         """Last real close in the lookback before `start`.
 
         The day before, when this run just repaired it, answers; otherwise the source is
-        asked. Both give the same answer, so a day never depends on the run it was in.
+        asked, and the minutes missing at the end of its answer are re-requested as the
+        day's own repair would have. Both give the same answer, so a day never depends on
+        the run it was in.
         """
+        lookback = start - PREVIOUS_CLOSE_LOOKBACK_MS
         if previous_day_real is None:
-            previous_day_real, _ = self._fetch(symbol, start - PREVIOUS_CLOSE_LOOKBACK_MS, start)
-        window = _in(previous_day_real, start - PREVIOUS_CLOSE_LOOKBACK_MS, start)
+            previous_day_real, _ = self._fetch(symbol, lookback, start)
+            for _ in range(self.refetch_attempts):
+                runs = missing_runs(previous_day_real["ts"].to_numpy(), lookback, start)
+                if not runs or runs[-1][1] != start - MINUTE_MS:
+                    break
+                *_, (window_start, window_end) = request_windows(runs[-1:], REFETCH_WINDOW_MINUTES)
+                found, _ = self._fetch(symbol, window_start, window_end)
+                previous_day_real = pl.concat([previous_day_real, found]).sort("ts")
+        window = _in(previous_day_real, lookback, start)
         return float(window["close"][-1]) if window.height else None
 
     def _finish_day(

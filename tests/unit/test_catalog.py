@@ -15,12 +15,11 @@ from candlestack.catalog import build_catalog
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.sources.replay import ReplaySource, read_exchange_info
+from tests.conftest import OHLCV, SHARED
 
-BTC = Path("/work/shared/data/ohlcv/tooyipjee_binance_BTCUSDT_1m.csv")
-ETH = Path("/work/shared/data/ohlcv/tooyipjee_binance_ETHUSDT_1m.csv")
-EXCHANGE_INFO = Path(
-    "/work/shared/data/exchange/spot_api_v3_exchangeInfo_2021-03-24_mainnet_subset13.json"
-)
+BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
+ETH = OHLCV / "tooyipjee_binance_ETHUSDT_1m.csv"
+EXCHANGE_INFO = SHARED / "exchange" / "spot_api_v3_exchangeInfo_2021-03-24_mainnet_subset13.json"
 DAYS = [date(2021, 4, 24), date(2021, 4, 25), date(2021, 4, 26)]
 VIEWS = {"ohlcv", "gaps", "partitions", "markets"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -11,10 +10,11 @@ import polars as pl
 from candlestack.gaps import fill, gap_report, missing_runs, request_windows
 from candlestack.schema import CANDLES_1M, DAY_MS, GAPS, MINUTE_MS, RAW_CANDLES
 from candlestack.sources.replay import read_candle_file
+from tests.conftest import OHLCV
 
 M = MINUTE_MS
 START = 19_000 * DAY_MS
-POWR = Path("/work/shared/data/ohlcv/freqtrade-testdata_bittrex_POWRBTC_1m.csv")
+POWR = OHLCV / "freqtrade-testdata_bittrex_POWRBTC_1m.csv"
 
 
 def ts(*minutes: int) -> np.ndarray:

@@ -27,9 +27,10 @@ from candlestack.lake import Lake, content_hash, write_parquet_atomic
 from candlestack.schema import CANDLES_1M, DAY_MS, GAPS
 from candlestack.sources.replay import read_candle_file
 from candlestack.validate import validate
+from tests.conftest import OHLCV
 
 REPO = Path(__file__).resolve().parents[2]
-BTC = Path("/work/shared/data/ohlcv/tooyipjee_binance_BTCUSDT_1m.csv")
+BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
 DAY = date(2021, 4, 25)  # holds the 284-minute maintenance gap
 
 

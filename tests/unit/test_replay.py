@@ -16,8 +16,9 @@ from candlestack.errors import SourceError, SourceFormatError
 from candlestack.ingest import day_start_ms
 from candlestack.schema import DAY_MS, MARKETS, MINUTE_MS, RAW_CANDLES
 from candlestack.sources.replay import ReplaySource, read_candle_file, read_exchange_info
+from tests.conftest import SHARED
 
-DATA = Path("/work/shared/data")
+DATA = SHARED
 BTC = DATA / "ohlcv" / "tooyipjee_binance_BTCUSDT_1m.csv"
 ADA = DATA / "ohlcv" / "francomalatacca_binance_ADAEUR_1m.csv"
 ADA_KLINES = DATA / "exchange" / "spot_api_v3_klines_ADAEUR_1m_2021-03-23T2210Z_1440rows_raw.json"
