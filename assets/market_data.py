@@ -277,9 +277,9 @@ def catalog(lake: LakeResource) -> dg.MaterializeResult:
             "path": dg.MetadataValue.path(lake.catalog_path),
             **{f"{view}_rows": count for view, count in counts.items()},
             "try": dg.MetadataValue.md(
-                f"```\nduckdb -readonly {lake.catalog_path} "
-                '"SELECT symbol, date, minutes, imputed FROM gaps '
-                'ORDER BY minutes DESC LIMIT 10"\n```'
+                '```\n.venv/bin/python -c "import duckdb; print(duckdb.connect('
+                f"'{lake.catalog_path}', read_only=True).sql("
+                "'SELECT symbol, date, minutes, imputed FROM gaps ORDER BY minutes DESC'))\"\n```"
             ),
         }
     )

@@ -74,8 +74,10 @@ def view_sql(lake: Lake) -> dict[str, str]:
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
         )
     if any(root.glob(f"markets/*/*/{FILE_NAME}")):
+        # symbol_key (as config.symbol_key makes it) joins markets to the candle views.
         views["markets"] = (
-            f"SELECT * FROM read_parquet({_literal(str(markets))}, hive_partitioning = true)"
+            "SELECT *, replace(replace(symbol, '/', '-'), ':', '_') AS symbol_key "
+            f"FROM read_parquet({_literal(str(markets))}, hive_partitioning = true)"
         )
     return views
 
