@@ -1,0 +1,78 @@
+"""A real dagster-daemon runs the minutely schedule: every tick appends the closed minutes."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 260
+
+
+@pytest.fixture
+def daemon_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CANDLESTACK_")},
+        "DAGSTER_HOME": str(home),
+        "CANDLESTACK_LAKE": str(tmp_path / "lake"),
+        "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
+    }
+    started = subprocess.run(
+        [BIN / "dagster", "schedule", "start", "keep_open_day_current", "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    daemon = subprocess.Popen(
+        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    try:
+        yield dg.DagsterInstance.get()
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_open_day_schedule_appends_each_minute(daemon_home):
+    instance = daemon_home
+    deadline = time.monotonic() + TIMEOUT_S
+    pair = None
+    while time.monotonic() < deadline and pair is None:
+        time.sleep(5)
+        runs = instance.get_runs()
+        assert not [r.run_id for r in runs if r.status == dg.DagsterRunStatus.FAILURE]
+        done = sorted(
+            (r for r in runs if r.status == dg.DagsterRunStatus.SUCCESS),
+            key=lambda r: r.tags["dagster/run_key"],
+        )
+        # Two ticks of the same UTC day (a pair across midnight targets different days).
+        same_day = (
+            (a, b)
+            for a, b in itertools.pairwise(done)
+            if a.tags["dagster/run_key"][:19] == b.tags["dagster/run_key"][:19]
+        )
+        pair = next(same_day, None)
+    assert pair is not None, "the daemon did not complete two scheduled runs in time"
+    first, second = pair
+    assert first.tags["dagster/run_key"] != second.tags["dagster/run_key"]
+    rows = {}
+    for record in instance.fetch_materializations(dg.AssetKey("candles_1m"), limit=50).records:
+        rows.setdefault(record.run_id, {})[record.partition_key] = record.asset_materialization
+    # One run covers every symbol of today; the later run holds the newly closed minutes too.
+    assert len(rows[first.run_id]) == len(rows[second.run_id]) == 3
+    for key, earlier in rows[first.run_id].items():
+        later = rows[second.run_id][key]
+        assert later.metadata["rows"].value > earlier.metadata["rows"].value
+        assert later.metadata["last_ts"].value > earlier.metadata["last_ts"].value
