@@ -52,6 +52,11 @@ def fill(
     `clean` holds validated raw candles of the window; `previous_close` is the last
     real close before start_ms, if one is known.
     """
+    if clean.height == (end_ms - start_ms) // MINUTE_MS:
+        # Nothing missing (most days): no grid to join.
+        return clean.with_columns(pl.col("ts").cast(TS), imputed=pl.lit(False)).match_to_schema(
+            CANDLES_1M
+        )
     grid = pl.DataFrame({"ts": pl.int_range(start_ms, end_ms, MINUTE_MS, eager=True)})
     joined = grid.join(clean, on="ts", how="left", maintain_order="left")
     carried = pl.col("close").forward_fill()
