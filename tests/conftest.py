@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,18 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared test data not found at {SHARED}: clone beside ../shared")
     return SHARED
+
+
+def isolated_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """Environment for a dagster subprocess: its own DAGSTER_HOME, lake and catalog under
+    tmp_path, none of the caller's CANDLESTACK_* settings, plus `settings`."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CANDLESTACK_")},
+        "DAGSTER_HOME": str(home),
+        "CANDLESTACK_LAKE": str(tmp_path / "lake"),
+        "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
+        **{f"CANDLESTACK_{name.upper()}": value for name, value in settings.items()},
+    }

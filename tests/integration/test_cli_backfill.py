@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.conftest import REPLAY_FILES
+from tests.conftest import REPLAY_FILES, isolated_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -17,20 +17,13 @@ DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 @pytest.fixture
 def cli_env(tmp_path, shared_data):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CANDLESTACK_")},
-        "DAGSTER_HOME": str(home),
-        "CANDLESTACK_SOURCE": "replay",
-        "CANDLESTACK_SYMBOLS": "BTC/USDT,ETH/USDT",
-        "CANDLESTACK_START_DATE": "2021-04-01",
-        "CANDLESTACK_LAKE": str(tmp_path / "lake"),
-        "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
-        "CANDLESTACK_REPLAY_FILES": json.dumps({s: str(p) for s, p in REPLAY_FILES.items()}),
-    }
-    return env
+    return isolated_env(
+        tmp_path,
+        source="replay",
+        symbols="BTC/USDT,ETH/USDT",
+        start_date="2021-04-01",
+        replay_files=json.dumps({s: str(p) for s, p in REPLAY_FILES.items()}),
+    )
 
 
 def _dagster(env, *args):

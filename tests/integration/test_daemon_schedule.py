@@ -11,6 +11,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from tests.conftest import isolated_env
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 260
@@ -18,15 +20,7 @@ TIMEOUT_S = 260
 
 @pytest.fixture
 def daemon_home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CANDLESTACK_")},
-        "DAGSTER_HOME": str(home),
-        "CANDLESTACK_LAKE": str(tmp_path / "lake"),
-        "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
-    }
+    env = isolated_env(tmp_path)
     started = subprocess.run(
         [BIN / "dagster", "schedule", "start", "keep_open_day_current", "-w", "workspace.yaml"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -37,7 +31,7 @@ def daemon_home(tmp_path, monkeypatch):
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     try:
         yield dg.DagsterInstance.get()
     finally:
