@@ -124,7 +124,7 @@ def candles_1m(
         ((o.symbol, o.day, o.report, o.gaps) for o in outcomes), settings.imputed_max_share
     )
     # Sanity is checked on what the lake holds, read back, not on what was meant to be written.
-    sanity_failed = sanity_failures((o.symbol, o.day, lake.lake.read(o.path)) for o in outcomes)
+    sanity_failed = sanity_failures((o.symbol, o.day, o.path) for o in outcomes)
     elapsed = time.perf_counter() - started
     rows = sum(o.report["rows"] for o in outcomes)
     context.log.info(

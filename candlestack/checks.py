@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import polars as pl
 
 from candlestack.schema import DAY_MS, MINUTE_MS
 
 
-def ohlc_violations(candles: pl.DataFrame, day_start_ms: int) -> dict[str, int]:
-    """Count of rows breaking each OHLC sanity rule in one day's stored candles."""
+def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
+    """Each OHLC sanity rule as a count of breaking rows (per group, in a group_by)."""
     ts = pl.col("ts").dt.epoch("ms")
     body_low = pl.min_horizontal("open", "close")
     body_high = pl.max_horizontal("open", "close")
@@ -28,7 +29,12 @@ def ohlc_violations(candles: pl.DataFrame, day_start_ms: int) -> dict[str, int]:
         "not_on_minute": ts % MINUTE_MS != 0,
         "outside_day": ~ts.is_between(day_start_ms, day_start_ms + DAY_MS, closed="left"),
     }
-    counts = candles.select(rule.fill_null(False).sum().alias(n) for n, rule in rules.items())
+    return {name: rule.fill_null(False).sum().alias(name) for name, rule in rules.items()}
+
+
+def ohlc_violations(candles: pl.DataFrame, day_start_ms: int) -> dict[str, int]:
+    """Count of rows breaking each OHLC sanity rule in one day's stored candles."""
+    counts = candles.select(_ohlc_rules(pl.lit(day_start_ms)).values())
     return {name: int(value) for name, value in counts.row(0, named=True).items()}
 
 
@@ -71,12 +77,40 @@ def gap_failures(
     return pl.DataFrame(rows, schema=["date", "symbol", "why", "gaps (from-to minutes)"])
 
 
-def sanity_failures(partitions: Iterable[tuple[str, date, pl.DataFrame]]) -> pl.DataFrame:
-    """One row per (symbol, day, stored candles) breaking an OHLC sanity rule."""
+def sanity_failures(files: Iterable[tuple[str, date, Path]]) -> pl.DataFrame:
+    """One row per (symbol, day, stored file) breaking an OHLC sanity rule.
+
+    Every file is read back in one scan: a year of day files is one query, not 1,095.
+    """
+    index = pl.DataFrame(
+        [
+            {
+                "symbol": symbol,
+                "date": day,
+                "path": str(path),
+                "day_start": int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+                * 1000,
+            }
+            for symbol, day, path in files
+        ],
+        schema={"symbol": pl.String, "date": pl.Date, "path": pl.String, "day_start": pl.Int64},
+    )
+    schema = ["date", "symbol", "violations"]
+    if index.is_empty():
+        return pl.DataFrame(schema=schema)
+    rules = _ohlc_rules(pl.col("day_start").first())
+    counts = (
+        pl.scan_parquet(index["path"].to_list(), include_file_paths="path")
+        .join(index.lazy(), on="path", maintain_order="left")
+        .group_by("symbol", "date", maintain_order=True)
+        .agg(rules.values())
+        .collect()
+    )
     rows = []
-    for symbol, day, stored in partitions:
-        start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
-        broken = {rule: n for rule, n in ohlc_violations(stored, start).items() if n}
+    for row in counts.iter_rows(named=True):
+        broken = {rule: row[rule] for rule in rules if row[rule]}
         if broken:
-            rows.append({"date": str(day), "symbol": symbol, "violations": str(broken)})
-    return pl.DataFrame(rows, schema=["date", "symbol", "violations"])
+            rows.append(
+                {"date": str(row["date"]), "symbol": row["symbol"], "violations": str(broken)}
+            )
+    return pl.DataFrame(rows, schema=schema)

@@ -75,11 +75,11 @@ def main() -> int:
     for report in reports.iter_rows(named=True):
         path = lake.candles_path(exchange, "1m", report["symbol"], report["date"])
         gaps = lake.read_report(path)[1]
-        stored.append((report["symbol"], report["date"], report, gaps, lake.read(path)))
+        stored.append((report["symbol"], report["date"], report, gaps, path))
     gaps_failed = gap_failures(
         ((s, d, r, g) for s, d, r, g, _ in stored), settings.imputed_max_share
     )
-    sanity_failed = sanity_failures((s, d, c) for s, d, _, _, c in stored)
+    sanity_failed = sanity_failures((s, d, p) for s, d, _, _, p in stored)
     failed = [*gaps_failed["symbol"], *sanity_failed["symbol"]]
     rows = []
     for symbol in settings.symbols:
