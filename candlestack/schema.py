@@ -35,6 +35,27 @@ CANDLES_1M = pl.Schema(
     }
 )
 
+# Exact volume: exchanges publish at most 8 decimals, and integer-backed decimal sums are
+# associative, so a bar's volume is the same whichever intermediate bars it was built from.
+VOLUME_EXACT = pl.Decimal(38, 8)
+
+# Resampled bars (every timeframe but 1m): n_source counts the 1-minute candles present
+# (real or imputed) and n_imputed the imputed ones; complete means no minute was missing.
+BARS = pl.Schema(
+    {
+        "ts": TS,
+        "open": pl.Float64,
+        "high": pl.Float64,
+        "low": pl.Float64,
+        "close": pl.Float64,
+        "volume": pl.Float64,
+        "volume_exact": VOLUME_EXACT,
+        "n_source": pl.Int64,
+        "n_imputed": pl.Int64,
+        "complete": pl.Boolean,
+    }
+)
+
 # Rows refused by validation, kept for reports (never written to the candle files).
 REJECTED = pl.Schema({**RAW_CANDLES, "reason": pl.String})
 

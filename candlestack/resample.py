@@ -1,0 +1,126 @@
+"""Deterministic resampling of 1-minute candles into UTC-aligned bars labelled by open time.
+
+A bar is first open, max high, min low, last close and the exact sum of volume of the
+minutes it covers. Volumes are summed as 128-bit decimals (8 places, the most exchanges
+publish), so a 10m bar built from two 5m bars is bit for bit the bar built from its ten
+minutes; float sums differ in the last bit for ~40 % of such bars on real Binance data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from candlestack.schema import BARS, CANDLES_1M, MINUTE_MS, TS, VOLUME_EXACT
+
+TIMEFRAME_MINUTES = {
+    "1m": 1,
+    "3m": 3,
+    "5m": 5,
+    "10m": 10,
+    "15m": 15,
+    "1h": 60,
+    "4h": 240,
+    "1d": 1440,
+}
+# The lineage operators expect: each timeframe from the one it is usually derived from.
+SOURCE_TIMEFRAME = {
+    "3m": "1m",
+    "5m": "1m",
+    "15m": "1m",
+    "1h": "1m",
+    "10m": "5m",
+    "4h": "1h",
+    "1d": "1h",
+}
+BAR_TIMEFRAMES = tuple(SOURCE_TIMEFRAME)
+
+
+def bars_per_day(timeframe: str) -> int:
+    return TIMEFRAME_MINUTES["1d"] // TIMEFRAME_MINUTES[timeframe]
+
+
+def minute_bars(candles: pl.DataFrame) -> pl.DataFrame:
+    """1-minute candles seen as bars of one minute each, the input of every resample."""
+    return candles.match_to_schema(CANDLES_1M).select(
+        "ts",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        pl.col("volume").cast(VOLUME_EXACT).alias("volume_exact"),
+        pl.lit(1, pl.Int64).alias("n_source"),
+        pl.col("imputed").cast(pl.Int64).alias("n_imputed"),
+        pl.lit(True).alias("complete"),
+    )
+
+
+class _Source:
+    """Running sums of one source frame, computed once and shared by every timeframe built
+    from it: a bar's volume and counts are then differences of two running values (exact:
+    the volume's are 128-bit decimals), and only high and low need a per-bar reduction."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self.frame = frame
+        self.ts_ms = frame["ts"].dt.epoch("ms").to_numpy()
+        self.volume = frame["volume_exact"].cum_sum()
+        self.n_source = np.cumsum(frame["n_source"].to_numpy())
+        self.n_imputed = np.cumsum(frame["n_imputed"].to_numpy())
+
+    def bars(self, timeframe: str, closed_end_ms: int | None) -> pl.DataFrame:
+        minutes = TIMEFRAME_MINUTES[timeframe]
+        bar_ms = minutes * MINUTE_MS
+        rows = len(self.ts_ms)
+        if closed_end_ms is not None:
+            rows = int(np.searchsorted(self.ts_ms, closed_end_ms // bar_ms * bar_ms))
+        if not rows:
+            return pl.DataFrame(schema=BARS)
+        # Sorted input: each bar is a contiguous run of rows.
+        bucket = self.ts_ms[:rows] // bar_ms
+        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+        ends = np.r_[starts[1:], rows] - 1
+        volume_end = self.volume.gather(ends)
+        volume_exact = (volume_end - volume_end.shift(1, fill_value=0)).cast(VOLUME_EXACT)
+        n_source = np.diff(self.n_source[ends], prepend=0)
+        frame = self.frame
+        return pl.DataFrame(
+            {
+                "ts": pl.Series(bucket[starts] * bar_ms).cast(TS),
+                "open": frame["open"].to_numpy()[starts],
+                "high": np.maximum.reduceat(frame["high"].to_numpy()[:rows], starts),
+                "low": np.minimum.reduceat(frame["low"].to_numpy()[:rows], starts),
+                "close": frame["close"].to_numpy()[ends],
+                "volume": volume_exact.cast(pl.Float64),
+                "volume_exact": volume_exact,
+                "n_source": n_source,
+                "n_imputed": np.diff(self.n_imputed[ends], prepend=0),
+                "complete": n_source == minutes,
+            },
+            schema=BARS,
+        )
+
+
+def resample(
+    source: pl.DataFrame, timeframe: str, closed_end_ms: int | None = None
+) -> pl.DataFrame:
+    """Bars of `timeframe` from finer bars sorted by ts (`minute_bars` or a coarser BARS frame).
+
+    Only closed periods are produced: with `closed_end_ms` (the end of the last closed
+    minute), a bar whose period ends after it is left out. A period without any source
+    minute has no bar: nothing honest could be said of its prices.
+    """
+    return _Source(source).bars(timeframe, closed_end_ms)
+
+
+def resample_all(
+    minutes: pl.DataFrame, closed_end_ms: int | None = None
+) -> dict[str, pl.DataFrame]:
+    """Every timeframe, each from its usual source (SOURCE_TIMEFRAME), from `minute_bars`."""
+    frames = {"1m": minutes}
+    sources: dict[str, _Source] = {}
+    for timeframe, source in SOURCE_TIMEFRAME.items():
+        if source not in sources:
+            sources[source] = _Source(frames[source])
+        frames[timeframe] = sources[source].bars(timeframe, closed_end_ms)
+    return frames
