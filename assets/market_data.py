@@ -1,37 +1,26 @@
 """1-minute candles, market rules, coverage and the DuckDB catalog, with their checks."""
 
 import time
-from collections import defaultdict
 from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
 
-from assets.partitions import candle_partitions, daily_partitions
+from assets.markdown import md_table
+from assets.partitions import candle_partitions, daily_partitions, symbol_days
 from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
 from candlestack.ingest import Ingestor, PartitionOutcome
 from candlestack.lake import write_parquet_atomic
+from candlestack.resample import BAR_TIMEFRAMES
 from candlestack.schema import MINUTE_MS
 from candlestack.validate import describe_rejections
 from resources import CandleSourceResource, LakeResource
 
 GAPS_CHECK = "gaps"
 OHLC_CHECK = "ohlc_sanity"
-MAX_TABLE_ROWS = 40
-
-
-def _md_table(frame: pl.DataFrame, limit: int = MAX_TABLE_ROWS) -> str:
-    if frame.is_empty():
-        return "_none_"
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
-    rows = "".join(
-        "| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.head(limit).iter_rows()
-    )
-    more = f"\n_... and {frame.height - limit} more_" if frame.height > limit else ""
-    return header + rows + more
 
 
 def _gap_ranges(gaps: pl.DataFrame) -> pl.DataFrame:
@@ -63,7 +52,7 @@ def _partition_metadata(outcome: PartitionOutcome, failure: str | None) -> dict:
         "path": dg.MetadataValue.path(str(outcome.path)),
     }
     if outcome.gaps.height:
-        metadata["gap_ranges"] = dg.MetadataValue.md(_md_table(_gap_ranges(outcome.gaps)))
+        metadata["gap_ranges"] = dg.MetadataValue.md(md_table(_gap_ranges(outcome.gaps)))
     if outcome.rejected.height:
         metadata["rejected_examples"] = describe_rejections(outcome.rejected)
     return metadata
@@ -96,13 +85,10 @@ def candles_1m(
     """Closed 1-minute OHLCV candles per UTC day and symbol, gaps re-requested and imputed
     (flat at the previous close, volume 0, `imputed = true`). A range backfill is one run."""
     settings = load_settings()
-    symbols = settings.symbol_by_key
-    keys_by_symbol_day: dict[str, dict[date, str]] = defaultdict(dict)
-    for key in context.partition_keys:
-        dims = candle_partitions.get_partition_key_from_str(key).keys_by_dimension
-        if dims["symbol"] not in symbols:
-            raise dg.Failure(f"symbol partition {dims['symbol']} is not in CANDLESTACK_SYMBOLS")
-        keys_by_symbol_day[symbols[dims["symbol"]]][date.fromisoformat(dims["date"])] = key
+    keys_by_symbol_day = {
+        settings.symbol_by_key[symbol_key]: days
+        for symbol_key, days in symbol_days(context.partition_keys).items()
+    }
 
     started = time.perf_counter()
     ingestor = Ingestor(source.open(), lake.lake, source.refetch_attempts)
@@ -165,7 +151,7 @@ def _blocking_result(
             "partitions_checked": checked,
             "partitions_failed": failures.height,
             **figures,
-            "failures": dg.MetadataValue.md(_md_table(failures)),
+            "failures": dg.MetadataValue.md(md_table(failures)),
         },
     )
 
@@ -205,7 +191,7 @@ def candles_freshness(lake: LakeResource, source: CandleSourceResource) -> dg.As
             "max_lag_minutes": max((x for x in lags if x is not None), default=-1.0),
             "allowed_lag_minutes": settings.freshness_lag_minutes,
             "stale_symbols": len(stale),
-            "newest_candles": dg.MetadataValue.md(_md_table(pl.DataFrame(rows))),
+            "newest_candles": dg.MetadataValue.md(md_table(pl.DataFrame(rows))),
         },
     )
 
@@ -242,7 +228,7 @@ def markets(
             "days_kept": len(kept),
             "snapshot_ts": snapshot_ts.isoformat(),
             "sample": dg.MetadataValue.md(
-                _md_table(rules.drop("snapshot_ts", "market_id", "active"), limit=15)
+                md_table(rules.drop("snapshot_ts", "market_id", "active"), limit=15)
             ),
         }
     )
@@ -268,9 +254,13 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
     )
 
 
-@dg.asset(deps=[candles_1m, markets], group_name="market_data", kinds={"duckdb"})
+@dg.asset(
+    deps=[candles_1m, markets, *(dg.AssetKey(f"bars_{tf}") for tf in BAR_TIMEFRAMES)],
+    group_name="market_data",
+    kinds={"duckdb"},
+)
 def catalog(lake: LakeResource) -> dg.MaterializeResult:
-    """DuckDB views (ohlcv, gaps, partitions, markets) over the lake, rebuilt atomically."""
+    """DuckDB views (ohlcv, bars, gaps, partitions, markets) over the lake, rebuilt atomically."""
     counts = lake.rebuild_catalog()
     return dg.MaterializeResult(
         metadata={

@@ -7,6 +7,7 @@ it needs no sensor or instance write before a CLI backfill can name it.
 """
 
 from collections.abc import Sequence
+from datetime import date
 
 import dagster as dg
 
@@ -52,3 +53,15 @@ def candle_range(first_day: str, last_day: str) -> dg.PartitionKeyRange:
         start=str(dg.MultiPartitionKey({"date": first_day, "symbol": keys[0]})),
         end=str(dg.MultiPartitionKey({"date": last_day, "symbol": keys[-1]})),
     )
+
+
+def symbol_days(partition_keys: Sequence[str]) -> dict[str, dict[date, str]]:
+    """symbol key -> day -> partition key, for the keys a run targets."""
+    known = set(symbol_partitions.get_partition_keys())
+    by_symbol: dict[str, dict[date, str]] = {}
+    for key in partition_keys:
+        dims = candle_partitions.get_partition_key_from_str(key).keys_by_dimension
+        if dims["symbol"] not in known:
+            raise dg.Failure(f"symbol partition {dims['symbol']} is not in CANDLESTACK_SYMBOLS")
+        by_symbol.setdefault(dims["symbol"], {})[date.fromisoformat(dims["date"])] = key
+    return by_symbol

@@ -39,6 +39,11 @@ EMPTY_VIEWS = {
     "NULL::DATE date, NULL::TIMESTAMPTZ ts, NULL::DOUBLE open, NULL::DOUBLE high, "
     "NULL::DOUBLE low, NULL::DOUBLE close, NULL::DOUBLE volume, NULL::BOOLEAN imputed "
     "WHERE false",
+    "bars": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR timeframe, NULL::VARCHAR symbol, "
+    "NULL::DATE date, NULL::TIMESTAMPTZ ts, NULL::DOUBLE open, NULL::DOUBLE high, "
+    "NULL::DOUBLE low, NULL::DOUBLE close, NULL::DOUBLE volume, "
+    "NULL::DECIMAL(38, 8) volume_exact, NULL::BIGINT n_source, NULL::BIGINT n_imputed, "
+    "NULL::BOOLEAN complete WHERE false",
     "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
     f"unnest(json_transform('{{}}', '{_REPORT_JSON}')) WHERE false",
     "gaps": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
@@ -72,6 +77,14 @@ def view_sql(lake: Lake) -> dict[str, str]:
             "SELECT exchange, symbol, date, unnest(g) FROM ("
             f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_GAPS_JSON}')) g "
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
+        )
+    bars = root / "bars" / "*" / "*" / "*" / "*" / FILE_NAME
+    if any(root.glob(f"bars/*/*/*/*/{FILE_NAME}")):
+        # One view for every timeframe, told apart by its `timeframe` column.
+        views["bars"] = (
+            "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
+            "volume_exact, n_source, n_imputed, complete "
+            f"FROM read_parquet({_literal(str(bars))}, hive_partitioning = true)"
         )
     if any(root.glob(f"markets/*/*/{FILE_NAME}")):
         # symbol_key (as config.symbol_key makes it) joins markets to the candle views.

@@ -210,7 +210,7 @@ class Ingestor:
             "day_closed": end == start + DAY_MS,
         }
         path = self.path(symbol, day)
-        write = self.lake.write_candles(path, candles, report, gaps)
+        write = self.lake.write_partition(path, candles, report, gaps)
         report["content_hash"] = write.content_hash
         log.info(
             "%s %s: %d rows, %d missing found, %d re-fetched, %d imputed, %d missing, "

@@ -45,6 +45,10 @@ def content_hash(frame: pl.DataFrame) -> str:
     digest = hashlib.sha256()
     for name, series in frame.to_dict().items():
         digest.update(f"{name}:{series.dtype}:{series.len()}".encode())
+        if isinstance(series.dtype, pl.Decimal):
+            # numpy has no 128-bit integers: hash the exact decimal text instead.
+            digest.update("\n".join(series.cast(pl.String).to_list()).encode())
+            continue
         values = series.to_physical() if series.dtype != pl.Boolean else series.cast(pl.UInt8)
         digest.update(values.to_numpy().tobytes())
     return digest.hexdigest()
@@ -123,19 +127,30 @@ class Lake:
             self.root / "markets" / f"exchange={exchange}" / f"date={day.isoformat()}" / FILE_NAME
         )
 
-    def write_candles(
+    def bars_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
+        return (
+            self.root
+            / "bars"
+            / f"exchange={exchange}"
+            / f"timeframe={timeframe}"
+            / f"symbol={symbol_key}"
+            / f"date={day.isoformat()}"
+            / FILE_NAME
+        )
+
+    def write_partition(
         self,
         path: Path,
         candles: pl.DataFrame,
         report: dict,
-        gaps: pl.DataFrame,
+        gaps: pl.DataFrame | None = None,
     ) -> WriteResult:
+        """Write a partition's frame with its report (and gap table) in the footer."""
         digest = content_hash(candles)
         report = {**report, "content_hash": digest}
-        key_value = {
-            REPORT_KEY: json.dumps(report, sort_keys=True, default=str).encode(),
-            GAPS_KEY: gaps.write_json().encode(),
-        }
+        key_value = {REPORT_KEY: json.dumps(report, sort_keys=True, default=str).encode()}
+        if gaps is not None:
+            key_value[GAPS_KEY] = gaps.write_json().encode()
         if path.exists() and self._footer(path) == key_value:
             return WriteResult(path, path.stat().st_size, digest, written=False)
         size = write_parquet_atomic(path, candles.to_arrow(), key_value)
@@ -164,8 +179,9 @@ class Lake:
         if REPORT_KEY not in footer:
             raise LakeError(f"{path} has no candlestack report in its footer")
         report = json.loads(footer[REPORT_KEY])
-        gaps = pl.read_json(footer[GAPS_KEY], schema={**GAPS, "gap_start": TS, "gap_end": TS})
-        return report, gaps
+        schema = {**GAPS, "gap_start": TS, "gap_end": TS}
+        gaps = pl.read_json(footer[GAPS_KEY], schema=schema) if GAPS_KEY in footer else None
+        return report, gaps if gaps is not None else pl.DataFrame(schema=schema)
 
     def candle_files(
         self, exchange: str, timeframe: str = "1m"

@@ -2,9 +2,16 @@
 
 import dagster as dg
 
+from assets.bars import bar_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
-from pipelines.jobs import ingest_candles_job, refresh_catalog_job, snapshot_markets_job
+from pipelines.jobs import (
+    build_bars_job,
+    ingest_and_build_job,
+    ingest_candles_job,
+    refresh_catalog_job,
+    snapshot_markets_job,
+)
 from pipelines.schedules import (
     finalise_yesterday,
     keep_open_day_current,
@@ -16,9 +23,15 @@ from resources import LakeResource, source_resource
 settings = load_settings()
 
 defs = dg.Definitions(
-    assets=[candles_1m, markets, candle_coverage, catalog],
+    assets=[candles_1m, *bar_assets, markets, candle_coverage, catalog],
     asset_checks=[candles_freshness],
-    jobs=[ingest_candles_job, snapshot_markets_job, refresh_catalog_job],
+    jobs=[
+        ingest_candles_job,
+        build_bars_job,
+        ingest_and_build_job,
+        snapshot_markets_job,
+        refresh_catalog_job,
+    ],
     schedules=[
         keep_open_day_current,
         finalise_yesterday,

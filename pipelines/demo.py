@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import polars as pl
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -31,6 +32,17 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def _range_tags(start: str, end: str) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+
+
+def _bars_summary(catalog: Path, first: str) -> pl.DataFrame:
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        return con.sql(
+            "SELECT timeframe, count(*) AS bars, count(*) FILTER (complete) AS complete, "
+            "sum(n_imputed) AS imputed_minutes, count(DISTINCT symbol || date) AS symbol_days "
+            "FROM bars WHERE date >= ?::DATE GROUP BY timeframe "
+            "ORDER BY min(n_source) DESC, timeframe",
+            params=[first],
+        ).pl()
 
 
 def main() -> int:
@@ -52,7 +64,7 @@ def main() -> int:
         f"({', '.join(settings.symbols)}), {first} .. {today} (today still open)"
     )
 
-    candles = defs.resolve_job_def("ingest_candles").execute_in_process(
+    candles = defs.resolve_job_def("ingest_and_build").execute_in_process(
         instance=instance,
         tags=_range_tags(keys.start, keys.end),
         run_config=QUIET,
@@ -107,15 +119,19 @@ def main() -> int:
         tbl_width_chars=200,
     ):
         print(pl.DataFrame(rows))
+        print("\nbars per timeframe (all symbols, the same days):")
+        print(_bars_summary(settings.catalog, first))
 
     print("\nasset checks recorded by Dagster (one evaluation per single-run range):")
-    for evaluation in candles.get_asset_check_evaluations():
-        print(
-            f"  {evaluation.asset_key.to_user_string()}:{evaluation.check_name:<12} "
-            f"{'passed' if evaluation.passed else 'FAILED'}"
-        )
+    evaluations = sorted(
+        candles.get_asset_check_evaluations(),
+        key=lambda e: (e.asset_key.to_user_string(), e.check_name),
+    )
+    for evaluation in evaluations:
+        name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        print(f"  {name:<30} {'passed' if evaluation.passed else 'FAILED'}")
     for name, result in (
-        ("ingest_candles", candles),
+        ("ingest_and_build", candles),
         ("snapshot_markets", markets),
         ("refresh_catalog", catalog),
     ):
@@ -123,8 +139,8 @@ def main() -> int:
 
     print(f"\nlake:     {lake.root.resolve()}")
     print(
-        f"catalog:  {Path(settings.catalog).resolve()}  (duckdb -readonly; views ohlcv, gaps, "
-        "partitions, markets)"
+        f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, gaps, partitions, "
+        "markets; open it read-only)"
     )
     print(f"instance: {Path(instance.root_directory).resolve()}")
     print("UI:       DAGSTER_HOME=$PWD dagster dev -h 127.0.0.1   (or: make ui)")

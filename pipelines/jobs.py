@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.bars import bar_assets
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
 from assets.partitions import candle_partitions, daily_partitions
 
@@ -10,6 +11,18 @@ ingest_candles_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(candles_1m),
     partitions_def=candle_partitions,
     description="1-minute candles with gap pass and checks, for any day x symbol range.",
+)
+build_bars_job = dg.define_asset_job(
+    "build_bars",
+    selection=dg.AssetSelection.assets(*bar_assets),
+    partitions_def=candle_partitions,
+    description="Bars of every timeframe from the 1-minute candles in the lake.",
+)
+ingest_and_build_job = dg.define_asset_job(
+    "ingest_and_build",
+    selection=dg.AssetSelection.assets(candles_1m, *bar_assets),
+    partitions_def=candle_partitions,
+    description="1-minute candles, then every bar built on them, in one run.",
 )
 snapshot_markets_job = dg.define_asset_job(
     "snapshot_markets",

@@ -9,7 +9,7 @@ from dagster._core.storage.tags import (
 )
 
 from assets.partitions import candle_range
-from pipelines.jobs import ingest_candles_job, refresh_catalog_job, snapshot_markets_job
+from pipelines.jobs import ingest_and_build_job, refresh_catalog_job, snapshot_markets_job
 
 
 def _all_symbols(day: str, run_key: str) -> dg.RunRequest:
@@ -21,16 +21,16 @@ def _all_symbols(day: str, run_key: str) -> dg.RunRequest:
     )
 
 
-@dg.schedule(job=ingest_candles_job, cron_schedule="* * * * *", execution_timezone="UTC")
+@dg.schedule(job=ingest_and_build_job, cron_schedule="* * * * *", execution_timezone="UTC")
 def keep_open_day_current(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    """Every minute: append the newly closed candles of today for every symbol."""
+    """Every minute: append today's newly closed candles for every symbol, and its bars."""
     now = context.scheduled_execution_time
     return _all_symbols(now.date().isoformat(), f"open-day-{now:%Y-%m-%dT%H:%M}")
 
 
-@dg.schedule(job=ingest_candles_job, cron_schedule="10 0 * * *", execution_timezone="UTC")
+@dg.schedule(job=ingest_and_build_job, cron_schedule="10 0 * * *", execution_timezone="UTC")
 def finalise_yesterday(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    """Just after midnight UTC: re-fetch yesterday in full, last gap pass, checks."""
+    """Just after midnight UTC: re-fetch yesterday in full, last gap pass, checks, bars."""
     yesterday = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
     return _all_symbols(yesterday, f"finalise-{yesterday}")
 

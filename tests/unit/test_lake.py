@@ -92,9 +92,9 @@ def test_second_identical_write_does_not_touch_the_file(lake, day_data):
     candles, report, gaps = day_data
     path = path_of(lake)
 
-    first = lake.write_candles(path, candles, report, gaps)
+    first = lake.write_partition(path, candles, report, gaps)
     before = (path.stat().st_mtime_ns, path.stat().st_ino, sha(path))
-    second = lake.write_candles(path, candles.clone(), dict(report), gaps.clone())
+    second = lake.write_partition(path, candles.clone(), dict(report), gaps.clone())
 
     assert first.written is True
     assert second.written is False
@@ -121,7 +121,7 @@ def test_content_hash_changes_when_one_value_changes(day_data):
 
 def test_content_hash_of_file_read_back_equals_the_stored_hash(lake, day_data):
     candles, report, gaps = day_data
-    result = lake.write_candles(path_of(lake), candles, report, gaps)
+    result = lake.write_partition(path_of(lake), candles, report, gaps)
 
     back = lake.read(result.path)
 
@@ -134,9 +134,9 @@ def test_content_hash_of_file_read_back_equals_the_stored_hash(lake, day_data):
 def test_changed_value_is_rewritten(lake, day_data):
     candles, report, gaps = day_data
     path = path_of(lake)
-    first = lake.write_candles(path, candles, report, gaps)
+    first = lake.write_partition(path, candles, report, gaps)
 
-    second = lake.write_candles(path, bump_one_close(candles), report, gaps)
+    second = lake.write_partition(path, bump_one_close(candles), report, gaps)
 
     assert second.written is True
     assert second.content_hash != first.content_hash
@@ -147,9 +147,9 @@ def test_changed_value_is_rewritten(lake, day_data):
 def test_changed_report_alone_is_rewritten_with_the_same_content_hash(lake, day_data):
     candles, report, gaps = day_data
     path = path_of(lake)
-    first = lake.write_candles(path, candles, report, gaps)
+    first = lake.write_partition(path, candles, report, gaps)
 
-    second = lake.write_candles(path, candles, {**report, "refetched": 3}, gaps)
+    second = lake.write_partition(path, candles, {**report, "refetched": 3}, gaps)
 
     assert second.written is True
     assert second.content_hash == first.content_hash
@@ -161,7 +161,7 @@ def test_changed_report_alone_is_rewritten_with_the_same_content_hash(lake, day_
 
 def test_read_report_round_trips_report_and_gaps(lake, day_data):
     candles, report, gaps = day_data
-    result = lake.write_candles(path_of(lake), candles, report, gaps)
+    result = lake.write_partition(path_of(lake), candles, report, gaps)
 
     stored_report, stored_gaps = lake.read_report(result.path)
 
@@ -176,7 +176,7 @@ def test_read_report_round_trips_an_empty_gap_table(lake, day_data):
     candles, report, _ = day_data
     no_gaps = gap_report([], np.array([], dtype=np.int64), np.array([], dtype=np.int64))
     path = path_of(lake)
-    lake.write_candles(path, candles, report, no_gaps)
+    lake.write_partition(path, candles, report, no_gaps)
 
     _, stored_gaps = lake.read_report(path)
 
@@ -201,7 +201,7 @@ def test_read_report_of_foreign_parquet_names_the_file(lake, day_data):
 
 def test_torn_file_raises_lake_error_naming_it(lake, day_data):
     path = path_of(lake)
-    lake.write_candles(path, *day_data)
+    lake.write_partition(path, *day_data)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -212,9 +212,9 @@ def test_torn_file_raises_lake_error_naming_it(lake, day_data):
 
 def test_reports_lists_each_partition(lake, day_data):
     candles, report, gaps = day_data
-    lake.write_candles(path_of(lake), candles, report, gaps)
+    lake.write_partition(path_of(lake), candles, report, gaps)
     other = path_of(lake, date(2021, 4, 26))
-    lake.write_candles(other, candles, {**report, "imputed": 0}, gaps)
+    lake.write_partition(other, candles, {**report, "imputed": 0}, gaps)
 
     reports = lake.reports("binance")
 
@@ -227,7 +227,7 @@ def test_reports_lists_each_partition(lake, day_data):
 def test_reports_of_a_day_without_any_candle(lake, day_data):
     candles, report, gaps = day_data
     empty = candles.clear()
-    lake.write_candles(
+    lake.write_partition(
         path_of(lake),
         empty,
         {**report, "rows": 0, "missing": 1440, "first_ts": None, "last_ts": None},
@@ -262,7 +262,7 @@ CRASH_SCRIPT = textwrap.dedent(
     report.pop("content_hash")
     changed = candles.with_columns(pl.col("close") * 1.01)
     os.replace = lambda *args, **kwargs: os._exit(1)  # power cut just before the rename
-    lake.write_candles(path, changed, report, gaps)
+    lake.write_partition(path, changed, report, gaps)
     print("rename happened", flush=True)
     """
 )
@@ -271,7 +271,7 @@ CRASH_SCRIPT = textwrap.dedent(
 def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, tmp_path):
     candles, report, gaps = day_data
     path = path_of(lake)
-    old = lake.write_candles(path, candles, report, gaps)
+    old = lake.write_partition(path, candles, report, gaps)
     old_sha = sha(path)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -306,7 +306,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, 
     assert counts["ohlcv"] == 1440
     assert counts["partitions"] == 1
     # The next write goes through normally.
-    again = lake.write_candles(path, bump_one_close(candles), report, gaps)
+    again = lake.write_partition(path, bump_one_close(candles), report, gaps)
     assert again.written is True
     assert lake.read_report(path)[0]["content_hash"] == again.content_hash
 
@@ -327,12 +327,12 @@ def partial_write_then(exc: BaseException):
 def test_exception_during_write_leaves_no_temp_file(lake, day_data, monkeypatch, exc):
     candles, report, gaps = day_data
     path = path_of(lake)
-    old = lake.write_candles(path, candles, report, gaps)
+    old = lake.write_partition(path, candles, report, gaps)
     old_sha = sha(path)
 
     monkeypatch.setattr(lake_module.pq, "write_table", partial_write_then(exc))
     with pytest.raises(type(exc)):
-        lake.write_candles(path, bump_one_close(candles), report, gaps)
+        lake.write_partition(path, bump_one_close(candles), report, gaps)
     monkeypatch.undo()
 
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.parquet"]
@@ -343,7 +343,7 @@ def test_exception_during_write_leaves_no_temp_file(lake, day_data, monkeypatch,
 def test_failed_rename_leaves_no_temp_file(lake, day_data, monkeypatch):
     candles, report, gaps = day_data
     path = path_of(lake)
-    lake.write_candles(path, candles, report, gaps)
+    lake.write_partition(path, candles, report, gaps)
     old_sha = sha(path)
 
     def refuse(src, dst):
@@ -351,7 +351,7 @@ def test_failed_rename_leaves_no_temp_file(lake, day_data, monkeypatch):
 
     monkeypatch.setattr(lake_module.os, "replace", refuse)
     with pytest.raises(OSError, match="cross-device"):
-        lake.write_candles(path, bump_one_close(candles), report, gaps)
+        lake.write_partition(path, bump_one_close(candles), report, gaps)
     monkeypatch.undo()
 
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.parquet"]
@@ -376,7 +376,7 @@ def test_partition_path_is_hive_style(lake):
 
 
 def test_parquet_encodings_have_no_dictionary_delta_ts_and_split_floats(lake, day_data):
-    result = lake.write_candles(path_of(lake), *day_data)
+    result = lake.write_partition(path_of(lake), *day_data)
 
     row_group = pq.ParquetFile(result.path).metadata.row_group(0)
     columns = {

@@ -1,0 +1,109 @@
+"""Bars of every timeframe, each from its usual source, with their checks."""
+
+import dagster as dg
+import polars as pl
+
+from assets.markdown import md_table
+from assets.market_data import candles_1m
+from assets.partitions import candle_partitions, symbol_days
+from candlestack.bars import BarBuilder, outcomes_frame
+from candlestack.config import load_settings
+from candlestack.resample import BAR_TIMEFRAMES, SOURCE_TIMEFRAME
+from resources import CandleSourceResource, LakeResource
+
+RECONCILE_CHECK = "reconciles_with_1m"
+COMPLETENESS_CHECK = "completeness"
+
+
+def bars_key(timeframe: str) -> dg.AssetKey:
+    return dg.AssetKey(f"bars_{timeframe}")
+
+
+def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
+    source = SOURCE_TIMEFRAME[timeframe]
+    upstream = candles_1m.key if source == "1m" else bars_key(source)
+    key = bars_key(timeframe)
+
+    @dg.asset(
+        key=key,
+        deps=[upstream],
+        partitions_def=candle_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name="bars",
+        kinds={"parquet", "polars"},
+        description=f"{timeframe} OHLCV bars from {source}: UTC-aligned, labelled by open "
+        "time, closed periods only; exact volume; n_source, n_imputed, complete. A day whose "
+        "1-minute candles fail the gaps or OHLC rules gets no bars.",
+        check_specs=[
+            dg.AssetCheckSpec(
+                RECONCILE_CHECK,
+                asset=key,
+                blocking=True,
+                description="Stored bars equal bars built straight from the 1-minute "
+                "candles, bit for bit (first open, max high, min low, last close, volume).",
+            ),
+            dg.AssetCheckSpec(
+                COMPLETENESS_CHECK,
+                asset=key,
+                description="Share of the closed periods that have a complete bar.",
+            ),
+        ],
+    )
+    def bars(
+        context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        builder = BarBuilder(lake.lake, source.open().exchange, load_settings().imputed_max_share)
+        outcomes, mismatches = [], []
+        for symbol_key, days in symbol_days(context.partition_keys).items():
+            for day, partition_key in sorted(days.items()):
+                outcome = builder.build(timeframe, symbol_key, day)
+                outcomes.append(outcome)
+                mismatch = builder.reconcile(outcome)
+                if mismatch:
+                    mismatches.append({"date": str(day), "symbol": symbol_key, "why": mismatch})
+                context.add_asset_metadata(
+                    {
+                        "bars": outcome.bars,
+                        "expected": outcome.expected,
+                        "complete": outcome.complete,
+                        "imputed_minutes": outcome.imputed_minutes,
+                        "content_hash": outcome.content_hash or "",
+                        "skipped": outcome.skipped or "",
+                    },
+                    partition_key=partition_key,
+                )
+        table = outcomes_frame(outcomes)
+        expected = int(table["expected"].sum()) + sum(1 for o in outcomes if o.skipped)
+        share = int(table["complete"].sum()) / expected if expected else 1.0
+        skipped = table.filter(pl.col("skipped") != "")
+        return dg.MaterializeResult(
+            metadata={"bars_written": int(table["bars"].sum()), "days_skipped": skipped.height},
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=RECONCILE_CHECK,
+                    passed=not mismatches,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        "partitions_checked": len(outcomes),
+                        "partitions_failed": len(mismatches),
+                        "failures": dg.MetadataValue.md(md_table(pl.DataFrame(mismatches))),
+                    },
+                ),
+                dg.AssetCheckResult(
+                    check_name=COMPLETENESS_CHECK,
+                    passed=share == 1.0,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "complete_share": share,
+                        "days_without_bars": dg.MetadataValue.md(
+                            md_table(skipped.select("date", "symbol", "skipped"))
+                        ),
+                    },
+                ),
+            ],
+        )
+
+    return bars
+
+
+bar_assets = [_bars_asset(timeframe) for timeframe in BAR_TIMEFRAMES]

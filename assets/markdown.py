@@ -1,0 +1,17 @@
+"""Metadata a person reads in the UI."""
+
+import polars as pl
+
+MAX_TABLE_ROWS = 40
+
+
+def md_table(frame: pl.DataFrame, limit: int = MAX_TABLE_ROWS) -> str:
+    """A markdown table of the first `limit` rows, saying how many more there are."""
+    if frame.is_empty():
+        return "_none_"
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
+    rows = "".join(
+        "| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.head(limit).iter_rows()
+    )
+    more = f"\n_... and {frame.height - limit} more_" if frame.height > limit else ""
+    return header + rows + more

@@ -1,0 +1,139 @@
+"""Building one symbol-day of bars from what the lake holds, and reconciling it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+
+from candlestack.checks import gap_failure, ohlc_violations
+from candlestack.ingest import day_start_ms
+from candlestack.lake import Lake
+from candlestack.resample import SOURCE_TIMEFRAME, bars_per_day, minute_bars, resample
+from candlestack.schema import MINUTE_MS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BarsOutcome:
+    symbol_key: str
+    day: date
+    timeframe: str
+    path: Path
+    bars: int  # 0 when skipped
+    expected: int  # closed periods of the day
+    complete: int
+    imputed_minutes: int
+    content_hash: str | None
+    skipped: str | None  # why no bars were built
+
+
+class BarBuilder:
+    """Bars of one timeframe for symbol-days, from the lake, into the lake.
+
+    A day whose 1-minute candles fail the blocking rules (gaps, OHLC sanity) gets no bars,
+    and any bars it had are removed: nothing downstream may read them until it is fixed.
+    """
+
+    def __init__(self, lake: Lake, exchange: str, imputed_max_share: float) -> None:
+        self.lake = lake
+        self.exchange = exchange
+        self.imputed_max_share = imputed_max_share
+
+    def _skip(self, path: Path, symbol_key: str, day: date, timeframe: str, why: str):
+        path.unlink(missing_ok=True)
+        log.warning("%s %s %s: no bars, %s", symbol_key, day, timeframe, why)
+        return BarsOutcome(symbol_key, day, timeframe, path, 0, 0, 0, 0, None, why)
+
+    def build(self, timeframe: str, symbol_key: str, day: date) -> BarsOutcome:
+        path = self.lake.bars_path(self.exchange, timeframe, symbol_key, day)
+        candles_path = self.lake.candles_path(self.exchange, "1m", symbol_key, day)
+        stored = self.lake.read_report(candles_path)
+        if stored is None:
+            return self._skip(path, symbol_key, day, timeframe, "no 1-minute candles")
+        report = stored[0]
+        why = gap_failure(report, self.imputed_max_share)
+        if why:
+            return self._skip(path, symbol_key, day, timeframe, f"1m candles fail gaps: {why}")
+        start = day_start_ms(day)
+        closed_end = start + report["expected"] * MINUTE_MS
+        source_timeframe = SOURCE_TIMEFRAME[timeframe]
+        if source_timeframe == "1m":
+            candles = self.lake.read(candles_path)
+            broken = {k: v for k, v in ohlc_violations(candles, start).items() if v}
+            if broken:
+                return self._skip(path, symbol_key, day, timeframe, f"1m candles fail {broken}")
+            source = minute_bars(candles)
+        else:
+            source_path = self.lake.bars_path(self.exchange, source_timeframe, symbol_key, day)
+            source = self.lake.read(source_path)
+            if source is None:
+                why = f"no {source_timeframe} bars to build from"
+                return self._skip(path, symbol_key, day, timeframe, why)
+        bars = resample(source, timeframe, closed_end)
+        expected = (closed_end - start) * bars_per_day(timeframe) // (1440 * MINUTE_MS)
+        summary = {
+            "timeframe": timeframe,
+            "source_timeframe": source_timeframe,
+            "bars": bars.height,
+            "expected": expected,
+            "complete": int(bars["complete"].sum()),
+            "imputed_minutes": int(bars["n_imputed"].sum()),
+            "candles_hash": report["content_hash"],
+        }
+        write = self.lake.write_partition(path, bars, summary)
+        return BarsOutcome(
+            symbol_key,
+            day,
+            timeframe,
+            path,
+            bars.height,
+            expected,
+            summary["complete"],
+            summary["imputed_minutes"],
+            write.content_hash,
+            None,
+        )
+
+    def reconcile(self, outcome: BarsOutcome) -> str | None:
+        """Why stored bars differ from bars built straight from the 1-minute candles."""
+        if outcome.skipped:
+            return None
+        start = day_start_ms(outcome.day)
+        candles_path = self.lake.candles_path(self.exchange, "1m", outcome.symbol_key, outcome.day)
+        report, _ = self.lake.read_report(candles_path)
+        direct = resample(
+            minute_bars(self.lake.read(candles_path)),
+            outcome.timeframe,
+            start + report["expected"] * MINUTE_MS,
+        )
+        stored = self.lake.read(outcome.path)
+        if stored is None:
+            return "bar file missing"
+        if stored.equals(direct):
+            return None
+        if stored.height != direct.height:
+            return f"{stored.height} bars stored, {direct.height} from the minutes"
+        columns = [c for c in direct.columns if not stored[c].equals(direct[c])]
+        return f"differs from the minutes in {', '.join(columns)}"
+
+
+def outcomes_frame(outcomes: list[BarsOutcome]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "date": str(o.day),
+                "symbol": o.symbol_key,
+                "bars": o.bars,
+                "expected": o.expected,
+                "complete": o.complete,
+                "skipped": o.skipped or "",
+            }
+            for o in outcomes
+        ],
+        schema=["date", "symbol", "bars", "expected", "complete", "skipped"],
+    )
