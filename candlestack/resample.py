@@ -34,6 +34,7 @@ SOURCE_TIMEFRAME = {
     "1d": "1h",
 }
 BAR_TIMEFRAMES = tuple(SOURCE_TIMEFRAME)
+MAX_GRID_WIDTH = 15
 
 
 def bars_per_day(timeframe: str) -> int:
@@ -54,6 +55,18 @@ def minute_bars(candles: pl.DataFrame) -> pl.DataFrame:
         pl.col("imputed").cast(pl.Int64).alias("n_imputed"),
         pl.lit(True).alias("complete"),
     )
+
+
+def _per_bar(reduce: np.ufunc, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """`reduce` over each bar's rows. When every bar has the same few rows (no minute
+    missing: most days), reducing across the columns of the transposed grid is vectorised
+    and 3-8x faster than reduceat (measured for 3 to 15 rows; reduceat wins above).
+    Both are exact: a max or a min involves no rounding."""
+    width = len(values) // len(starts)
+    uniform = width * len(starts) == len(values) and (np.diff(starts) == width).all()
+    if uniform and width <= MAX_GRID_WIDTH:
+        return reduce.reduce(np.ascontiguousarray(values.reshape(-1, width).T), axis=0)
+    return reduce.reduceat(values, starts)
 
 
 class _Source:
@@ -88,8 +101,8 @@ class _Source:
             {
                 "ts": pl.Series(bucket[starts] * bar_ms).cast(TS),
                 "open": frame["open"].to_numpy()[starts],
-                "high": np.maximum.reduceat(frame["high"].to_numpy()[:rows], starts),
-                "low": np.minimum.reduceat(frame["low"].to_numpy()[:rows], starts),
+                "high": _per_bar(np.maximum, frame["high"].to_numpy()[:rows], starts),
+                "low": _per_bar(np.minimum, frame["low"].to_numpy()[:rows], starts),
                 "close": frame["close"].to_numpy()[ends],
                 "volume": volume_exact.cast(pl.Float64),
                 "volume_exact": volume_exact,
