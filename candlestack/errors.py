@@ -19,3 +19,7 @@ class SourceFormatError(SourceError):
 
 class LakeError(CandlestackError):
     """The lake cannot be read or written."""
+
+
+class FeatureInputError(CandlestackError):
+    """Bars handed to feature computation cannot be used as they are (nulls, unsorted ts)."""
