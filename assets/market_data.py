@@ -12,6 +12,7 @@ from candlestack.checks import gap_failure, gap_failures, quality, sanity_failur
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
+from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor, PartitionOutcome
 from candlestack.lake import write_parquet_atomic
 from candlestack.resample import BAR_TIMEFRAMES
@@ -255,12 +256,21 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
 
 
 @dg.asset(
-    deps=[candles_1m, markets, *(dg.AssetKey(f"bars_{tf}") for tf in BAR_TIMEFRAMES)],
+    deps=[
+        candles_1m,
+        markets,
+        *(dg.AssetKey(f"bars_{tf}") for tf in BAR_TIMEFRAMES),
+        *(
+            dg.AssetKey(f"features_{tf}")
+            for tf in load_feature_set(load_settings().features).timeframes
+        ),
+    ],
     group_name="market_data",
     kinds={"duckdb"},
 )
 def catalog(lake: LakeResource) -> dg.MaterializeResult:
-    """DuckDB views (ohlcv, bars, gaps, partitions, markets) over the lake, rebuilt atomically."""
+    """DuckDB views (ohlcv, bars, features, gaps, partitions, markets) over the lake, rebuilt
+    atomically."""
     counts = lake.rebuild_catalog()
     return dg.MaterializeResult(
         metadata={

@@ -44,6 +44,8 @@ EMPTY_VIEWS = {
     "NULL::DOUBLE low, NULL::DOUBLE close, NULL::DOUBLE volume, "
     "NULL::DECIMAL(38, 8) volume_exact, NULL::BIGINT n_source, NULL::BIGINT n_imputed, "
     "NULL::BOOLEAN complete WHERE false",
+    "features": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR timeframe, NULL::VARCHAR symbol, "
+    "NULL::DATE date, NULL::TIMESTAMPTZ ts WHERE false",
     "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
     f"unnest(json_transform('{{}}', '{_REPORT_JSON}')) WHERE false",
     "gaps": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
@@ -85,6 +87,14 @@ def view_sql(lake: Lake) -> dict[str, str]:
             "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
             "volume_exact, n_source, n_imputed, complete "
             f"FROM read_parquet({_literal(str(bars))}, hive_partitioning = true)"
+        )
+    features = root / "features" / "*" / "*" / "*" / "*" / FILE_NAME
+    if any(root.glob(f"features/*/*/*/*/{FILE_NAME}")):
+        # One view: feature columns are the union over timeframes (null where a timeframe
+        # does not compute that feature).
+        views["features"] = (
+            f"SELECT * FROM read_parquet({_literal(str(features))}, hive_partitioning = true, "
+            "union_by_name = true)"
         )
     if any(root.glob(f"markets/*/*/{FILE_NAME}")):
         # symbol_key (as config.symbol_key makes it) joins markets to the candle views.

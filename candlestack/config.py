@@ -39,6 +39,7 @@ class Settings(BaseModel, frozen=True):
     ccxt_sandbox: bool = False
     replay_files: dict[str, Path] = Field(default_factory=dict)
     replay_markets_file: Path | None = None
+    features: Path | None = None  # a YAML or JSON feature set; None: the default set
     synthetic_seed: int = 7
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)

@@ -112,31 +112,31 @@ class Lake:
         self.root = Path(root)
 
     def candles_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
-        return (
-            self.root
-            / "ohlcv"
-            / f"exchange={exchange}"
-            / f"timeframe={timeframe}"
-            / f"symbol={symbol_key}"
-            / f"date={day.isoformat()}"
-            / FILE_NAME
-        )
+        return self._partition_path("ohlcv", exchange, timeframe, symbol_key, day)
 
     def markets_path(self, exchange: str, day: date) -> Path:
         return (
             self.root / "markets" / f"exchange={exchange}" / f"date={day.isoformat()}" / FILE_NAME
         )
 
-    def bars_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
+    def _partition_path(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, day: date
+    ) -> Path:
         return (
             self.root
-            / "bars"
+            / dataset
             / f"exchange={exchange}"
             / f"timeframe={timeframe}"
             / f"symbol={symbol_key}"
             / f"date={day.isoformat()}"
             / FILE_NAME
         )
+
+    def bars_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
+        return self._partition_path("bars", exchange, timeframe, symbol_key, day)
+
+    def features_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
+        return self._partition_path("features", exchange, timeframe, symbol_key, day)
 
     def write_partition(
         self,

@@ -3,10 +3,12 @@
 import dagster as dg
 
 from assets.bars import bar_assets
+from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
 from pipelines.jobs import (
     build_bars_job,
+    build_features_job,
     ingest_and_build_job,
     ingest_candles_job,
     refresh_catalog_job,
@@ -23,11 +25,12 @@ from resources import LakeResource, source_resource
 settings = load_settings()
 
 defs = dg.Definitions(
-    assets=[candles_1m, *bar_assets, markets, candle_coverage, catalog],
+    assets=[candles_1m, *bar_assets, *feature_assets, markets, candle_coverage, catalog],
     asset_checks=[candles_freshness],
     jobs=[
         ingest_candles_job,
         build_bars_job,
+        build_features_job,
         ingest_and_build_job,
         snapshot_markets_job,
         refresh_catalog_job,

@@ -45,6 +45,28 @@ def _bars_summary(catalog: Path, first: str) -> pl.DataFrame:
         ).pl()
 
 
+def _features_summary(lake, first: str) -> pl.DataFrame:
+    rows = []
+    for path in sorted(lake.root.glob("features/*/timeframe=*/symbol=*/date=*/*.parquet")):
+        if path.parent.name.removeprefix("date=") >= first:
+            report, _ = lake.read_report(path)
+            rows.append(report)
+    if not rows:
+        return pl.DataFrame()
+    return (
+        pl.DataFrame(rows)
+        .group_by("timeframe")
+        .agg(
+            pl.len().alias("symbol_days"),
+            pl.col("warm").sum().alias("warm_days"),
+            pl.col("rows").sum(),
+            pl.col("warmup_bars").first(),
+            pl.col("nulls").sum().alias("null_values"),
+        )
+        .sort("warmup_bars")
+    )
+
+
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     os.environ.setdefault("DAGSTER_HOME", str(root))
@@ -121,6 +143,8 @@ def main() -> int:
         print(pl.DataFrame(rows))
         print("\nbars per timeframe (all symbols, the same days):")
         print(_bars_summary(settings.catalog, first))
+        print("\nfeatures per timeframe (a day is warm once its whole warm-up is in the lake):")
+        print(_features_summary(lake, first))
 
     print("\nasset checks recorded by Dagster (one evaluation per single-run range):")
     evaluations = sorted(
@@ -129,7 +153,7 @@ def main() -> int:
     )
     for evaluation in evaluations:
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-        print(f"  {name:<30} {'passed' if evaluation.passed else 'FAILED'}")
+        print(f"  {name:<34} {'passed' if evaluation.passed else 'FAILED'}")
     for name, result in (
         ("ingest_and_build", candles),
         ("snapshot_markets", markets),
@@ -139,8 +163,8 @@ def main() -> int:
 
     print(f"\nlake:     {lake.root.resolve()}")
     print(
-        f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, gaps, partitions, "
-        "markets; open it read-only)"
+        f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, features, gaps, "
+        "partitions, markets; open it read-only)"
     )
     print(f"instance: {Path(instance.root_directory).resolve()}")
     print("UI:       DAGSTER_HOME=$PWD dagster dev -h 127.0.0.1   (or: make ui)")

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets.bars import bar_assets
+from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
 from assets.partitions import candle_partitions, daily_partitions
 
@@ -18,11 +19,17 @@ build_bars_job = dg.define_asset_job(
     partitions_def=candle_partitions,
     description="Bars of every timeframe from the 1-minute candles in the lake.",
 )
+build_features_job = dg.define_asset_job(
+    "build_features",
+    selection=dg.AssetSelection.assets(*feature_assets),
+    partitions_def=candle_partitions,
+    description="Features of every configured timeframe from the bars in the lake.",
+)
 ingest_and_build_job = dg.define_asset_job(
     "ingest_and_build",
-    selection=dg.AssetSelection.assets(candles_1m, *bar_assets),
+    selection=dg.AssetSelection.assets(candles_1m, *bar_assets, *feature_assets),
     partitions_def=candle_partitions,
-    description="1-minute candles, then every bar built on them, in one run.",
+    description="1-minute candles, then every bar and feature built on them, in one run.",
 )
 snapshot_markets_job = dg.define_asset_job(
     "snapshot_markets",

@@ -1,0 +1,103 @@
+"""Indicator features per timeframe, from the bars strategies read, with their warm-up check."""
+
+import dagster as dg
+import polars as pl
+
+from assets.bars import bars_key
+from assets.markdown import md_table
+from assets.market_data import candles_1m
+from assets.partitions import candle_partitions, symbol_days
+from candlestack.config import load_settings
+from candlestack.feature_store import FeatureBuilder, load_feature_set
+from candlestack.features import feature_columns, warmup_bars
+from resources import CandleSourceResource, LakeResource
+
+WARMUP_CHECK = "no_null_after_warmup"
+
+# Loaded with the code location: a wrong feature set fails here, not in a run at night.
+feature_set = load_feature_set(load_settings().features)
+
+
+def _features_asset(timeframe: str) -> dg.AssetsDefinition:
+    specs = feature_set.for_timeframe(timeframe)
+    key = dg.AssetKey(f"features_{timeframe}")
+    upstream = candles_1m.key if timeframe == "1m" else bars_key(timeframe)
+
+    @dg.asset(
+        key=key,
+        deps=[upstream],
+        partitions_def=candle_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name="features",
+        kinds={"parquet", "polars"},
+        description=f"TA-Lib features on {timeframe} bars: {', '.join(feature_columns(specs))}. "
+        f"Warm-up {warmup_bars(specs)} bars: rows without that history are null.",
+        check_specs=[
+            dg.AssetCheckSpec(
+                WARMUP_CHECK,
+                asset=key,
+                blocking=True,
+                description="On days whose whole warm-up is in the lake, no feature is null.",
+            )
+        ],
+    )
+    def features(
+        context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        settings = load_settings()
+        builder = FeatureBuilder(
+            lake.lake, source.open().exchange, feature_set, settings.imputed_max_share
+        )
+        outcomes = []
+        for symbol_key, days in symbol_days(context.partition_keys).items():
+            for outcome in builder.build(timeframe, symbol_key, sorted(days)):
+                outcomes.append(outcome)
+                context.add_asset_metadata(
+                    {
+                        "rows": outcome.rows,
+                        "warm": outcome.warm,
+                        "nulls_after_warmup": outcome.nulls_after_warmup,
+                        "content_hash": outcome.content_hash or "",
+                        "skipped": outcome.skipped or "",
+                    },
+                    partition_key=days[outcome.day],
+                )
+        table = pl.DataFrame(
+            [
+                {
+                    "date": str(o.day),
+                    "symbol": o.symbol_key,
+                    "warm": o.warm,
+                    "nulls": o.nulls_after_warmup,
+                    "skipped": o.skipped or "",
+                }
+                for o in outcomes
+            ],
+            schema=["date", "symbol", "warm", "nulls", "skipped"],
+        )
+        failing = table.filter(pl.col("nulls") > 0)
+        return dg.MaterializeResult(
+            metadata={
+                "warmup_bars": warmup_bars(specs),
+                "days_warm": int(table["warm"].sum()),
+                "days_warming_up": table.filter(~pl.col("warm") & (pl.col("skipped") == "")).height,
+                "days_skipped": table.filter(pl.col("skipped") != "").height,
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=WARMUP_CHECK,
+                    passed=failing.is_empty(),
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        "warm_days": int(table["warm"].sum()),
+                        "nulls_after_warmup": int(table["nulls"].sum()),
+                        "failures": dg.MetadataValue.md(md_table(failing)),
+                    },
+                )
+            ],
+        )
+
+    return features
+
+
+feature_assets = [_features_asset(timeframe) for timeframe in feature_set.timeframes]
