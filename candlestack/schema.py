@@ -22,18 +22,11 @@ RAW_CANDLES = pl.Schema(
     }
 )
 
+# Open time and prices as stored for every timeframe.
+_OHLCV = {"ts": TS, **{c: pl.Float64 for c in ("open", "high", "low", "close", "volume")}}
+
 # What the lake stores for 1-minute candles.
-CANDLES_1M = pl.Schema(
-    {
-        "ts": TS,
-        "open": pl.Float64,
-        "high": pl.Float64,
-        "low": pl.Float64,
-        "close": pl.Float64,
-        "volume": pl.Float64,
-        "imputed": pl.Boolean,
-    }
-)
+CANDLES_1M = pl.Schema({**_OHLCV, "imputed": pl.Boolean})
 
 # Exact volume: exchanges publish at most 8 decimals, and integer-backed decimal sums are
 # associative, so a bar's volume is the same whichever intermediate bars it was built from.
@@ -43,12 +36,7 @@ VOLUME_EXACT = pl.Decimal(38, 8)
 # (real or imputed) and n_imputed the imputed ones; complete means no minute was missing.
 BARS = pl.Schema(
     {
-        "ts": TS,
-        "open": pl.Float64,
-        "high": pl.Float64,
-        "low": pl.Float64,
-        "close": pl.Float64,
-        "volume": pl.Float64,
+        **_OHLCV,
         "volume_exact": VOLUME_EXACT,
         "n_source": pl.Int64,
         "n_imputed": pl.Int64,

@@ -2,37 +2,19 @@
 
 import dagster as dg
 import polars as pl
-import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
 from assets.bars import bar_assets
-from assets.market_data import candles_1m
-from resources import LakeResource, ReplaySourceResource
-from tests.conftest import REPLAY_FILES
+from tests.dagster.conftest import ingest_day_by_day
 
 DAYS = ("2021-04-24", "2021-04-25", "2021-04-26")  # 04-25 lost 284 minutes: fails gaps
 
 
-@pytest.fixture
-def resources(tmp_path, shared_data):
-    return {
-        "source": ReplaySourceResource(files={s: str(p) for s, p in REPLAY_FILES.items()}),
-        "lake": LakeResource(root=str(tmp_path / "lake"), catalog_path=str(tmp_path / "c.duckdb")),
-    }
-
-
 def _build(resources, instance):
-    for day in DAYS:  # one run a day: the failing day does not stop the others
-        dg.materialize(
-            [candles_1m],
-            partition_key=f"{day}|BTC-USDT",
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
+    ingest_day_by_day(resources, instance, DAYS)
     return dg.materialize(
         bar_assets,
         resources=resources,

@@ -9,29 +9,16 @@ from dagster._core.storage.tags import (
 )
 
 from assets.features import feature_assets
-from assets.market_data import candles_1m
-from resources import LakeResource, ReplaySourceResource
-from tests.conftest import REPLAY_FILES
+from tests.dagster.conftest import ingest_day_by_day
 
 FEATURES_1M = next(a for a in feature_assets if a.key.to_user_string() == "features_1m")
 DAYS = [f"2021-04-{d}" for d in range(21, 28)]  # 04-25 fails the gaps check
 
 
 @pytest.fixture
-def lake_with_candles(tmp_path, shared_data):
-    resources = {
-        "source": ReplaySourceResource(files={s: str(p) for s, p in REPLAY_FILES.items()}),
-        "lake": LakeResource(root=str(tmp_path / "lake"), catalog_path=str(tmp_path / "c.duckdb")),
-    }
+def lake_with_candles(resources, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
-    for day in DAYS:
-        dg.materialize(
-            [candles_1m],
-            partition_key=f"{day}|BTC-USDT",
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
+    ingest_day_by_day(resources, instance, DAYS)
     return resources, instance, tmp_path / "lake"
 
 

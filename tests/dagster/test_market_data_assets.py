@@ -2,22 +2,9 @@
 
 import dagster as dg
 import duckdb
-import pytest
 
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
-from resources import LakeResource, ReplaySourceResource
-from tests.conftest import EXCHANGE_INFO, REPLAY_FILES
-
-
-@pytest.fixture
-def resources(tmp_path, shared_data):
-    return {
-        "source": ReplaySourceResource(
-            files={s: str(p) for s, p in REPLAY_FILES.items()},
-            markets_file=str(EXCHANGE_INFO),
-        ),
-        "lake": LakeResource(root=str(tmp_path / "lake"), catalog_path=str(tmp_path / "c.duckdb")),
-    }
+from tests.dagster.conftest import ingest_day_by_day
 
 
 def _checks(result):
@@ -49,14 +36,7 @@ def test_clean_days_pass_and_feed_coverage_and_catalog(resources, tmp_path):
     """Complete days pass both blocking checks; the coverage grid and the catalog show them."""
     keys = dg.PartitionKeyRange("2021-04-24|BTC-USDT", "2021-04-25|BTC-USDT")
     instance = dg.DagsterInstance.ephemeral()
-    for day in ("2021-04-24", "2021-04-25"):
-        dg.materialize(
-            [candles_1m],
-            partition_key=f"{day}|BTC-USDT",
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
+    ingest_day_by_day(resources, instance, ("2021-04-24", "2021-04-25"))
     assert keys.start in instance.get_materialized_partitions(dg.AssetKey("candles_1m"))
 
     coverage = dg.materialize([candle_coverage], resources=resources, instance=instance)
