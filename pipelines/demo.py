@@ -23,6 +23,7 @@ from dagster._core.storage.tags import (
 from assets.partitions import candle_range
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
+from candlestack.resample import TIMEFRAME_MINUTES
 
 DAYS = 7
 
@@ -63,7 +64,7 @@ def _features_summary(lake, first: str) -> pl.DataFrame:
             pl.col("warmup_bars").first(),
             pl.col("nulls").sum().alias("null_values"),
         )
-        .sort("warmup_bars")
+        .sort(pl.col("timeframe").replace_strict(TIMEFRAME_MINUTES, return_dtype=pl.Int64))
     )
 
 
