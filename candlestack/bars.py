@@ -32,6 +32,26 @@ class BarsOutcome:
     skipped: str | None  # why no bars were built
 
 
+def usable_minutes(
+    lake: Lake, exchange: str, symbol_key: str, day: date, imputed_max_share: float
+) -> tuple[dict, pl.DataFrame] | str:
+    """A day's 1-minute candles as bars, with their report, if anything may be built on
+    them; otherwise why not (the blocking rules: gaps, OHLC sanity)."""
+    path = lake.candles_path(exchange, "1m", symbol_key, day)
+    stored = lake.read_report(path)
+    if stored is None:
+        return "no 1-minute candles"
+    report = stored[0]
+    why = gap_failure(report, imputed_max_share)
+    if why:
+        return f"1m candles fail gaps: {why}"
+    candles = lake.read(path)
+    broken = {k: v for k, v in ohlc_violations(candles, day_start_ms(day)).items() if v}
+    if broken:
+        return f"1m candles fail {broken}"
+    return report, minute_bars(candles)
+
+
 class BarBuilder:
     """Bars of one timeframe for symbol-days, from the lake, into the lake.
 
@@ -51,24 +71,15 @@ class BarBuilder:
 
     def build(self, timeframe: str, symbol_key: str, day: date) -> BarsOutcome:
         path = self.lake.bars_path(self.exchange, timeframe, symbol_key, day)
-        candles_path = self.lake.candles_path(self.exchange, "1m", symbol_key, day)
-        stored = self.lake.read_report(candles_path)
-        if stored is None:
-            return self._skip(path, symbol_key, day, timeframe, "no 1-minute candles")
-        report = stored[0]
-        why = gap_failure(report, self.imputed_max_share)
-        if why:
-            return self._skip(path, symbol_key, day, timeframe, f"1m candles fail gaps: {why}")
+        usable = usable_minutes(self.lake, self.exchange, symbol_key, day, self.imputed_max_share)
+        if isinstance(usable, str):
+            return self._skip(path, symbol_key, day, timeframe, usable)
+        report, minutes = usable
         start = day_start_ms(day)
         closed_end = start + report["expected"] * MINUTE_MS
         source_timeframe = SOURCE_TIMEFRAME[timeframe]
-        if source_timeframe == "1m":
-            candles = self.lake.read(candles_path)
-            broken = {k: v for k, v in ohlc_violations(candles, start).items() if v}
-            if broken:
-                return self._skip(path, symbol_key, day, timeframe, f"1m candles fail {broken}")
-            source = minute_bars(candles)
-        else:
+        source = minutes
+        if source_timeframe != "1m":
             source_path = self.lake.bars_path(self.exchange, source_timeframe, symbol_key, day)
             source = self.lake.read(source_path)
             if source is None:

@@ -11,7 +11,7 @@ import polars as pl
 import yaml
 from pydantic import ValidationError
 
-from candlestack.checks import gap_failure
+from candlestack.bars import usable_minutes
 from candlestack.errors import ConfigError
 from candlestack.features import (
     FeatureSet,
@@ -22,7 +22,6 @@ from candlestack.features import (
 )
 from candlestack.ingest import contiguous_runs
 from candlestack.lake import Lake
-from candlestack.resample import minute_bars
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,8 @@ class FeatureBuilder:
         """The day's bars, or None when it has none a strategy may use."""
         if timeframe != "1m":
             return self.lake.read(self.lake.bars_path(self.exchange, timeframe, symbol_key, day))
-        path = self.lake.candles_path(self.exchange, "1m", symbol_key, day)
-        stored = self.lake.read_report(path)
-        if stored is None or gap_failure(stored[0], self.imputed_max_share):
-            return None
-        return minute_bars(self.lake.read(path))
+        usable = usable_minutes(self.lake, self.exchange, symbol_key, day, self.imputed_max_share)
+        return None if isinstance(usable, str) else usable[1]
 
     def build(self, timeframe: str, symbol_key: str, days: list[date]) -> list[FeatureOutcome]:
         specs = self.features.for_timeframe(timeframe)
