@@ -73,7 +73,7 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
                     partition_key=partition_key,
                 )
         table = outcomes_frame(outcomes)
-        expected = int(table["expected"].sum()) + sum(1 for o in outcomes if o.skipped)
+        expected = int(table["expected"].sum())
         share = int(table["complete"].sum()) / expected if expected else 1.0
         skipped = table.filter(pl.col("skipped") != "")
         return dg.MaterializeResult(

@@ -12,7 +12,13 @@ import polars as pl
 from candlestack.checks import gap_failure, ohlc_violations
 from candlestack.ingest import day_start_ms
 from candlestack.lake import Lake
-from candlestack.resample import SOURCE_TIMEFRAME, bars_per_day, minute_bars, resample
+from candlestack.resample import (
+    SOURCE_TIMEFRAME,
+    TIMEFRAME_MINUTES,
+    bars_per_day,
+    minute_bars,
+    resample,
+)
 from candlestack.schema import MINUTE_MS
 
 log = logging.getLogger(__name__)
@@ -25,7 +31,7 @@ class BarsOutcome:
     timeframe: str
     path: Path
     bars: int  # 0 when skipped
-    expected: int  # closed periods of the day
+    expected: int  # closed periods of the day (all of a skipped day's)
     complete: int
     imputed_minutes: int
     content_hash: str | None
@@ -67,7 +73,9 @@ class BarBuilder:
     def _skip(self, path: Path, symbol_key: str, day: date, timeframe: str, why: str):
         path.unlink(missing_ok=True)
         log.warning("%s %s %s: no bars, %s", symbol_key, day, timeframe, why)
-        return BarsOutcome(symbol_key, day, timeframe, path, 0, 0, 0, 0, None, why)
+        # A day without usable candles misses all its periods.
+        expected = bars_per_day(timeframe)
+        return BarsOutcome(symbol_key, day, timeframe, path, 0, expected, 0, 0, None, why)
 
     def build(self, timeframe: str, symbol_key: str, day: date) -> BarsOutcome:
         path = self.lake.bars_path(self.exchange, timeframe, symbol_key, day)
@@ -86,7 +94,7 @@ class BarBuilder:
                 why = f"no {source_timeframe} bars to build from"
                 return self._skip(path, symbol_key, day, timeframe, why)
         bars = resample(source, timeframe, closed_end)
-        expected = (closed_end - start) * bars_per_day(timeframe) // (1440 * MINUTE_MS)
+        expected = (closed_end - start) // (TIMEFRAME_MINUTES[timeframe] * MINUTE_MS)
         summary = {
             "timeframe": timeframe,
             "source_timeframe": source_timeframe,

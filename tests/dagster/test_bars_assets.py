@@ -47,7 +47,8 @@ def test_failing_day_gets_no_bars_and_the_others_reconcile(resources, tmp_path):
         assert meta["2021-04-24|BTC-USDT"]["bars"] == meta["2021-04-24|BTC-USDT"]["expected"]
         assert checks[(name, "reconciles_with_1m")].passed, name
         completeness = checks[(name, "completeness")]
-        assert not completeness.passed  # a third of the periods have no bar
+        assert not completeness.passed
+        assert completeness.metadata["complete_share"].value == 2 / 3  # 04-25 has no bar
         assert "2021-04-25" in completeness.metadata["days_without_bars"].value
     stored = pl.read_parquet(
         tmp_path / "lake" / "bars" / "*" / "timeframe=4h" / "*" / "*" / "*.parquet"
