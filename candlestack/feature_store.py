@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import polars as pl
@@ -42,9 +43,11 @@ class FeatureOutcome:
 DEFAULT_FEATURE_TIMEFRAMES = ("1m", "15m", "1h")
 
 
+@cache
 def load_feature_set(path: Path | None) -> FeatureSet:
     """The feature set a deployment computes: a YAML (or JSON) file, or the default set on
-    DEFAULT_FEATURE_TIMEFRAMES. Any mistake in the file fails here, when the code loads."""
+    DEFAULT_FEATURE_TIMEFRAMES. Any mistake in the file fails here, when the code loads.
+    Read once per process: the assets and the catalog's lineage use the same set."""
     if path is None:
         return FeatureSet(
             features=[
