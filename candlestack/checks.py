@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from candlestack.schema import DAY_MS, MINUTE_MS
+from candlestack.schema import DAY_MS, MINUTE_MS, day_start_ms
 
 
 def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
@@ -88,8 +88,7 @@ def sanity_failures(files: Iterable[tuple[str, date, Path]]) -> pl.DataFrame:
                 "symbol": symbol,
                 "date": day,
                 "path": str(path),
-                "day_start": int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
-                * 1000,
+                "day_start": day_start_ms(day),
             }
             for symbol, day, path in files
         ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +19,7 @@ from candlestack.gaps import (
     request_windows,
 )
 from candlestack.lake import Lake, WriteResult
-from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED
+from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED, day_start_ms
 from candlestack.sources.base import CandleSource
 from candlestack.validate import describe_rejections, validate
 
@@ -38,10 +38,6 @@ class PartitionOutcome:
     gaps: pl.DataFrame
     rejected: pl.DataFrame
     write: WriteResult
-
-
-def day_start_ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
 
 
 def contiguous_runs(days: Iterable[date]) -> list[list[date]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
+
 import polars as pl
 
 MINUTE_MS = 60_000
@@ -95,5 +97,6 @@ MARKETS = pl.Schema(
 )
 
 
-def empty(schema: pl.Schema) -> pl.DataFrame:
-    return pl.DataFrame(schema=schema)
+def day_start_ms(day: date) -> int:
+    """Open time of a UTC day's first minute, in epoch milliseconds."""
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
