@@ -1,7 +1,8 @@
 """The one execution engine: sizing, exchange rules, fills and fees for backtest and dry-run.
 
-Every function works on scalars and on numpy arrays alike, so the vectorised backtest and
-the bar-by-bar dry-run call the very same code: a second implementation would be a bug.
+The kernels here are compiled with numba and called both from the backtest's loop over bars
+(candlestack.backtest) and, one order at a time, from the dry-run: a second implementation
+of any of them would be a bug.
 
 Rules, long-only spot:
 - a signal on the closed bar t fills at the open of bar t+1, moved against us by
@@ -9,20 +10,59 @@ Rules, long-only spot:
   sells down);
 - the amount is the order value divided by that price, rounded down to the lot step;
 - an order under the minimum amount, over the maximum amount or under the minimum
-  notional (min cost) is rejected, with its reason, and never filled;
-- the fee is `fee_rate` of the filled notional, paid in quote currency on both sides.
+  notional (min cost) is rejected, with its reason, and never filled; so is a buy the
+  cash cannot pay for (notional plus fee);
+- the fee is `fee_rate` of the filled notional, paid in quote currency on both sides;
+- a position is closed on an exit signal, a stop (close at or below entry price x
+  (1 - stop_loss)) or a take-profit (selling at the close would net at least min_profit
+  after both fees), checked in that order on each closed bar.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 
 import numpy as np
 import polars as pl
+from numba import njit
 
 # Relative tolerance for float noise in value/step quotients (0.3 / 0.1 = 2.9999999999999996).
 _QUOTIENT_TOLERANCE = 1e-12
+
+# Why an order was refused; the codes are what the compiled loop records.
+ACCEPTED = 0
+REJECT_MIN_AMOUNT = 1
+REJECT_MAX_AMOUNT = 2
+REJECT_MIN_COST = 3
+REJECT_BALANCE = 4
+REJECTION_REASONS = {
+    REJECT_MIN_AMOUNT: "amount below the market's minimum",
+    REJECT_MAX_AMOUNT: "amount above the market's maximum",
+    REJECT_MIN_COST: "notional below the market's minimum (min cost)",
+    REJECT_BALANCE: "not enough quote balance for notional plus fee",
+}
+
+# Why a position was closed.
+NO_EXIT = 0
+EXIT_SIGNAL = 1
+EXIT_STOP = 2
+EXIT_MIN_PROFIT = 3
+EXIT_END = 4
+EXIT_REASONS = {
+    EXIT_SIGNAL: "exit_signal",
+    EXIT_STOP: "stop_loss",
+    EXIT_MIN_PROFIT: "min_profit",
+    EXIT_END: "end_of_window",
+}
+
+
+@lru_cache(maxsize=256)
+def step_decimals(step: float) -> int:
+    """Decimal places of a step (0.01 -> 2), read from its shortest repr, not from floats."""
+    exponent = Decimal(repr(step)).normalize().as_tuple().exponent
+    return max(0, -int(exponent))
 
 
 @dataclass(frozen=True)
@@ -36,72 +76,197 @@ class MarketRules:
     min_cost: float = 0.0
 
     @classmethod
+    def from_row(cls, row: dict) -> MarketRules:
+        return cls(
+            amount_step=row["amount_step"],
+            price_tick=row["price_tick"],
+            min_amount=row["min_amount"] or 0.0,
+            max_amount=row["max_amount"] or float("inf"),
+            min_cost=row["min_cost"] or 0.0,
+        )
+
+    @classmethod
     def from_markets(cls, markets: pl.DataFrame, symbol: str) -> MarketRules:
         row = markets.filter(pl.col("symbol") == symbol)
         if row.is_empty():
             raise KeyError(f"no market rules for {symbol!r}")
-        r = row.row(0, named=True)
-        return cls(
-            amount_step=r["amount_step"],
-            price_tick=r["price_tick"],
-            min_amount=r["min_amount"] or 0.0,
-            max_amount=r["max_amount"] or float("inf"),
-            min_cost=r["min_cost"] or 0.0,
-        )
+        return cls.from_row(row.row(0, named=True))
+
+    @property
+    def amount_decimals(self) -> int:
+        return step_decimals(self.amount_step)
+
+    @property
+    def price_decimals(self) -> int:
+        return step_decimals(self.price_tick)
 
 
-def _decimals(step: float) -> int:
-    exponent = Decimal(repr(step)).normalize().as_tuple().exponent
-    return max(0, -int(exponent))
+# --- compiled kernels (scalars; called from the backtest loop and the dry-run) -------------
 
 
-def floor_to_step(values, step: float):
-    """Largest multiple of `step` not above each value (amounts, sell prices)."""
-    quotient = np.asarray(values, dtype=np.float64) / step
-    return np.round(np.floor(quotient * (1 + _QUOTIENT_TOLERANCE)) * step, _decimals(step))
+@njit(cache=True)
+def floor_step(value: float, step: float, decimals: int) -> float:
+    """Largest multiple of `step` not above `value`, exact to the step's decimals."""
+    return np.round(np.floor(value / step * (1 + _QUOTIENT_TOLERANCE)) * step, decimals)
 
 
-def ceil_to_step(values, step: float):
-    """Smallest multiple of `step` not below each value (buy prices)."""
-    quotient = np.asarray(values, dtype=np.float64) / step
-    return np.round(np.ceil(quotient * (1 - _QUOTIENT_TOLERANCE)) * step, _decimals(step))
+@njit(cache=True)
+def ceil_step(value: float, step: float, decimals: int) -> float:
+    """Smallest multiple of `step` not below `value`, exact to the step's decimals."""
+    return np.round(np.ceil(value / step * (1 - _QUOTIENT_TOLERANCE)) * step, decimals)
 
 
-def fill_price(open_price, side: str, slippage: float, rules: MarketRules):
+@njit(cache=True)
+def buy_price(open_next: float, slippage: float, tick: float, tick_decimals: int) -> float:
+    return ceil_step(open_next * (1 + slippage), tick, tick_decimals)
+
+
+@njit(cache=True)
+def sell_price(open_next: float, slippage: float, tick: float, tick_decimals: int) -> float:
+    return floor_step(open_next * (1 - slippage), tick, tick_decimals)
+
+
+@njit(cache=True)
+def order_amount(order_value: float, price: float, step: float, step_decimals: int) -> float:
+    return floor_step(order_value / price, step, step_decimals)
+
+
+@njit(cache=True)
+def reject_code(
+    amount: float, price: float, min_amount: float, max_amount: float, min_cost: float
+) -> int:
+    if amount < min_amount or amount <= 0.0:
+        return REJECT_MIN_AMOUNT
+    if amount > max_amount:
+        return REJECT_MAX_AMOUNT
+    if amount * price < min_cost:
+        return REJECT_MIN_COST
+    return ACCEPTED
+
+
+@njit(cache=True)
+def fee_of(amount: float, price: float, fee_rate: float) -> float:
+    return amount * price * fee_rate
+
+
+@njit(cache=True)
+def exit_code(
+    close: float,
+    entry_price: float,
+    exit_signal: bool,
+    min_profit: float,
+    stop_loss: float,
+    fee_rate: float,
+) -> int:
+    """Why the position should be closed at this bar's close (NO_EXIT: keep it).
+
+    min_profit and stop_loss are fractions; 0 switches either off.
+    """
+    if exit_signal:
+        return EXIT_SIGNAL
+    if stop_loss > 0.0 and close <= entry_price * (1.0 - stop_loss):
+        return EXIT_STOP
+    if min_profit > 0.0 and close * (1.0 - fee_rate) >= entry_price * (1.0 + fee_rate) * (
+        1.0 + min_profit
+    ):
+        return EXIT_MIN_PROFIT
+    return NO_EXIT
+
+
+# --- Python conveniences over the kernels (one order: tests, dry-run, reports) -----------
+
+
+def floor_to_step(value: float, step: float) -> float:
+    """Largest multiple of `step` not above `value` (amounts, sell prices)."""
+    return float(floor_step(float(value), step, step_decimals(step)))
+
+
+def ceil_to_step(value: float, step: float) -> float:
+    """Smallest multiple of `step` not below `value` (buy prices)."""
+    return float(ceil_step(float(value), step, step_decimals(step)))
+
+
+def fill_price(open_price: float, side: str, slippage: float, rules: MarketRules) -> float:
     """The price a market order placed at the close of bar t gets at the open of bar t+1."""
     if side == "buy":
-        return ceil_to_step(np.asarray(open_price) * (1 + slippage), rules.price_tick)
+        return float(buy_price(open_price, slippage, rules.price_tick, rules.price_decimals))
     if side == "sell":
-        return floor_to_step(np.asarray(open_price) * (1 - slippage), rules.price_tick)
+        return float(sell_price(open_price, slippage, rules.price_tick, rules.price_decimals))
     raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
 
 
-def buy_amount(order_value, price, rules: MarketRules):
+def buy_amount(order_value: float, price: float, rules: MarketRules) -> float:
     """Base amount bought for `order_value` quote at `price`, rounded down to the lot step."""
-    return floor_to_step(np.asarray(order_value) / np.asarray(price), rules.amount_step)
+    return float(order_amount(order_value, price, rules.amount_step, rules.amount_decimals))
 
 
-REJECT_MIN_AMOUNT = "amount below the market's minimum"
-REJECT_MAX_AMOUNT = "amount above the market's maximum"
-REJECT_MIN_COST = "notional below the market's minimum (min cost)"
+def rejection(amount: float, price: float, rules: MarketRules) -> str:
+    """Why the exchange would refuse this order, or "" when it is valid."""
+    code = reject_code(amount, price, rules.min_amount, rules.max_amount, rules.min_cost)
+    return REJECTION_REASONS.get(code, "")
 
 
-def rejection(amount, price, rules: MarketRules):
-    """Why each order would be refused by the exchange, or "" when it is valid."""
-    amount = np.asarray(amount, dtype=np.float64)
-    notional = amount * np.asarray(price, dtype=np.float64)
-    reasons = np.select(
-        [
-            amount < rules.min_amount,
-            amount > rules.max_amount,
-            notional < rules.min_cost,
-        ],
-        [REJECT_MIN_AMOUNT, REJECT_MAX_AMOUNT, REJECT_MIN_COST],
-        default="",
-    )
-    return reasons.item() if reasons.ndim == 0 else reasons
-
-
-def fee(amount, price, fee_rate: float):
+def fee(amount: float, price: float, fee_rate: float) -> float:
     """Fee in quote currency on the filled notional."""
-    return np.asarray(amount, dtype=np.float64) * np.asarray(price, dtype=np.float64) * fee_rate
+    return float(fee_of(amount, price, fee_rate))
+
+
+@dataclass(frozen=True)
+class RuleBook:
+    """A market's rules by UTC day, as arrays the compiled loop indexes by bar.
+
+    Each day takes the rules of the latest snapshot on or before it; days before the first
+    snapshot take the first one (history predates the snapshots we keep; the README says so).
+    """
+
+    snapshot_days: np.ndarray  # epoch days of the snapshots, ascending
+    amount_step: np.ndarray
+    amount_decimals: np.ndarray
+    price_tick: np.ndarray
+    price_decimals: np.ndarray
+    min_amount: np.ndarray
+    max_amount: np.ndarray
+    min_cost: np.ndarray
+
+    @classmethod
+    def of(cls, days: list[int], rules: list[MarketRules]) -> RuleBook:
+        if not rules:
+            raise ValueError("a rule book needs at least one day of market rules")
+        return cls(
+            snapshot_days=np.asarray(days, dtype=np.int64),
+            amount_step=np.array([r.amount_step for r in rules]),
+            amount_decimals=np.array([r.amount_decimals for r in rules], dtype=np.int64),
+            price_tick=np.array([r.price_tick for r in rules]),
+            price_decimals=np.array([r.price_decimals for r in rules], dtype=np.int64),
+            min_amount=np.array([r.min_amount for r in rules]),
+            max_amount=np.array([r.max_amount for r in rules]),
+            min_cost=np.array([r.min_cost for r in rules]),
+        )
+
+    @classmethod
+    def constant(cls, rules: MarketRules) -> RuleBook:
+        return cls.of([0], [rules])
+
+    @classmethod
+    def from_snapshots(cls, snapshots: pl.DataFrame, symbol: str) -> RuleBook:
+        """From `markets` rows with a `date` column (one snapshot a day)."""
+        rows = snapshots.filter(pl.col("symbol") == symbol).sort("date")
+        if rows.is_empty():
+            raise KeyError(f"no market rules for {symbol!r} in any markets snapshot")
+        epoch_days = rows.get_column("date").cast(pl.Int64).to_list()
+        return cls.of(epoch_days, [MarketRules.from_row(r) for r in rows.iter_rows(named=True)])
+
+    def index(self, ts_ms: np.ndarray) -> np.ndarray:
+        """Row of the rules in force for each bar time (epoch ms)."""
+        days = np.asarray(ts_ms, dtype=np.int64) // 86_400_000
+        return np.maximum(np.searchsorted(self.snapshot_days, days, side="right") - 1, 0)
+
+    def on(self, ts_ms: int) -> MarketRules:
+        i = int(self.index(np.array([ts_ms]))[0])
+        return MarketRules(
+            amount_step=float(self.amount_step[i]),
+            price_tick=float(self.price_tick[i]),
+            min_amount=float(self.min_amount[i]),
+            max_amount=float(self.max_amount[i]),
+            min_cost=float(self.min_cost[i]),
+        )

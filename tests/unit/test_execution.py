@@ -1,12 +1,12 @@
 """The execution engine by hand: every figure here can be checked with a pencil."""
 
-import numpy as np
 import pytest
 
 from candlestack.execution import (
     REJECT_MAX_AMOUNT,
     REJECT_MIN_AMOUNT,
     REJECT_MIN_COST,
+    REJECTION_REASONS,
     MarketRules,
     buy_amount,
     ceil_to_step,
@@ -59,24 +59,10 @@ def test_amount_is_rounded_down_so_the_order_never_spends_more_than_its_value():
 
 
 def test_orders_outside_the_rules_are_rejected_with_their_reason():
-    assert rejection(0.0002, 27_000.0, BTC) == REJECT_MIN_COST  # 5.40 < 10 USDT
+    assert rejection(0.0002, 27_000.0, BTC) == REJECTION_REASONS[REJECT_MIN_COST]  # 5.40 < 10 USDT
     assert rejection(0.0005, 27_000.0, BTC) == ""  # 13.50 >= 10
-    assert rejection(0.0, 27_000.0, BTC) == REJECT_MIN_AMOUNT
-    assert rejection(9_001.0, 27_000.0, BTC) == REJECT_MAX_AMOUNT
-
-
-def test_vectors_and_scalars_give_the_same_answers():
-    """The backtest runs the engine on arrays, the dry-run on one order: same results."""
-    opens = np.array([27_123.45, 0.1234, 56_000.0, 1.0])
-    values = np.array([100.0, 5.0, 1_000.0, 20.0])
-    prices = fill_price(opens, "buy", 0.001, BTC)
-    amounts = buy_amount(values, prices, BTC)
-    reasons = rejection(amounts, prices, BTC)
-    for i in range(len(opens)):
-        price = fill_price(opens[i], "buy", 0.001, BTC)
-        assert price == prices[i]
-        assert buy_amount(values[i], price, BTC) == amounts[i]
-        assert rejection(amounts[i], price, BTC) == reasons[i]
+    assert rejection(0.0, 27_000.0, BTC) == REJECTION_REASONS[REJECT_MIN_AMOUNT]
+    assert rejection(9_001.0, 27_000.0, BTC) == REJECTION_REASONS[REJECT_MAX_AMOUNT]
 
 
 def test_rules_come_from_the_markets_of_the_day():
@@ -84,6 +70,6 @@ def test_rules_come_from_the_markets_of_the_day():
     rules = MarketRules.from_markets(markets, "BTC/USDT")
     # Binance, 2021-03-24: LOT_SIZE 0.000001, PRICE_FILTER 0.01, MIN_NOTIONAL 10
     assert (rules.amount_step, rules.price_tick, rules.min_cost) == (1e-6, 0.01, 10.0)
-    assert rejection(buy_amount(9.99, 50_000.0, rules), 50_000.0, rules) == REJECT_MIN_COST
+    assert rejection(buy_amount(9.99, 50_000.0, rules), 50_000.0, rules) == REJECTION_REASONS[REJECT_MIN_COST]
     with pytest.raises(KeyError, match="DOGE/EUR"):
         MarketRules.from_markets(markets, "DOGE/EUR")
