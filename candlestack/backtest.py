@@ -6,7 +6,8 @@ the execution kernels the dry-run calls (candlestack.execution).
 
 Data policy for imputed and incomplete bars: no entry is taken on a signal from a bar with
 any imputed or missing minute, nor when the bar it would fill on has one (its open may be a
-made-up price). Exits are never held back: getting out beats waiting for clean data.
+made-up price) or is not the next period (a day without bars in between). Exits are never
+held back: getting out beats waiting for clean data.
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ def simulate(
     if config.max_price is not None:
         band &= close <= config.max_price
     bad = _untradable(bars)
-    bad_next = np.empty_like(bad)
-    bad_next[:-1] = bad[1:]
-    if n:
-        bad_next[-1] = True
+    bar_ms = TIMEFRAME_MINUTES[config.timeframe] * MINUTE_MS
+    # The fill bar must be the very next period: after a hole in the bars it is not.
+    bad_next = np.ones_like(bad)
+    bad_next[:-1] = bad[1:] | (np.diff(ts) != bar_ms)
     wanted = entry & band
     entry_ok = wanted & ~bad & ~bad_next
     skipped = int(np.count_nonzero(wanted[first:] & ~entry_ok[first:]))
@@ -165,7 +166,7 @@ def simulate(
         equity.get_column("equity").to_numpy(),
         equity.get_column("in_position").to_numpy(),
         trades,
-        TIMEFRAME_MINUTES[config.timeframe] * MINUTE_MS,
+        bar_ms,
         buy_and_hold=float(close[-1] / open_[first] - 1) if n > first else math.nan,
     )
     metrics["rejected_orders"] = rejections.height

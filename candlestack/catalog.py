@@ -52,6 +52,21 @@ EMPTY_VIEWS = {
     "NULL::TIMESTAMPTZ gap_start, NULL::TIMESTAMPTZ gap_end, NULL::BIGINT AS minutes, "
     "NULL::BIGINT refetched, NULL::BIGINT imputed, NULL::BIGINT missing WHERE false",
     "markets": "SELECT NULL::VARCHAR exchange, NULL::DATE date, NULL::VARCHAR symbol WHERE false",
+    "trades": "SELECT NULL::VARCHAR strategy, NULL::VARCHAR run, NULL::BIGINT trade, "
+    "NULL::TIMESTAMPTZ entry_ts, NULL::DOUBLE entry_price, NULL::TIMESTAMPTZ exit_ts, "
+    "NULL::DOUBLE exit_price, NULL::DOUBLE amount, NULL::DOUBLE pnl, NULL::VARCHAR exit_reason "
+    "WHERE false",
+    "backtest_metrics": "SELECT NULL::VARCHAR strategy, NULL::VARCHAR run, "
+    "NULL::VARCHAR symbol, NULL::VARCHAR timeframe, NULL::DOUBLE total_return, "
+    "NULL::DOUBLE sharpe, NULL::DOUBLE max_drawdown WHERE false",
+    "sweep_results": "SELECT NULL::VARCHAR sweep, NULL::VARCHAR run, NULL::BIGINT rank WHERE false",
+}
+
+# Backtest and sweep outputs: one folder per run, named by the hash of its inputs.
+_RUN_FILES = {
+    "trades": "backtests/strategy=*/run=*/trades.parquet",
+    "backtest_metrics": "backtests/strategy=*/run=*/metrics.parquet",
+    "sweep_results": "sweeps/sweep=*/run=*/results.parquet",
 }
 
 
@@ -102,6 +117,12 @@ def view_sql(lake: Lake) -> dict[str, str]:
             "SELECT *, replace(replace(symbol, '/', '-'), ':', '_') AS symbol_key "
             f"FROM read_parquet({_literal(str(markets))}, hive_partitioning = true)"
         )
+    for name, pattern in _RUN_FILES.items():
+        if any(root.glob(pattern)):
+            views[name] = (
+                f"SELECT * FROM read_parquet({_literal(str(root / pattern))}, "
+                "hive_partitioning = true, union_by_name = true)"
+            )
     return views
 
 

@@ -40,6 +40,8 @@ class Settings(BaseModel, frozen=True):
     replay_files: dict[str, Path] = Field(default_factory=dict)
     replay_markets_file: Path | None = None
     features: Path | None = None  # a YAML or JSON feature set; None: the default set
+    strategies: Path | None = None  # a YAML or JSON strategies file; None: the built-in one
+    reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
     synthetic_seed: int = 7
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)

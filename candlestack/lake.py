@@ -49,6 +49,10 @@ def content_hash(frame: pl.DataFrame) -> str:
             # numpy has no 128-bit integers: hash the exact decimal text instead.
             digest.update("\n".join(series.cast(pl.String).to_list()).encode())
             continue
+        if series.dtype == pl.String:
+            # numpy holds strings as object pointers: hash the text (JSON keeps nulls apart).
+            digest.update(json.dumps(series.to_list()).encode())
+            continue
         values = series.to_physical() if series.dtype != pl.Boolean else series.cast(pl.UInt8)
         digest.update(values.to_numpy().tobytes())
     return digest.hexdigest()

@@ -205,3 +205,25 @@ def html_report(
             "",
         ]
     )
+
+
+# Metrics shown as percentages; counts as integers; the rest with two decimals.
+_PERCENT = {"total_return", "cagr", "max_drawdown", "win_rate", "exposure", "buy_and_hold_return"}
+_COUNT = {"trades", "rejected_orders", "skipped_entries", "bars"}
+
+
+def format_metric(name: str, value: float | int | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    if isinstance(value, float) and np.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if name in _COUNT:
+        return f"{int(value):,}"
+    if name in _PERCENT:
+        return f"{value * 100:.2f} %"
+    return f"{value:,.2f}"
+
+
+def metric_rows(metrics: dict[str, Any], labels: dict[str, str]) -> list[tuple[str, str]]:
+    """(label, formatted value) in the order of `labels`, for tables a person reads."""
+    return [(label, format_metric(name, metrics.get(name))) for name, label in labels.items()]

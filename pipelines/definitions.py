@@ -2,11 +2,13 @@
 
 import dagster as dg
 
+from assets.backtests import backtest_assets, sweep_assets
 from assets.bars import bar_assets
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
 from pipelines.jobs import (
+    backtest_job,
     build_bars_job,
     build_features_job,
     ingest_and_build_job,
@@ -25,13 +27,23 @@ from resources import LakeResource, source_resource
 settings = load_settings()
 
 defs = dg.Definitions(
-    assets=[candles_1m, *bar_assets, *feature_assets, markets, candle_coverage, catalog],
+    assets=[
+        candles_1m,
+        *bar_assets,
+        *feature_assets,
+        markets,
+        candle_coverage,
+        catalog,
+        *backtest_assets,
+        *sweep_assets,
+    ],
     asset_checks=[candles_freshness],
     jobs=[
         ingest_candles_job,
         build_bars_job,
         build_features_job,
         ingest_and_build_job,
+        backtest_job,
         snapshot_markets_job,
         refresh_catalog_job,
     ],
@@ -46,6 +58,10 @@ defs = dg.Definitions(
     executor=dg.in_process_executor,
     resources={
         "source": source_resource(settings),
-        "lake": LakeResource(root=str(settings.lake), catalog_path=str(settings.catalog)),
+        "lake": LakeResource(
+            root=str(settings.lake),
+            catalog_path=str(settings.catalog),
+            reports_path=str(settings.reports),
+        ),
     },
 )

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.backtests import backtest_assets, sweep_assets
 from assets.bars import bar_assets
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
@@ -40,4 +41,9 @@ refresh_catalog_job = dg.define_asset_job(
     "refresh_catalog",
     selection=dg.AssetSelection.assets(catalog, candle_coverage),
     description="Rebuild the DuckDB catalog and the coverage grid from what the lake holds.",
+)
+backtest_job = dg.define_asset_job(
+    "backtest",
+    selection=dg.AssetSelection.assets(*backtest_assets, *sweep_assets),
+    description="Every configured backtest and parameter sweep over the bars in the lake.",
 )

@@ -11,6 +11,7 @@ class LakeResource(dg.ConfigurableResource):
 
     root: str = "data/lake"
     catalog_path: str = "data/catalog.duckdb"
+    reports_path: str = "data/reports"
 
     @property
     def lake(self) -> Lake:

@@ -14,7 +14,11 @@ def resources(tmp_path, shared_data):
             files={s: str(p) for s, p in REPLAY_FILES.items()},
             markets_file=str(EXCHANGE_INFO),
         ),
-        "lake": LakeResource(root=str(tmp_path / "lake"), catalog_path=str(tmp_path / "c.duckdb")),
+        "lake": LakeResource(
+            root=str(tmp_path / "lake"),
+            catalog_path=str(tmp_path / "c.duckdb"),
+            reports_path=str(tmp_path / "reports"),
+        ),
     }
 
 

@@ -70,6 +70,9 @@ def test_rules_come_from_the_markets_of_the_day():
     rules = MarketRules.from_markets(markets, "BTC/USDT")
     # Binance, 2021-03-24: LOT_SIZE 0.000001, PRICE_FILTER 0.01, MIN_NOTIONAL 10
     assert (rules.amount_step, rules.price_tick, rules.min_cost) == (1e-6, 0.01, 10.0)
-    assert rejection(buy_amount(9.99, 50_000.0, rules), 50_000.0, rules) == REJECTION_REASONS[REJECT_MIN_COST]
+    assert (
+        rejection(buy_amount(9.99, 50_000.0, rules), 50_000.0, rules)
+        == REJECTION_REASONS[REJECT_MIN_COST]
+    )
     with pytest.raises(KeyError, match="DOGE/EUR"):
         MarketRules.from_markets(markets, "DOGE/EUR")
