@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m candlestack.backtest  # compiles the backtest loop into numba's cache
 	touch $@
 
 demo: setup
@@ -26,3 +27,4 @@ ui: setup
 
 bench: setup
 	$(BIN)/python bench/backfill.py
+	$(BIN)/python bench/backtest.py

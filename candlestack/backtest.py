@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 import numpy as np
 import polars as pl
@@ -28,6 +28,7 @@ from candlestack.strategies.base import Strategy, signals
 from candlestack.strategies.config import StrategyConfig
 
 DAYS_PER_YEAR = 365.0  # crypto trades every day: daily returns annualise by sqrt(365)
+MIN_CAGR_DAYS = 30
 
 TRADES = pl.Schema(
     {
@@ -75,6 +76,8 @@ def _epoch_ms(value: date | datetime | None, bars_ts: np.ndarray) -> int:
         return int(bars_ts[0]) if len(bars_ts) else 0
     if not isinstance(value, datetime):
         return (value - date(1970, 1, 1)).days * DAY_MS
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # bar times are UTC
     return int(value.timestamp() * 1000)
 
 
@@ -113,37 +116,58 @@ def backtest(
     return simulate(config, bars, ts, entry, exit_, rules, first)
 
 
+@dataclass(frozen=True)
+class BarArrays:
+    """The bar columns the simulation reads, taken out of polars once (a sweep reuses them)."""
+
+    ts: np.ndarray  # epoch ms
+    open: np.ndarray
+    close: np.ndarray
+    untradable: np.ndarray
+
+    @classmethod
+    def of(cls, bars: pl.DataFrame, ts: np.ndarray | None = None) -> BarArrays:
+        if ts is None:
+            ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
+        return cls(
+            ts=ts,
+            open=bars.get_column("open").to_numpy(),
+            close=bars.get_column("close").to_numpy(),
+            untradable=_untradable(bars),
+        )
+
+
 def simulate(
     config: StrategyConfig,
-    bars: pl.DataFrame,
+    bars: pl.DataFrame | BarArrays,
     ts: np.ndarray,
     entry: np.ndarray,
     exit_: np.ndarray,
     rules: ex.RuleBook,
     first: int = 0,
+    frames: bool = True,
 ) -> BacktestResult:
-    """Signals to trades, equity and metrics (rows before `first` are warm-up only)."""
-    open_ = bars.get_column("open").to_numpy()
-    close = bars.get_column("close").to_numpy()
-    n = len(close)
-    band = close >= config.min_price
-    if config.max_price is not None:
-        band &= close <= config.max_price
-    bad = _untradable(bars)
+    """Signals to trades, equity and metrics (rows before `first` are warm-up only).
+
+    With `frames=False` only the metrics are made (a sweep needs no trade tables).
+    """
+    arrays = bars if isinstance(bars, BarArrays) else BarArrays.of(bars, ts)
+    ts, open_, close = arrays.ts, arrays.open, arrays.close
     bar_ms = TIMEFRAME_MINUTES[config.timeframe] * MINUTE_MS
-    # The fill bar must be the very next period: after a hole in the bars it is not.
-    bad_next = np.ones_like(bad)
-    bad_next[:-1] = bad[1:] | (np.diff(ts) != bar_ms)
-    wanted = entry & band
-    entry_ok = wanted & ~bad & ~bad_next
-    skipped = int(np.count_nonzero(wanted[first:] & ~entry_ok[first:]))
-    at = rules.index(ts)
+    if len(ts) > 1 and (step := int(np.diff(ts).min())) != bar_ms:
+        raise ValueError(
+            f"strategy {config.name!r} trades {config.timeframe} bars, but these bars are "
+            f"{step // MINUTE_MS} minute(s) apart"
+        )
     out = _loop(
+        ts,
         open_,
         close,
-        entry_ok,
+        entry,
         exit_,
-        at,
+        arrays.untradable,
+        bar_ms,
+        rules.snapshot_days,
         rules.amount_step,
         rules.amount_decimals,
         rules.price_tick,
@@ -158,29 +182,74 @@ def simulate(
         config.slippage,
         config.min_profit,
         config.stop_loss,
+        config.min_price,
+        config.max_price if config.max_price is not None else np.inf,
+        int(np.count_nonzero(entry[first:])) + 1,
     )
-    trades, equity, rejections = _frames(ts, first, *out)
-    metrics = compute_metrics(
+    equity, in_position, skipped = out[0], out[1], out[-1]
+    entry_price, exit_price, amount, entry_fee, exit_fee = out[4:9]
+    pnl = amount * exit_price - exit_fee - (amount * entry_price + entry_fee)
+    metrics = _metrics(
         config.capital,
         ts[first:],
-        equity.get_column("equity").to_numpy(),
-        equity.get_column("in_position").to_numpy(),
-        trades,
+        equity,
+        int(np.count_nonzero(in_position)),
+        pnl,
+        float(entry_fee.sum() + exit_fee.sum()),
         bar_ms,
-        buy_and_hold=float(close[-1] / open_[first] - 1) if n > first else math.nan,
+        buy_and_hold=float(close[-1] / open_[first] - 1) if len(close) > first else math.nan,
     )
-    metrics["rejected_orders"] = rejections.height
-    metrics["skipped_entries"] = skipped
-    return BacktestResult(trades=trades, equity=equity, rejections=rejections, metrics=metrics)
+    metrics["rejected_orders"] = len(out[10])
+    metrics["skipped_entries"] = int(skipped)
+    if not frames:
+        return BacktestResult(
+            trades=pl.DataFrame(schema=TRADES),
+            equity=pl.DataFrame(schema=EQUITY),
+            rejections=pl.DataFrame(schema=REJECTIONS),
+            metrics=metrics,
+        )
+    packed = out[10]
+    unpacked = (packed // 16, packed // 8 % 2, packed % 8)
+    trades, equity_frame, rejections = _frames(ts, first, *out[:10], *unpacked)
+    return BacktestResult(
+        trades=trades, equity=equity_frame, rejections=rejections, metrics=metrics
+    )
 
 
 @njit(cache=True)
+def _rules_row(snapshot_days, fill_ts):
+    """Row of the rules of the day an order fills: the latest snapshot on or before it (the
+    first one before any). A scan back from the newest: there are few snapshots, orders fill
+    mostly on recent days, and numba's np.searchsorted costs 0.4 s of compile time."""
+    day = fill_ts // DAY_MS
+    row = len(snapshot_days) - 1
+    while row > 0 and snapshot_days[row] > day:
+        row -= 1
+    return row
+
+
+@njit(cache=True)
+def _record(rejected, row, bar, side, code):
+    """Append one rejection packed as bar * 16 + side * 8 + code, growing the array."""
+    if row == len(rejected):
+        grown = np.empty(2 * row, dtype=np.int64)
+        for i in range(row):
+            grown[i] = rejected[i]
+        rejected = grown
+    rejected[row] = bar * 16 + side * 8 + code
+    return rejected
+
+
+@njit(cache=True, nogil=True)
 def _loop(
+    ts,
     open_,
     close,
-    entry_ok,
+    entry,
     exit_signal,
-    at,
+    untradable,
+    bar_ms,
+    snapshot_days,
     amount_step,
     amount_decimals,
     price_tick,
@@ -195,13 +264,16 @@ def _loop(
     slippage,
     min_profit,
     stop_loss,
+    min_price,
+    max_price,
+    trades_capacity,
 ):
     """One position at most; decisions on the close of t fill at the open of t+1."""
     n = len(close)
     m = max(n - first, 0)
     equity = np.empty(m)
     in_position = np.zeros(m, dtype=np.bool_)
-    capacity = m // 2 + 1
+    capacity = trades_capacity  # a trade needs an entry signal
     t_entry = np.empty(capacity, dtype=np.int64)  # fill bar; the signal bar is one before
     t_exit = np.empty(capacity, dtype=np.int64)
     t_entry_price = np.empty(capacity)
@@ -210,57 +282,68 @@ def _loop(
     t_entry_fee = np.empty(capacity)
     t_exit_fee = np.empty(capacity)
     t_reason = np.empty(capacity, dtype=np.int64)
-    r_bar = np.empty(m, dtype=np.int64)
-    r_side = np.empty(m, dtype=np.int64)  # 0 buy, 1 sell
-    r_code = np.empty(m, dtype=np.int64)
+    rejected = np.empty(64, dtype=np.int64)  # see _record; side 0 buy, 1 sell
     cash = capital
     amount = 0.0
     entry_price = 0.0
     k = 0
     r = 0
+    skipped = 0
+    refused_exit = ex.NO_EXIT
     for t in range(first, n):
         held = amount > 0.0
         in_position[t - first] = held
         equity[t - first] = cash + amount * close[t]
         if t == n - 1:
             break
-        j = at[t + 1]
         if held:
             reason = ex.exit_code(
                 close[t], entry_price, exit_signal[t], min_profit, stop_loss, fee_rate
             )
             if reason == ex.NO_EXIT:
+                # A refused exit is tried again on every bar until it fills.
+                reason = refused_exit
+            if reason == ex.NO_EXIT:
                 continue
+            j = _rules_row(snapshot_days, ts[t + 1])
             price = ex.sell_price(open_[t + 1], slippage, price_tick[j], price_decimals[j])
             code = ex.reject_code(amount, price, min_amount[j], max_amount[j], min_cost[j])
             if code != ex.ACCEPTED:
-                r_bar[r], r_side[r], r_code[r] = t, 1, code
+                rejected = _record(rejected, r, t, 1, code)
                 r += 1
+                refused_exit = reason
                 continue
+            refused_exit = ex.NO_EXIT
             fee = ex.fee_of(amount, price, fee_rate)
             cash += amount * price - fee
             t_exit[k], t_exit_price[k], t_exit_fee[k], t_reason[k] = t + 1, price, fee, reason
             k += 1
             amount = 0.0
-        elif entry_ok[t]:
-            price = ex.buy_price(open_[t + 1], slippage, price_tick[j], price_decimals[j])
-            size = ex.order_amount(order_value, price, amount_step[j], amount_decimals[j])
-            code = ex.reject_code(size, price, min_amount[j], max_amount[j], min_cost[j])
-            fee = ex.fee_of(size, price, fee_rate)
-            if code == ex.ACCEPTED and size * price + fee > cash:
-                code = ex.REJECT_BALANCE
-            if code != ex.ACCEPTED:
-                r_bar[r], r_side[r], r_code[r] = t, 0, code
-                r += 1
-                continue
-            cash -= size * price + fee
-            amount = size
-            entry_price = price
-            t_entry[k], t_entry_price[k], t_amount[k], t_entry_fee[k] = t + 1, price, size, fee
+            continue
+        if not (entry[t] and min_price <= close[t] <= max_price):
+            continue
+        if untradable[t] or untradable[t + 1] or ts[t + 1] - ts[t] != bar_ms:
+            skipped += 1  # the data policy: see the module's docstring
+            continue
+        j = _rules_row(snapshot_days, ts[t + 1])
+        price = ex.buy_price(open_[t + 1], slippage, price_tick[j], price_decimals[j])
+        size = ex.order_amount(order_value, price, amount_step[j], amount_decimals[j])
+        code = ex.reject_code(size, price, min_amount[j], max_amount[j], min_cost[j])
+        fee = ex.fee_of(size, price, fee_rate)
+        if code == ex.ACCEPTED and size * price + fee > cash:
+            code = ex.REJECT_BALANCE
+        if code != ex.ACCEPTED:
+            rejected = _record(rejected, r, t, 0, code)
+            r += 1
+            continue
+        cash -= size * price + fee
+        amount = size
+        entry_price = price
+        t_entry[k], t_entry_price[k], t_amount[k], t_entry_fee[k] = t + 1, price, size, fee
     if amount > 0.0 and m > 0:
         # Still open at the end of the window: sold at the last close, slippage and fee
         # included, so returns are realised and the trades add up to the equity curve.
-        j = at[n - 1]
+        j = _rules_row(snapshot_days, ts[n - 1])
         price = ex.sell_price(close[n - 1], slippage, price_tick[j], price_decimals[j])
         fee = ex.fee_of(amount, price, fee_rate)
         cash += amount * price - fee
@@ -278,9 +361,8 @@ def _loop(
         t_entry_fee[:k],
         t_exit_fee[:k],
         t_reason[:k],
-        r_bar[:r],
-        r_side[:r],
-        r_code[:r],
+        rejected[:r],
+        skipped,
     )
 
 
@@ -319,7 +401,8 @@ def _frames(
             "exit_fee": exit_fee,
             "pnl": pnl,
             "return": pnl / cost if len(cost) else cost,
-            "bars_held": exit_bar - entry_bar,
+            # An end-of-window exit fills at its bar's close: that bar was held too.
+            "bars_held": exit_bar - entry_bar + (reason == ex.EXIT_END),
             "exit_reason": [ex.EXIT_REASONS[int(c)] for c in reason],
         },
         schema_overrides={"entry_signal_ts": pl.Int64, "entry_ts": pl.Int64},
@@ -347,56 +430,106 @@ def compute_metrics(
     bar_ms: int,
     buy_and_hold: float,
 ) -> dict[str, float | int | str | None]:
-    """Every metric from the equity curve (valued at each bar's close) and the trades.
+    """Every metric from the equity curve (valued at each bar's close) and the trades."""
+    fees = trades.get_column("entry_fee").sum() + trades.get_column("exit_fee").sum()
+    return _metrics(
+        capital,
+        np.asarray(ts, dtype=np.int64),
+        np.asarray(equity, dtype=np.float64),
+        int(np.count_nonzero(in_position)),
+        trades.get_column("pnl").to_numpy(),
+        float(fees),
+        bar_ms,
+        buy_and_hold,
+    )
 
-    Returns and drawdowns are fractions (0.1 = 10 %). Sharpe and Sortino are annualised
-    from daily (UTC) returns with zero risk-free rate; drawdowns are measured from the
-    running peak, the starting capital included; NaN where a metric is undefined.
+
+@njit(cache=True, nogil=True)
+def _equity_stats(ts, equity, capital, bar_ms):
+    """One pass: max drawdown, longest time under water (ms) and each UTC day's last equity.
+
+    Drawdowns run from the running peak, the starting capital included; time under water
+    runs from the close of the last bar at a peak (or the window's start) to a bar's close.
     """
-    metrics: dict[str, float | int | str | None] = {"bars": len(equity)}
+    n = len(equity)
+    peak = capital
+    peak_end = ts[0] if n else 0
+    max_drawdown = 0.0
+    underwater = 0
+    day_end = np.empty(n)
+    days = 0
+    next_day = (ts[0] // DAY_MS + 1) * DAY_MS if n else 0
+    for i in range(n):
+        value = equity[i]
+        if value >= peak:
+            peak = value
+            peak_end = ts[i] + bar_ms
+        else:
+            max_drawdown = max(max_drawdown, 1.0 - value / peak)
+            underwater = max(underwater, ts[i] + bar_ms - peak_end)
+        if i == n - 1 or ts[i + 1] >= next_day:
+            day_end[days] = value
+            days += 1
+            if i < n - 1:
+                next_day = (ts[i + 1] // DAY_MS + 1) * DAY_MS
+    return max_drawdown, underwater, day_end[:days]
+
+
+def _metrics(
+    capital: float,
+    ts: np.ndarray,
+    equity: np.ndarray,
+    bars_in_position: int,
+    pnl: np.ndarray,
+    fees: float,
+    bar_ms: int,
+    buy_and_hold: float,
+) -> dict[str, float | int | str | None]:
+    """Returns and drawdowns are fractions (0.1 = 10 %). Sharpe and Sortino are annualised
+    from daily (UTC) returns with zero risk-free rate; NaN where a metric is undefined."""
     if not len(equity):
-        return metrics | dict.fromkeys(METRICS, math.nan) | {"bars": 0, "trades": 0}
+        empty = {"bars": 0, "trades": 0, "final_equity": capital, "fees": 0.0, "days": 0.0}
+        return dict.fromkeys(METRICS, math.nan) | empty
     final = float(equity[-1])
     span_days = (int(ts[-1]) + bar_ms - int(ts[0])) / DAY_MS
-    total_return = final / capital - 1
-    peak = np.maximum.accumulate(np.maximum(equity, capital))
-    drawdown = equity / peak - 1
-    # Time under water: from the last bar at a peak (or the window's start) to each bar.
-    at_peak = equity >= peak
-    last_peak_ts = np.maximum.accumulate(np.where(at_peak, ts + bar_ms, ts[0]))
-    underwater_ms = np.where(at_peak, 0, ts + bar_ms - last_peak_ts)
-    day_end = np.flatnonzero(np.diff(ts // DAY_MS, append=np.iinfo(np.int64).max))
-    daily = equity[day_end]
+    max_drawdown, underwater_ms, daily = _equity_stats(ts, equity, capital, bar_ms)
     daily_returns = np.diff(daily, prepend=capital) / np.concatenate(([capital], daily[:-1]))
-    cagr = (final / capital) ** (365.25 / span_days) - 1 if final > 0 else -1.0
-    max_drawdown = float(-drawdown.min())
-    pnl = trades.get_column("pnl").to_numpy()
-    wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
-    fees = trades.get_column("entry_fee").sum() + trades.get_column("exit_fee").sum()
-    return metrics | {
-        "total_return": total_return,
-        "cagr": float(cagr),
-        "max_drawdown": max_drawdown,
-        "max_drawdown_days": float(underwater_ms.max() / DAY_MS),
-        "sharpe": _ratio(daily_returns.mean(), daily_returns.std(ddof=1)),
-        "sortino": _ratio(
-            daily_returns.mean(), math.sqrt(np.mean(np.minimum(daily_returns, 0) ** 2))
-        ),
-        "calmar": float(cagr / max_drawdown) if max_drawdown > 0 else math.nan,
+    cagr = _cagr(final / capital, span_days)
+    wins, losses = pnl[pnl > 0], pnl[pnl < 0]
+    downside = math.sqrt(np.mean(np.minimum(daily_returns, 0) ** 2))
+    if losses.sum() < 0:
+        profit_factor = float(wins.sum() / -losses.sum())
+    else:
+        profit_factor = math.inf if len(wins) else math.nan
+    return {
+        "total_return": final / capital - 1,
+        "cagr": cagr,
+        "max_drawdown": float(max_drawdown),
+        "max_drawdown_days": underwater_ms / DAY_MS,
+        "sharpe": _ratio(daily_returns.mean(), daily_returns.std(ddof=1) if len(daily) > 1 else 0),
+        "sortino": _ratio(daily_returns.mean(), downside),
+        "calmar": cagr / max_drawdown if max_drawdown > 0 else math.nan,
         "trades": len(pnl),
         "win_rate": len(wins) / len(pnl) if len(pnl) else math.nan,
-        "profit_factor": (
-            float(wins.sum() / -losses.sum())
-            if losses.sum() < 0
-            else (math.inf if len(wins) else math.nan)
-        ),
+        "profit_factor": profit_factor,
         "expectancy": float(pnl.mean()) if len(pnl) else math.nan,
-        "exposure": float(np.count_nonzero(in_position) / len(in_position)),
-        "fees": float(fees),
+        "exposure": bars_in_position / len(equity),
+        "fees": fees,
         "buy_and_hold_return": buy_and_hold,
         "final_equity": final,
+        "bars": len(equity),
         "days": span_days,
     }
+
+
+def _cagr(growth: float, span_days: float) -> float:
+    """Compound annual growth; NaN under MIN_CAGR_DAYS, where annualising a few days'
+    return would print a meaningless (often astronomical) figure."""
+    if span_days < MIN_CAGR_DAYS:
+        return math.nan
+    if growth <= 0:
+        return -1.0
+    return growth ** (365.25 / span_days) - 1
 
 
 def _ratio(mean: float, deviation: float) -> float:
@@ -427,3 +560,21 @@ METRICS = {
     "bars": "bars",
     "days": "days",
 }
+
+
+def _warm_up() -> None:
+    """Compile every numba function of the engine into the on-disk cache (make setup runs
+    this), so no backtest or dry-run decision pays numba's ~3 s of compile time."""
+    ts = np.arange(4, dtype=np.int64) * MINUTE_MS
+    bars = pl.DataFrame(
+        {"ts": ts, "open": [100.0, 90.0, 120.0, 80.0], "close": [100.0, 90.0, 120.0, 80.0]}
+    ).with_columns(pl.col("ts").cast(TS), high=pl.col("close"), low=pl.col("close"))
+    config = StrategyConfig(name="warm_up", strategy="ma_cross", symbol="X/Y", timeframe="1m")
+    rules = ex.RuleBook.constant(ex.MarketRules(amount_step=0.001, price_tick=0.01))
+    entry, exit_ = np.array([True, False, False, False]), np.array([False, True, False, False])
+    simulate(config, bars, ts, entry, exit_, rules)
+    ex.fill_price(1.0, "buy", 0.0, ex.MarketRules(amount_step=0.001, price_tick=0.01))
+
+
+if __name__ == "__main__":
+    _warm_up()

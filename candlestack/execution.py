@@ -105,15 +105,23 @@ class MarketRules:
 
 
 @njit(cache=True)
+def _round(value: float, decimals: int) -> float:
+    # What np.round does for one float (scale, rint, unscale), at a tenth of numba's compile
+    # time for np.round itself.
+    scale = 10.0**decimals
+    return np.rint(value * scale) / scale
+
+
+@njit(cache=True)
 def floor_step(value: float, step: float, decimals: int) -> float:
     """Largest multiple of `step` not above `value`, exact to the step's decimals."""
-    return np.round(np.floor(value / step * (1 + _QUOTIENT_TOLERANCE)) * step, decimals)
+    return _round(np.floor(value / step * (1 + _QUOTIENT_TOLERANCE)) * step, decimals)
 
 
 @njit(cache=True)
 def ceil_step(value: float, step: float, decimals: int) -> float:
     """Smallest multiple of `step` not below `value`, exact to the step's decimals."""
-    return np.round(np.ceil(value / step * (1 - _QUOTIENT_TOLERANCE)) * step, decimals)
+    return _round(np.ceil(value / step * (1 - _QUOTIENT_TOLERANCE)) * step, decimals)
 
 
 @njit(cache=True)

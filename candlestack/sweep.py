@@ -7,6 +7,8 @@ combinations is one TA-Lib call); signals and the compiled simulation run per co
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
 from typing import Any
 
@@ -14,7 +16,7 @@ import numpy as np
 import polars as pl
 from pydantic import ValidationError
 
-from candlestack.backtest import METRICS, _epoch_ms, simulate, strategy_features
+from candlestack.backtest import METRICS, BarArrays, _epoch_ms, simulate, strategy_features
 from candlestack.execution import RuleBook
 from candlestack.features import compute
 from candlestack.strategies.base import signals
@@ -53,20 +55,27 @@ def sweep(
             invalid.append(f"{combo}: {exc.errors()[0]['msg']}")
     ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
     first = int(np.searchsorted(ts, _epoch_ms(start, ts), side="left"))
+    arrays = BarArrays.of(bars, ts)
     computed: dict[str, pl.DataFrame] = {}
-    rows = []
-    for combo, run_config in runs:
+    frames = []
+    for _, run_config in runs:
         specs = strategy_features(run_config.strategy_object, run_config.timeframe)
-        columns = []
         for spec in specs:
             key = spec.model_dump_json()
             if key not in computed:
                 computed[key] = compute(bars, [spec]).drop("ts")
-            columns.append(computed[key])
-        frame = bars.hstack([c for frame in columns for c in frame.get_columns()])
+        columns = [computed[spec.model_dump_json()] for spec in specs]
+        frames.append(bars.hstack([c for frame in columns for c in frame.get_columns()]))
+
+    def run(job: tuple[tuple[dict[str, Any], StrategyConfig], pl.DataFrame]) -> dict[str, Any]:
+        (combo, run_config), frame = job
         entry, exit_ = signals(run_config.strategy_object, frame)
-        result = simulate(run_config, bars, ts, entry, exit_, rules, first)
-        rows.append({**combo, **{k: float(result.metrics[k]) for k in METRICS}})
+        result = simulate(run_config, arrays, ts, entry, exit_, rules, first, frames=False)
+        return {**combo, **{k: float(result.metrics[k]) for k in METRICS}}
+
+    # polars and the compiled loop release the GIL: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        rows = list(pool.map(run, zip(runs, frames, strict=True)))
     if not rows:
         return pl.DataFrame(), invalid
     results = pl.DataFrame(rows)

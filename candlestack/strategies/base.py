@@ -49,9 +49,14 @@ def signals(strategy: Strategy, frame: pl.DataFrame) -> tuple[np.ndarray, np.nda
     """Entry and exit flags for each row of `frame` (null counts as false)."""
     name = type(strategy).__name__
     try:
-        flags = frame.select(
-            strategy.entry().cast(pl.Boolean).fill_null(False).alias("entry"),
-            strategy.exit().cast(pl.Boolean).fill_null(False).alias("exit"),
+        # As bytes, viewed as bools: no copy, where a Boolean column unpacks its bitmap.
+        flags = (
+            frame.lazy()
+            .select(
+                strategy.entry().cast(pl.Boolean).fill_null(False).cast(pl.UInt8).alias("entry"),
+                strategy.exit().cast(pl.Boolean).fill_null(False).cast(pl.UInt8).alias("exit"),
+            )
+            .collect()
         )
     except (pl.exceptions.PolarsError, NotImplementedError) as exc:
         raise StrategyError(f"strategy {name}: cannot evaluate its signals: {exc}") from exc
@@ -60,4 +65,4 @@ def signals(strategy: Strategy, frame: pl.DataFrame) -> tuple[np.ndarray, np.nda
             f"strategy {name}: signals have {flags.height} rows for {frame.height} bars; "
             "entry() and exit() must be row-wise expressions"
         )
-    return flags.get_column("entry").to_numpy(), flags.get_column("exit").to_numpy()
+    return tuple(flags.get_column(c).to_numpy().view(np.bool_) for c in ("entry", "exit"))
