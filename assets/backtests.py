@@ -23,27 +23,38 @@ from candlestack.config import load_settings
 from candlestack.errors import ConfigError
 from candlestack.lookahead import violations
 from candlestack.report import equity_png, html_report, markdown_image, metric_rows
-from candlestack.strategies.config import StrategyConfig, SweepConfig, load_strategies
+from candlestack.strategies.config import (
+    StrategiesFile,
+    StrategyConfig,
+    SweepConfig,
+    load_strategies,
+)
 from resources import CandleSourceResource, LakeResource
 
 LOOKAHEAD_CHECK = "no_lookahead"
 LOOKAHEAD_CUTS = 20
 
-# Loaded with the code location: a wrong strategies file fails here, naming the field.
-strategies_file = load_strategies(load_settings().strategies)
+
+def _configured_strategies() -> StrategiesFile:
+    """The strategies file, loaded with the code location: a mistake fails here, naming the
+    field. A strategy on a symbol outside CANDLESTACK_SYMBOLS is an error in the user's own
+    file; the built-in file just leaves it (and any sweep of it) out."""
+    settings = load_settings()
+    loaded = load_strategies(settings.strategies)
+    configured = set(settings.symbols)
+    outside = [c for c in loaded.strategies if c.symbol not in configured]
+    if outside and settings.strategies is not None:
+        raise ConfigError(
+            f"strategy {outside[0].name!r} in {settings.strategies} trades "
+            f"{outside[0].symbol}, which is not in CANDLESTACK_SYMBOLS "
+            f"({', '.join(sorted(configured))})"
+        )
+    kept = [c for c in loaded.strategies if c.symbol in configured]
+    names = {c.name for c in kept}
+    return StrategiesFile(strategies=kept, sweeps=[s for s in loaded.sweeps if s.strategy in names])
 
 
-def _check_symbols() -> None:
-    configured = set(load_settings().symbols)
-    for config in strategies_file.strategies:
-        if config.symbol not in configured:
-            raise ConfigError(
-                f"strategy {config.name!r} trades {config.symbol}, which is not in "
-                f"CANDLESTACK_SYMBOLS ({', '.join(sorted(configured))})"
-            )
-
-
-_check_symbols()
+strategies_file = _configured_strategies()
 
 
 class BacktestWindow(dg.Config):
@@ -133,10 +144,10 @@ def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
         return dg.MaterializeResult(
             metadata={
-                **_numeric({k: metrics.get(k) for k in METRICS}),
                 "metrics": dg.MetadataValue.md(table),
                 "equity_and_drawdown": dg.MetadataValue.md(markdown_image(png, strategy.name)),
                 "report": dg.MetadataValue.path(str(report.resolve())),
+                **_numeric({k: metrics.get(k) for k in METRICS}),
                 "last_trades": dg.MetadataValue.md(md_table(result.trades.tail(10))),
                 "window": f"{stored.window.start} to {stored.window.end}",
                 "run_id": stored.run_id,

@@ -110,7 +110,7 @@ def equity_png(
         top.legend(loc="upper left", fontsize="small", frameon=False)
     bottom.set_ylabel("drawdown")
     bottom.set_ylim(top=0.0)
-    bottom.yaxis.set_major_formatter(mticker.PercentFormatter(xmax=100, decimals=0))
+    bottom.yaxis.set_major_formatter(mticker.PercentFormatter(xmax=100, decimals=None))
     bottom.grid(alpha=0.3)
     # Explicit UTC so a user's rcParams timezone cannot shift the dates.
     locator = mdates.AutoDateLocator(tz=UTC)

@@ -68,6 +68,37 @@ def _features_summary(lake, first: str) -> pl.DataFrame:
     )
 
 
+def _materializations(result) -> list[tuple[str, dict]]:
+    return [
+        (m.asset_key.to_user_string(), {k: v.value for k, v in m.metadata.items()})
+        for m in result.get_asset_materialization_events()
+        for m in [m.materialization]
+    ]
+
+
+def _backtest_summary(result) -> pl.DataFrame:
+    rows = []
+    for name, meta in _materializations(result):
+        if not name.startswith("backtest_"):
+            continue
+        rows.append(
+            {
+                "strategy": name.removeprefix("backtest_"),
+                "window": meta["window"],
+                "trades": int(meta.get("trades", 0)),
+                "total return %": round(100 * meta.get("total_return", float("nan")), 2),
+                "buy & hold %": round(100 * meta.get("buy_and_hold_return", float("nan")), 2),
+                "max drawdown %": round(100 * meta.get("max_drawdown", float("nan")), 2),
+                "sharpe": round(meta.get("sharpe", float("nan")), 2),
+                "win rate %": round(100 * meta.get("win_rate", float("nan")), 1),
+                "fees": round(meta.get("fees", 0.0), 2),
+                "rejected": int(meta.get("rejected_orders", 0)),
+                "skipped (imputed)": int(meta.get("skipped_entries", 0)),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     os.environ.setdefault("DAGSTER_HOME", str(root))
@@ -98,6 +129,9 @@ def main() -> int:
         tags=_range_tags(first, today.isoformat()),
         run_config=QUIET,
         raise_on_error=False,
+    )
+    backtests = defs.resolve_job_def("backtest").execute_in_process(
+        instance=instance, run_config=QUIET, raise_on_error=False
     )
     catalog = defs.resolve_job_def("refresh_catalog").execute_in_process(
         instance=instance, run_config=QUIET, raise_on_error=False
@@ -147,9 +181,19 @@ def main() -> int:
         print("\nfeatures per timeframe (a day is warm once its whole warm-up is in the lake):")
         print(_features_summary(lake, first))
 
+    print("\nbacktests (fills at the next open with slippage, fees, lot/tick/min-notional rules):")
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_cols=-1,
+                   tbl_width_chars=200, tbl_rows=20):  # fmt: skip
+        print(_backtest_summary(backtests))
+        for sweep in (m for m in _materializations(backtests) if m[0].startswith("sweep_")):
+            name, meta = sweep
+            print(f"\n{name}: {meta['combinations']} combinations ranked by {meta['rank_by']}, "
+                  f"best {meta['best_params']}; results {meta['results']}")  # fmt: skip
+    print("  reports: " + str((root / settings.reports).resolve()))
+
     print("\nasset checks recorded by Dagster (one evaluation per single-run range):")
     evaluations = sorted(
-        candles.get_asset_check_evaluations(),
+        [*candles.get_asset_check_evaluations(), *backtests.get_asset_check_evaluations()],
         key=lambda e: (e.asset_key.to_user_string(), e.check_name),
     )
     for evaluation in evaluations:
@@ -158,6 +202,7 @@ def main() -> int:
     for name, result in (
         ("ingest_and_build", candles),
         ("snapshot_markets", markets),
+        ("backtest", backtests),
         ("refresh_catalog", catalog),
     ):
         print(f"  run {name:<17} {'succeeded' if result.success else 'FAILED'} ({result.run_id})")
@@ -165,11 +210,12 @@ def main() -> int:
     print(f"\nlake:     {lake.root.resolve()}")
     print(
         f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, features, gaps, "
-        "partitions, markets; open it read-only)"
+        "partitions, markets, trades, backtest_metrics, sweep_results; open it read-only)"
     )
     print(f"instance: {Path(instance.root_directory).resolve()}")
     print("UI:       DAGSTER_HOME=$PWD dagster dev -h 127.0.0.1   (or: make ui)")
-    return 0 if candles.success and markets.success and catalog.success else 1
+    runs = (candles, markets, backtests, catalog)
+    return 0 if all(run.success for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def test_a_strategy_that_peeks_fails_the_blocking_lookahead_check(
     lake_with_bars, tmp_path, monkeypatch
 ):
     resources, instance = lake_with_bars
-    (tmp_path / "peeking.py").write_text(
+    (tmp_path / "peeking_asset.py").write_text(
         "import polars as pl\n"
         "from candlestack.strategies import Strategy\n"
         "class Tomorrow(Strategy):\n"
@@ -122,7 +122,9 @@ def test_a_strategy_that_peeks_fails_the_blocking_lookahead_check(
         "        return pl.col('close').shift(-1) < pl.col('close')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = MEAN_REVERSION.model_copy(update={"name": "peek", "strategy": "peeking:Tomorrow"})
+    config = MEAN_REVERSION.model_copy(
+        update={"name": "peek", "strategy": "peeking_asset:Tomorrow"}
+    )
     config = StrategyConfig.model_validate({**config.model_dump(), "params": {}})
     result = dg.materialize(
         [_backtest_asset(config)], resources=resources, instance=instance, raise_on_error=False
@@ -149,3 +151,22 @@ def test_sweep_ranks_every_valid_combination(lake_with_bars, tmp_path):
     sharpe = stored["sharpe"].fill_nan(None).drop_nulls().to_list()
     assert sharpe == sorted(sharpe, reverse=True)
     assert stored["rank"].to_list() == [1, 2, 3, 4]
+
+
+def test_changed_bars_make_a_new_run_and_keep_the_old_one(lake_with_bars, tmp_path):
+    resources, instance = lake_with_bars
+    asset = _backtest_asset(MEAN_REVERSION)
+    first = _metadata(
+        dg.materialize([asset], resources=resources, instance=instance), "backtest_btc_mr"
+    )
+    lake = resources["lake"].lake
+    path = next((tmp_path / "lake").glob("bars/*/timeframe=15m/*/date=2021-04-27/*.parquet"))
+    report, _ = lake.read_report(path)
+    bars = pl.read_parquet(path)
+    lake.write_partition(path, bars.with_columns(pl.col("close") * 1.0001), report)
+    second = _metadata(
+        dg.materialize([asset], resources=resources, instance=instance), "backtest_btc_mr"
+    )
+    assert second["inputs_hash"] != first["inputs_hash"]
+    runs = sorted(p.name for p in (tmp_path / "lake").glob("backtests/strategy=btc_mr/run=*"))
+    assert runs == sorted([f"run={first['run_id']}", f"run={second['run_id']}"])

@@ -21,7 +21,17 @@ BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
 ETH = OHLCV / "tooyipjee_binance_ETHUSDT_1m.csv"
 EXCHANGE_INFO = SHARED / "exchange" / "spot_api_v3_exchangeInfo_2021-03-24_mainnet_subset13.json"
 DAYS = [date(2021, 4, 24), date(2021, 4, 25), date(2021, 4, 26)]
-VIEWS = {"ohlcv", "bars", "features", "gaps", "partitions", "markets"}
+VIEWS = {
+    "ohlcv",
+    "bars",
+    "features",
+    "gaps",
+    "partitions",
+    "markets",
+    "trades",
+    "backtest_metrics",
+    "sweep_results",
+}
 
 
 def ingest(lake: Lake, symbol: str, days: list[date]) -> None:

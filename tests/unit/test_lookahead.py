@@ -74,9 +74,11 @@ def test_builtin_signals_never_change_when_later_bars_are_removed_or_altered(
 
 @pytest.mark.parametrize("name", ["Tomorrow", "SmoothedTomorrow"])
 def test_a_strategy_reading_future_bars_is_caught(btc_minutes, tmp_path, monkeypatch, name):
-    (tmp_path / "peeking.py").write_text(PEEKING)
+    (tmp_path / "peeking_lookahead.py").write_text(PEEKING)
     monkeypatch.syspath_prepend(str(tmp_path))
-    found = violations(_config(f"peeking:{name}", "15m"), resample(btc_minutes, "15m"), cuts=10)
+    found = violations(
+        _config(f"peeking_lookahead:{name}", "15m"), resample(btc_minutes, "15m"), cuts=10
+    )
     assert not found.is_empty()
     # Each violation names the bar whose signal changed, at or before its cut.
     assert (found["bar_ts"] <= found["cut_ts"]).all()
@@ -85,11 +87,11 @@ def test_a_strategy_reading_future_bars_is_caught(btc_minutes, tmp_path, monkeyp
 def test_the_command_line_fails_a_peeking_strategy_and_passes_a_builtin(
     shared_data, tmp_path, monkeypatch, capsys
 ):
-    (tmp_path / "peeking.py").write_text(PEEKING)
+    (tmp_path / "peeking_lookahead.py").write_text(PEEKING)
     monkeypatch.syspath_prepend(str(tmp_path))
     candles = str(REPLAY_FILES["BTC/USDT"])
     common = ["--candles", candles, "--timeframe", "15m", "--cuts", "5"]
-    assert main(["--strategy", "peeking:Tomorrow", *common]) == 1
+    assert main(["--strategy", "peeking_lookahead:Tomorrow", *common]) == 1
     assert "LOOK-AHEAD" in capsys.readouterr().out
     assert main(["--strategy", "breakout", *common]) == 0
     assert "no look-ahead" in capsys.readouterr().out
