@@ -6,6 +6,7 @@ and drawdown picture, the path of an HTML report, numeric metadata the UI plots 
 materializations, and a look-ahead check of the strategy on the same bars.
 """
 
+import json
 import math
 from datetime import date
 from pathlib import Path
@@ -173,34 +174,52 @@ def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
     return backtest
 
 
+class SweepOverride(dg.Config):
+    """Another grid (JSON, parameter -> values) or ranking metric for one materialization."""
+
+    grid: str | None = None
+    rank_by: str | None = None
+
+    def apply(self, sweep: SweepConfig) -> SweepConfig:
+        update = {"grid": json.loads(self.grid) if self.grid else None, "rank_by": self.rank_by}
+        changed = {k: v for k, v in update.items() if v is not None}
+        return SweepConfig.model_validate({**sweep.model_dump(), **changed}) if changed else sweep
+
+
 def _sweep_asset(sweep: SweepConfig) -> dg.AssetsDefinition:
-    config = strategies_file.strategy(sweep.strategy)
+    strategy = strategies_file.strategy(sweep.strategy)
 
     @dg.asset(
         name=f"sweep_{sweep.name}",
-        deps=_upstream(config),
+        deps=_upstream(strategy),
         group_name="backtests",
         kinds={"parquet", "polars"},
         description=f"Parameter sweep of {sweep.strategy} over {sweep.grid}, ranked by "
         f"{sweep.rank_by}.",
     )
     def sweep_asset(
-        context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
+        context: dg.AssetExecutionContext,
+        source: CandleSourceResource,
+        lake: LakeResource,
+        config: SweepOverride,
     ) -> dg.MaterializeResult:
+        run = config.apply(sweep)
         stored = run_sweep(
-            lake.lake, source.open().exchange, config, sweep.grid, sweep.rank_by, sweep.name
+            lake.lake, source.open().exchange, strategy, run.grid, run.rank_by, run.name
         )
         for reason in stored.invalid:
             context.log.info("left out %s", reason)
-        top = stored.results.select("rank", *sorted(sweep.grid), *METRICS)
+        if stored.results.is_empty():
+            raise ValueError(f"sweep {run.name!r}: no valid combination: {stored.invalid}")
+        top = stored.results.select("rank", *sorted(run.grid), *METRICS)
         best = top.row(0, named=True) if not top.is_empty() else {}
         return dg.MaterializeResult(
             metadata={
                 "combinations": stored.results.height,
                 "left_out": len(stored.invalid),
-                "rank_by": sweep.rank_by,
-                **_numeric({f"best_{sweep.rank_by}": best.get(sweep.rank_by)}),
-                "best_params": {k: best.get(k) for k in sorted(sweep.grid)},
+                "rank_by": run.rank_by,
+                **_numeric({f"best_{run.rank_by}": best.get(run.rank_by)}),
+                "best_params": {k: best.get(k) for k in sorted(run.grid)},
                 "ranking": dg.MetadataValue.md(md_table(top.head(20))),
                 "results": dg.MetadataValue.path(str(stored.path.resolve())),
                 "run_id": stored.run_id,

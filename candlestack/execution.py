@@ -221,7 +221,7 @@ def fee(amount: float, price: float, fee_rate: float) -> float:
 
 @dataclass(frozen=True)
 class RuleBook:
-    """A market's rules by UTC day, as arrays the compiled loop indexes by bar.
+    """A market's rules by UTC day, as arrays the compiled loop reads for the day an order fills.
 
     Each day takes the rules of the latest snapshot on or before it; days before the first
     snapshot take the first one (history predates the snapshots we keep; the README says so).
@@ -263,18 +263,3 @@ class RuleBook:
             raise KeyError(f"no market rules for {symbol!r} in any markets snapshot")
         epoch_days = rows.get_column("date").cast(pl.Int64).to_list()
         return cls.of(epoch_days, [MarketRules.from_row(r) for r in rows.iter_rows(named=True)])
-
-    def index(self, ts_ms: np.ndarray) -> np.ndarray:
-        """Row of the rules in force for each bar time (epoch ms)."""
-        days = np.asarray(ts_ms, dtype=np.int64) // 86_400_000
-        return np.maximum(np.searchsorted(self.snapshot_days, days, side="right") - 1, 0)
-
-    def on(self, ts_ms: int) -> MarketRules:
-        i = int(self.index(np.array([ts_ms]))[0])
-        return MarketRules(
-            amount_step=float(self.amount_step[i]),
-            price_tick=float(self.price_tick[i]),
-            min_amount=float(self.min_amount[i]),
-            max_amount=float(self.max_amount[i]),
-            min_cost=float(self.min_cost[i]),
-        )

@@ -17,6 +17,7 @@ from pipelines.jobs import (
     snapshot_markets_job,
 )
 from pipelines.schedules import (
+    backtests_daily,
     finalise_yesterday,
     keep_open_day_current,
     refresh_catalog_daily,
@@ -52,6 +53,7 @@ defs = dg.Definitions(
         finalise_yesterday,
         snapshot_markets_daily,
         refresh_catalog_daily,
+        backtests_daily,
     ],
     # Each job here is one heavy step plus light checks: on 2 cores a process per step
     # only adds ~3 s of spawn and definitions reload per step (measured in bench/).

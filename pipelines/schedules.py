@@ -1,4 +1,5 @@
-"""Schedules: keep the open day current, finalise yesterday, refresh catalog and rules."""
+"""Schedules: keep the open day current, finalise yesterday, refresh catalog and rules,
+and rerun the backtests on the finalised day."""
 
 from datetime import timedelta
 
@@ -9,7 +10,12 @@ from dagster._core.storage.tags import (
 )
 
 from assets.partitions import candle_range
-from pipelines.jobs import ingest_and_build_job, refresh_catalog_job, snapshot_markets_job
+from pipelines.jobs import (
+    backtest_job,
+    ingest_and_build_job,
+    refresh_catalog_job,
+    snapshot_markets_job,
+)
 
 
 def _all_symbols(day: str, run_key: str) -> dg.RunRequest:
@@ -43,4 +49,10 @@ def snapshot_markets_daily(context: dg.ScheduleEvaluationContext) -> dg.RunReque
 
 refresh_catalog_daily = dg.ScheduleDefinition(
     job=refresh_catalog_job, cron_schedule="20 0 * * *", execution_timezone="UTC"
+)
+
+# After yesterday is final (00:10) and its bars built: each backtest then covers a full day
+# more, under a new run id, and the UI plots its metrics day by day.
+backtests_daily = dg.ScheduleDefinition(
+    name="backtests_daily", job=backtest_job, cron_schedule="40 0 * * *", execution_timezone="UTC"
 )

@@ -12,6 +12,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+import assets.backtests
 from assets.backtests import _backtest_asset, _sweep_asset
 from assets.bars import bar_assets
 from assets.market_data import catalog, markets
@@ -134,15 +135,17 @@ def test_a_strategy_that_peeks_fails_the_blocking_lookahead_check(
     assert not result.success  # blocking: nothing downstream runs on a peeking strategy
 
 
-def test_sweep_ranks_every_valid_combination(lake_with_bars, tmp_path):
+def test_sweep_ranks_every_valid_combination(lake_with_bars, monkeypatch):
     resources, instance = lake_with_bars
     base = StrategyConfig(name="btc_cross", strategy="ma_cross", symbol="BTC/USDT", timeframe="15m")
     sweep = SweepConfig(
         name="grid", strategy="btc_cross", grid={"fast": [5, 10, 50], "slow": [20, 50]}
     )
-    import assets.backtests as module
-
-    module.strategies_file = module.strategies_file.model_copy(update={"strategies": [base]})
+    monkeypatch.setattr(
+        assets.backtests,
+        "strategies_file",
+        assets.backtests.strategies_file.model_copy(update={"strategies": [base]}),
+    )
     result = dg.materialize([_sweep_asset(sweep)], resources=resources, instance=instance)
     meta = _metadata(result, "sweep_grid")
     # fast < slow leaves (5,20) (5,50) (10,20) (10,50): (50,20) and (50,50) are left out.
@@ -170,3 +173,25 @@ def test_changed_bars_make_a_new_run_and_keep_the_old_one(lake_with_bars, tmp_pa
     assert second["inputs_hash"] != first["inputs_hash"]
     runs = sorted(p.name for p in (tmp_path / "lake").glob("backtests/strategy=btc_mr/run=*"))
     assert runs == sorted([f"run={first['run_id']}", f"run={second['run_id']}"])
+
+
+def test_a_sweep_takes_another_grid_and_metric_at_launch(lake_with_bars, monkeypatch):
+    resources, instance = lake_with_bars
+    base = StrategyConfig(name="btc_cross", strategy="ma_cross", symbol="BTC/USDT", timeframe="15m")
+    sweep = SweepConfig(name="grid", strategy="btc_cross", grid={"fast": [5], "slow": [20]})
+    monkeypatch.setattr(
+        assets.backtests,
+        "strategies_file",
+        assets.backtests.strategies_file.model_copy(update={"strategies": [base]}),
+    )
+    launch = {"config": {"grid": '{"fast": [5, 10], "slow": [50]}', "rank_by": "max_drawdown"}}
+    result = dg.materialize(
+        [_sweep_asset(sweep)],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"sweep_grid": launch}},
+    )
+    meta = _metadata(result, "sweep_grid")
+    assert (meta["combinations"], meta["rank_by"]) == (2, "max_drawdown")
+    stored = pl.read_parquet(meta["results"])
+    assert stored["max_drawdown"].to_list() == sorted(stored["max_drawdown"].to_list())
