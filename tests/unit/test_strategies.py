@@ -355,3 +355,17 @@ def test_the_default_strategies_file_loads():
     assert loaded.strategies
     for strategy in loaded.strategies:
         assert strategy.strategy_object is not None
+
+
+def test_a_user_strategy_registered_as_an_entry_point_is_found_by_name(mymod, tmp_path):
+    # What `pip install` of a package declaring [project.entry-points."candlestack.strategies"]
+    # leaves on the path: a dist-info folder with entry_points.txt.
+    dist = tmp_path / "my_strategies-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-strategies\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[candlestack.strategies]\nbig_move = mymod:MyStrategy\n"
+    )
+    cfg = config(strategy="big_move", params={"min_move": 0.02})
+    assert type(cfg.strategy_object).__name__ == "MyStrategy"
+    assert cfg.strategy_object.min_move == 0.02
