@@ -306,15 +306,23 @@ def _loop(
             if reason == ex.NO_EXIT:
                 continue
             j = _rules_row(snapshot_days, ts[t + 1])
-            price = ex.sell_price(open_[t + 1], slippage, price_tick[j], price_decimals[j])
-            code = ex.reject_code(amount, price, min_amount[j], max_amount[j], min_cost[j])
+            price, fee, code = ex.sell_order(
+                open_[t + 1],
+                amount,
+                slippage,
+                fee_rate,
+                price_tick[j],
+                price_decimals[j],
+                min_amount[j],
+                max_amount[j],
+                min_cost[j],
+            )
             if code != ex.ACCEPTED:
                 rejected = _record(rejected, r, t, 1, code)
                 r += 1
                 refused_exit = reason
                 continue
             refused_exit = ex.NO_EXIT
-            fee = ex.fee_of(amount, price, fee_rate)
             cash += amount * price - fee
             t_exit[k], t_exit_price[k], t_exit_fee[k], t_reason[k] = t + 1, price, fee, reason
             k += 1
@@ -326,12 +334,20 @@ def _loop(
             skipped += 1  # the data policy: see the module's docstring
             continue
         j = _rules_row(snapshot_days, ts[t + 1])
-        price = ex.buy_price(open_[t + 1], slippage, price_tick[j], price_decimals[j])
-        size = ex.order_amount(order_value, price, amount_step[j], amount_decimals[j])
-        code = ex.reject_code(size, price, min_amount[j], max_amount[j], min_cost[j])
-        fee = ex.fee_of(size, price, fee_rate)
-        if code == ex.ACCEPTED and size * price + fee > cash:
-            code = ex.REJECT_BALANCE
+        price, size, fee, code = ex.buy_order(
+            open_[t + 1],
+            order_value,
+            cash,
+            slippage,
+            fee_rate,
+            price_tick[j],
+            price_decimals[j],
+            amount_step[j],
+            amount_decimals[j],
+            min_amount[j],
+            max_amount[j],
+            min_cost[j],
+        )
         if code != ex.ACCEPTED:
             rejected = _record(rejected, r, t, 0, code)
             r += 1

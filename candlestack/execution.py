@@ -181,6 +181,53 @@ def exit_code(
     return NO_EXIT
 
 
+@njit(cache=True)
+def buy_order(
+    open_next: float,
+    order_value: float,
+    cash: float,
+    slippage: float,
+    fee_rate: float,
+    price_tick: float,
+    price_decimals: int,
+    amount_step: float,
+    amount_decimals: int,
+    min_amount: float,
+    max_amount: float,
+    min_cost: float,
+) -> tuple[float, float, float, int]:
+    """(price, amount, fee, code) of a market buy for `order_value` filled at the next open;
+    code is ACCEPTED or why the exchange, or the cash, refuses it."""
+    price = buy_price(open_next, slippage, price_tick, price_decimals)
+    amount = order_amount(order_value, price, amount_step, amount_decimals)
+    code = reject_code(amount, price, min_amount, max_amount, min_cost)
+    fee = fee_of(amount, price, fee_rate)
+    if code == ACCEPTED and amount * price + fee > cash:
+        code = REJECT_BALANCE
+    return price, amount, fee, code
+
+
+@njit(cache=True)
+def sell_order(
+    open_next: float,
+    amount: float,
+    slippage: float,
+    fee_rate: float,
+    price_tick: float,
+    price_decimals: int,
+    min_amount: float,
+    max_amount: float,
+    min_cost: float,
+) -> tuple[float, float, int]:
+    """(price, fee, code) of a market sell of the whole position filled at the next open."""
+    price = sell_price(open_next, slippage, price_tick, price_decimals)
+    return (
+        price,
+        fee_of(amount, price, fee_rate),
+        reject_code(amount, price, min_amount, max_amount, min_cost),
+    )
+
+
 # --- Python conveniences over the kernels (one order: tests, dry-run, reports) -----------
 
 

@@ -76,3 +76,22 @@ def test_rules_come_from_the_markets_of_the_day():
     )
     with pytest.raises(KeyError, match="DOGE/EUR"):
         MarketRules.from_markets(markets, "DOGE/EUR")
+
+
+def test_one_order_as_the_dry_run_builds_it_matches_the_parts():
+    """buy_order and sell_order are what the backtest loop and the dry-run both call."""
+    from candlestack.execution import REJECT_BALANCE, buy_order, sell_order
+
+    args = (0.0005, 0.001, BTC.price_tick, BTC.price_decimals, BTC.amount_step)
+    limits = (BTC.amount_decimals, BTC.min_amount, BTC.max_amount, BTC.min_cost)
+    price, amount, fee_paid, code = buy_order(27_123.45, 100.0, 1_000.0, *args, *limits)
+    # 27,137.02 as above; 0.003685 x 27,137.02 = 99.9999187 notional, fee 0.0999999187.
+    assert (price, amount, code) == (27_137.02, 0.003685, 0)
+    assert fee_paid == pytest.approx(0.0999999187, rel=1e-12)
+    # 99.9999187 + 0.0999999187 is more than 100 in cash: refused for balance.
+    assert buy_order(27_123.45, 100.0, 100.0, *args, *limits)[3] == REJECT_BALANCE
+    sold, sell_fee, sell_code = sell_order(
+        27_123.45, 0.003685, 0.0005, 0.001, 0.01, 2, 1e-6, 9000.0, 10.0
+    )
+    assert (sold, sell_code) == (27_109.88, 0)
+    assert sell_fee == pytest.approx(0.003685 * 27_109.88 * 0.001, rel=1e-12)
