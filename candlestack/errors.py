@@ -23,3 +23,7 @@ class LakeError(CandlestackError):
 
 class FeatureInputError(CandlestackError):
     """Bars handed to feature computation cannot be used as they are (nulls, unsorted ts)."""
+
+
+class LedgerError(CandlestackError):
+    """The dry-run ledger cannot be opened, migrated or written as asked."""

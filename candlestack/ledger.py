@@ -1,0 +1,1009 @@
+"""The dry-run ledger: orders, fills, positions, balances, kill switch and a hash-chained audit log.
+
+SQLAlchemy 2.x over a SQLite file by default (DEFAULT_URL) or PostgreSQL by URL
+(`postgresql+psycopg://...`). Alembic is the migration tool: its scripts live in
+candlestack/ledger_migrations/ and ship with the package; `Ledger.migrate()` runs
+`upgrade head`, and a ledger whose schema is newer than this code is refused, not misread.
+
+What the ledger guarantees:
+- one bar, one transaction: `record_decision` writes the decision, its order and fill, the
+  position and balance it leaves and its audit events together, or nothing;
+- a bar is executed once: `decisions.key` is UNIQUE, so a repeated sensor tick or a
+  restarted run writes nothing and gets False;
+- writers are serialised across processes (`pg_advisory_xact_lock` on PostgreSQL,
+  `BEGIN IMMEDIATE` on SQLite), so the audit chain never forks;
+- the audit log is append-only and hash-chained, and `chain_head` holds its last seq and
+  hash in the same transaction, so `verify_audit_chain` finds an edited, deleted (the last
+  one too) or reordered event. Whoever can write the database can still rebuild the whole
+  chain and its head: publishing `audit_head()` elsewhere (check metadata) catches that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import Select
+from sqlalchemy.types import TypeDecorator
+
+from candlestack.errors import LedgerError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///data/ledger.sqlite"
+MIGRATIONS = Path(__file__).resolve().parent / "ledger_migrations"
+# Not "alembic_version": Dagster's PostgreSQL storage keeps its own Alembic table, and the
+# ledger may share its database.
+VERSION_TABLE = "ledger_alembic_version"
+GENESIS_HASH = "0" * 64
+GLOBAL_SCOPE = "*"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Key of the PostgreSQL advisory lock every ledger writer holds for its transaction ("candle").
+PG_WRITE_LOCK = 0x63616E646C65
+# Execution option that makes the SQLite "begin" hook take the write lock up front.
+_WRITE_OPTION = "candlestack_ledger_write"
+
+ACTIONS = ("none", "buy", "sell", "blocked")
+SIDES = ("buy", "sell")
+ORDER_STATUSES = ("filled", "rejected")
+
+AUDIT_DECISION = "decision"
+AUDIT_KILL_SWITCH_TRIP = "kill_switch_trip"
+AUDIT_KILL_SWITCH_RESET = "kill_switch_reset"
+AUDIT_STRATEGY_CONFIG = "strategy_config"
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def _utc(name: str, value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+def canonical_json(payload: Any) -> str:
+    """The one text form of an audit payload: what is stored and what is hashed."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def iso_utc(ts: datetime) -> str:
+    """A timestamp as hashed in the audit chain: UTC, always with microseconds."""
+    return _utc("ts", ts).isoformat(timespec="microseconds")
+
+
+def chain_hash(
+    prev_hash: str, seq: int, ts_iso: str, kind: str, strategy: str | None, payload: str
+) -> str:
+    """sha256 of one audit event, chained to the previous event's hash."""
+    text_ = "|".join((prev_hash, str(seq), ts_iso, kind, strategy or "", payload))
+    return hashlib.sha256(text_.encode()).hexdigest()
+
+
+def decision_key(strategy: str, symbol: str, timeframe: str, bar_ts: datetime) -> str:
+    """ "strategy|symbol|timeframe|bar_open_iso": one bar of one strategy, executed once."""
+    return f"{strategy}|{symbol}|{timeframe}|{_utc('bar_ts', bar_ts).isoformat()}"
+
+
+def client_order_id(key: str, side: str) -> str:
+    """Deterministic, so a retried bar names the same order; 35 characters of [a-z0-9-]
+    fit the strictest exchange limit we know (Binance: 36)."""
+    return "cs-" + hashlib.sha256(f"{key}|{side}".encode()).hexdigest()[:32]
+
+
+# --- what the dry-run hands over ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    """An order built for a bar: filled, or rejected with its reason (execution.py's texts).
+
+    A filled sell carries its exit reason (execution.EXIT_REASONS) in `reason` too.
+    """
+
+    side: str
+    amount: float
+    price: float
+    status: str
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.side not in SIDES:
+            raise ValueError(f"order side must be one of {SIDES}, not {self.side!r}")
+        if self.status not in ORDER_STATUSES:
+            raise ValueError(f"order status must be one of {ORDER_STATUSES}, not {self.status!r}")
+        if self.status == "rejected" and not self.reason:
+            raise ValueError("a rejected order needs its reason")
+
+
+@dataclass(frozen=True)
+class FillRecord:
+    price: float
+    amount: float
+    fee: float
+    filled_at: datetime
+    bar_ts: datetime  # open time of the bar whose open price filled the order
+
+    def __post_init__(self) -> None:
+        _utc("filled_at", self.filled_at)
+        _utc("bar_ts", self.bar_ts)
+
+
+@dataclass(frozen=True)
+class Position:
+    amount: float
+    entry_price: float
+    entry_fee: float
+    opened_at: datetime
+
+    def __post_init__(self) -> None:
+        _utc("opened_at", self.opened_at)
+
+
+@dataclass(frozen=True)
+class Balance:
+    cash: float
+    realised_pnl: float
+    fees: float
+    peak_equity: float
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    kind: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """Everything one executed bar leaves behind, written in one transaction.
+
+    `position` is the position after the bar (None: flat) and `balance` the balance after
+    it. The ledger audits the record itself (kind "decision"); `events` are appended after
+    it, in order, with the record's strategy.
+    """
+
+    strategy: str
+    symbol: str
+    timeframe: str
+    bar_ts: datetime  # open time of the closed bar the strategy decided on
+    entry_signal: bool
+    exit_signal: bool
+    action: str  # none | buy | sell | blocked (the kill switch stopped an order)
+    balance: Balance
+    position: Position | None = None
+    order: OrderRecord | None = None
+    fill: FillRecord | None = None
+    note: str | None = None
+    events: tuple[AuditEvent, ...] = ()
+    decided_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        _utc("bar_ts", self.bar_ts)
+        _utc("decided_at", self.decided_at)
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, not {self.action!r}")
+        trades = self.action in SIDES
+        if trades != (self.order is not None) or (trades and self.order.side != self.action):
+            raise ValueError(f"action {self.action!r} does not match order {self.order!r}")
+        filled = self.order is not None and self.order.status == "filled"
+        if filled != (self.fill is not None):
+            raise ValueError("a fill goes with a filled order, and a filled order needs one")
+
+    @property
+    def key(self) -> str:
+        return decision_key(self.strategy, self.symbol, self.timeframe, self.bar_ts)
+
+    @property
+    def client_order_id(self) -> str | None:
+        return client_order_id(self.key, self.order.side) if self.order else None
+
+    def audit_payload(self) -> dict[str, Any]:
+        order = (
+            asdict(self.order) | {"client_order_id": self.client_order_id} if self.order else None
+        )
+        return {
+            "key": self.key,
+            "action": self.action,
+            "entry_signal": self.entry_signal,
+            "exit_signal": self.exit_signal,
+            "note": self.note,
+            "order": order,
+            "fill": asdict(self.fill) if self.fill else None,
+            "position": asdict(self.position) if self.position else None,
+            "balance": asdict(self.balance),
+        }
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out on both backends.
+
+    PostgreSQL keeps timestamptz; SQLite keeps naive UTC text with microseconds, which sorts
+    as time does. Naive datetimes are refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _utc("timestamp", value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Money is float64 (Double): the execution engine computes in float64 and the ledger must
+# hold exactly the figures it produced, not a decimal rounding of them.
+Money = Double
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    # Fixed constraint names: Alembic scripts (and SQLite batch moves) refer to them by name.
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class StrategyConfigRow(Base):
+    __tablename__ = "strategy_configs"
+    __table_args__ = (UniqueConstraint("name", "config_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String)
+    config_hash: Mapped[str] = mapped_column(String(64))
+    config_json: Mapped[str] = mapped_column(Text)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DecisionRow(Base):
+    __tablename__ = "decisions"
+    __table_args__ = (
+        CheckConstraint("action IN ('none', 'buy', 'sell', 'blocked')", name="action"),
+        Index(None, "strategy", "bar_ts"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)
+    strategy: Mapped[str] = mapped_column(String)
+    symbol: Mapped[str] = mapped_column(String)
+    timeframe: Mapped[str] = mapped_column(String)
+    bar_ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    entry_signal: Mapped[bool] = mapped_column(Boolean)
+    exit_signal: Mapped[bool] = mapped_column(Boolean)
+    action: Mapped[str] = mapped_column(String)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+class OrderRow(Base):
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint("side IN ('buy', 'sell')", name="side"),
+        CheckConstraint("status IN ('filled', 'rejected')", name="status"),
+        Index(None, "strategy"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    decision_key: Mapped[str] = mapped_column(Text, ForeignKey("decisions.key"))
+    client_order_id: Mapped[str] = mapped_column(String, unique=True)
+    strategy: Mapped[str] = mapped_column(String)
+    symbol: Mapped[str] = mapped_column(String)
+    side: Mapped[str] = mapped_column(String)
+    amount: Mapped[float] = mapped_column(Money)
+    price: Mapped[float] = mapped_column(Money)
+    status: Mapped[str] = mapped_column(String)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class FillRow(Base):
+    __tablename__ = "fills"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    order_id: Mapped[int] = mapped_column(Integer, ForeignKey("orders.id"), unique=True)
+    price: Mapped[float] = mapped_column(Money)
+    amount: Mapped[float] = mapped_column(Money)
+    fee: Mapped[float] = mapped_column(Money)
+    filled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    bar_ts: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PositionRow(Base):
+    __tablename__ = "positions"
+
+    strategy: Mapped[str] = mapped_column(String, primary_key=True)
+    symbol: Mapped[str] = mapped_column(String, primary_key=True)
+    amount: Mapped[float] = mapped_column(Money)
+    entry_price: Mapped[float] = mapped_column(Money)
+    entry_fee: Mapped[float] = mapped_column(Money)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BalanceRow(Base):
+    __tablename__ = "balances"
+
+    strategy: Mapped[str] = mapped_column(String, primary_key=True)
+    cash: Mapped[float] = mapped_column(Money)
+    realised_pnl: Mapped[float] = mapped_column(Money)
+    fees: Mapped[float] = mapped_column(Money)
+    peak_equity: Mapped[float] = mapped_column(Money)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class KillSwitchRow(Base):
+    __tablename__ = "kill_switch"
+
+    scope: Mapped[str] = mapped_column(String, primary_key=True)  # a strategy, or "*"
+    tripped: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    changed_by: Mapped[str] = mapped_column(String)
+
+
+class AuditEventRow(Base):
+    __tablename__ = "audit_events"
+
+    # Assigned by the writer holding the lock, never by the database: gaps mean deletions.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String)
+    strategy: Mapped[str | None] = mapped_column(String)
+    payload: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ChainHeadRow(Base):
+    """One row: the last audit event's seq and hash (seq 0 and GENESIS_HASH when empty)."""
+
+    __tablename__ = "chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+# --- frames the UI, demo and drift checks read ----------------------------------------------
+
+_TS = pl.Datetime("us", "UTC")
+
+ORDERS = pl.Schema(
+    {
+        "id": pl.Int64,
+        "decision_key": pl.String,
+        "client_order_id": pl.String,
+        "strategy": pl.String,
+        "symbol": pl.String,
+        "side": pl.String,
+        "amount": pl.Float64,
+        "price": pl.Float64,
+        "status": pl.String,
+        "reason": pl.String,
+        "created_at": _TS,
+    }
+)
+FILLS = pl.Schema(
+    {
+        "order_id": pl.Int64,
+        "client_order_id": pl.String,
+        "strategy": pl.String,
+        "symbol": pl.String,
+        "side": pl.String,
+        "price": pl.Float64,
+        "amount": pl.Float64,
+        "fee": pl.Float64,
+        "filled_at": _TS,
+        "bar_ts": _TS,
+    }
+)
+POSITIONS = pl.Schema(
+    {
+        "strategy": pl.String,
+        "symbol": pl.String,
+        "amount": pl.Float64,
+        "entry_price": pl.Float64,
+        "entry_fee": pl.Float64,
+        "opened_at": _TS,
+    }
+)
+BALANCES = pl.Schema(
+    {
+        "strategy": pl.String,
+        "cash": pl.Float64,
+        "realised_pnl": pl.Float64,
+        "fees": pl.Float64,
+        "peak_equity": pl.Float64,
+        "updated_at": _TS,
+    }
+)
+DECISIONS = pl.Schema(
+    {
+        "key": pl.String,
+        "strategy": pl.String,
+        "symbol": pl.String,
+        "timeframe": pl.String,
+        "bar_ts": _TS,
+        "decided_at": _TS,
+        "entry_signal": pl.Boolean,
+        "exit_signal": pl.Boolean,
+        "action": pl.String,
+        "note": pl.String,
+    }
+)
+KILL_SWITCH = pl.Schema(
+    {
+        "scope": pl.String,
+        "tripped": pl.Boolean,
+        "reason": pl.String,
+        "changed_at": _TS,
+        "changed_by": pl.String,
+    }
+)
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS))
+
+
+def head_revision() -> str:
+    """The schema revision this code writes."""
+    head = _scripts().get_current_head()
+    assert head is not None, f"no Alembic revisions under {MIGRATIONS}"
+    return head
+
+
+def _known(revision: str) -> bool:
+    return any(script.revision == revision for script in _scripts().walk_revisions())
+
+
+def _current_revision(conn: Connection) -> str | None:
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def _alembic_config(conn: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+# --- SQLite connection setup (the documented pysqlite transaction recipe) ----------------
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy, not the sqlite3 module, emits BEGIN, so SELECTs and DDL are transactional
+    # and writers can ask for IMMEDIATE.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE takes the write lock at BEGIN, so writers queue on busy_timeout; a deferred
+    # transaction upgrading to write mid-way gets SQLITE_BUSY, which no timeout retries.
+    immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+class Ledger:
+    """The dry-run's durable state in one SQL database (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.url = parsed.render_as_string(hide_password=True)  # what messages show
+        self._sqlite = parsed.get_backend_name() == "sqlite"
+        if self._sqlite and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # pre-ping: a long-lived sensor process outlives server-side idle timeouts.
+        self._engine: Engine = create_engine(parsed, pool_pre_ping=not self._sqlite)
+        if self._sqlite:
+            event.listen(self._engine, "connect", _sqlite_connect)
+            event.listen(self._engine, "begin", _sqlite_begin)
+        self._schema_checked = False
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._engine.dispose()
+
+    # --- schema ---------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to this code's head revision (a no-op when it is there already)."""
+        head = head_revision()
+        with self._transaction(check_schema=False) as conn:
+            current = _current_revision(conn)
+            if current is not None and not _known(current):
+                raise LedgerError(self._too_new(current, head))
+            if current != head:
+                logger.info("migrating ledger %s from %s to %s", self.url, current, head)
+                command.upgrade(_alembic_config(conn), "head")
+        self._schema_checked = True
+
+    def schema_revision(self) -> str | None:
+        """The revision the database is at (None: never migrated)."""
+        try:
+            with self._engine.connect() as conn:
+                return _current_revision(conn)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot read the schema revision of {self.url}: {exc}") from exc
+
+    def _too_new(self, current: str, head: str) -> str:
+        return (
+            f"ledger {self.url} is at schema revision {current}, newer than this code's "
+            f"head {head}: upgrade candlestack before opening it"
+        )
+
+    def _check_schema(self) -> None:
+        if self._schema_checked:
+            return
+        current, head = self.schema_revision(), head_revision()
+        if current is None:
+            raise LedgerError(f"ledger {self.url} has no schema: call Ledger.migrate() first")
+        if not _known(current):
+            raise LedgerError(self._too_new(current, head))
+        if current != head:
+            raise LedgerError(
+                f"ledger {self.url} is at schema revision {current}, older than this code's "
+                f"head {head}: call Ledger.migrate()"
+            )
+        self._schema_checked = True
+
+    # --- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, check_schema: bool = True) -> Iterator[Connection]:
+        """A write transaction holding the ledger's write lock until it commits or rolls back;
+        database errors become LedgerError naming the ledger."""
+        if check_schema:
+            self._check_schema()
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(**{_WRITE_OPTION: True})
+                with conn.begin():
+                    if not self._sqlite:
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK}
+                        )
+                    yield conn
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger {self.url}: {exc}") from exc
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        self._check_schema()
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger {self.url}: {exc}") from exc
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def record_decision(self, decision: DecisionRecord) -> bool:
+        """Write one executed bar; False (and nothing written) when its key is already there."""
+        key = decision.key
+        with self._transaction() as conn:
+            if self._decision_exists(conn, key):
+                return False
+            self._refuse_if_tripped(conn, decision)
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(DecisionRow).values(**self._decision_values(decision)))
+            except IntegrityError:
+                # The pre-check ran under the write lock, so only a writer bypassing the lock
+                # gets here; the UNIQUE key keeps the bar executed once even then. The
+                # savepoint keeps the transaction usable for the second look.
+                if self._decision_exists(conn, key):
+                    return False
+                raise
+            if decision.order is not None:
+                order_id = self._insert_order(conn, decision)
+                if decision.fill is not None:
+                    self._insert_fill(conn, order_id, decision.fill)
+            self._save_position(conn, decision)
+            self._save_balance(conn, decision)
+            events = [(AUDIT_DECISION, decision.strategy, decision.audit_payload())]
+            events += [(e.kind, decision.strategy, e.payload) for e in decision.events]
+            self._append(conn, events)
+        return True
+
+    @staticmethod
+    def _decision_exists(conn: Connection, key: str) -> bool:
+        return (
+            conn.execute(select(DecisionRow.id).where(DecisionRow.key == key)).first() is not None
+        )
+
+    def _refuse_if_tripped(self, conn: Connection, decision: DecisionRecord) -> None:
+        # Checked under the write lock, so a trip committed a moment ago still stops the order.
+        if decision.order is None:
+            return
+        reason = self._tripped_reason(conn, decision.strategy)
+        if reason is not None:
+            raise LedgerError(
+                f"kill switch tripped for {decision.strategy} ({reason}): "
+                f"refusing the order of {decision.key}"
+            )
+
+    @staticmethod
+    def _decision_values(decision: DecisionRecord) -> dict[str, Any]:
+        return {
+            "key": decision.key,
+            "strategy": decision.strategy,
+            "symbol": decision.symbol,
+            "timeframe": decision.timeframe,
+            "bar_ts": decision.bar_ts,
+            "decided_at": decision.decided_at,
+            "entry_signal": decision.entry_signal,
+            "exit_signal": decision.exit_signal,
+            "action": decision.action,
+            "note": decision.note,
+        }
+
+    @staticmethod
+    def _insert_order(conn: Connection, decision: DecisionRecord) -> int:
+        order = decision.order
+        assert order is not None
+        result = conn.execute(
+            insert(OrderRow).values(
+                decision_key=decision.key,
+                client_order_id=decision.client_order_id,
+                strategy=decision.strategy,
+                symbol=decision.symbol,
+                side=order.side,
+                amount=order.amount,
+                price=order.price,
+                status=order.status,
+                reason=order.reason,
+                created_at=decision.decided_at,
+            )
+        )
+        return result.inserted_primary_key[0]
+
+    @staticmethod
+    def _insert_fill(conn: Connection, order_id: int, fill: FillRecord) -> None:
+        conn.execute(insert(FillRow).values(order_id=order_id, **asdict(fill)))
+
+    @staticmethod
+    def _save_position(conn: Connection, decision: DecisionRecord) -> None:
+        where = (PositionRow.strategy == decision.strategy, PositionRow.symbol == decision.symbol)
+        if decision.position is None:
+            conn.execute(delete(PositionRow).where(*where))
+            return
+        values = asdict(decision.position)
+        # Update-then-insert is a safe upsert here: the write lock admits one writer.
+        if conn.execute(update(PositionRow).where(*where).values(**values)).rowcount == 0:
+            conn.execute(
+                insert(PositionRow).values(
+                    strategy=decision.strategy, symbol=decision.symbol, **values
+                )
+            )
+
+    @staticmethod
+    def _save_balance(conn: Connection, decision: DecisionRecord) -> None:
+        values = asdict(decision.balance) | {"updated_at": decision.decided_at}
+        where = BalanceRow.strategy == decision.strategy
+        if conn.execute(update(BalanceRow).where(where).values(**values)).rowcount == 0:
+            conn.execute(insert(BalanceRow).values(strategy=decision.strategy, **values))
+
+    def record_strategy_config(self, name: str, config: Mapping[str, Any]) -> str:
+        """Remember a strategy's config (JSON-able), audited the first time; its hash."""
+        config_json = canonical_json(config)
+        config_hash = hashlib.sha256(config_json.encode()).hexdigest()
+        with self._transaction() as conn:
+            seen = conn.execute(
+                select(StrategyConfigRow.id).where(
+                    StrategyConfigRow.name == name, StrategyConfigRow.config_hash == config_hash
+                )
+            ).first()
+            if seen is None:
+                conn.execute(
+                    insert(StrategyConfigRow).values(
+                        name=name,
+                        config_hash=config_hash,
+                        config_json=config_json,
+                        first_seen=datetime.now(UTC),
+                    )
+                )
+                payload = {"name": name, "config_hash": config_hash}
+                self._append(conn, [(AUDIT_STRATEGY_CONFIG, name, payload)])
+        return config_hash
+
+    # --- audit chain ----------------------------------------------------------------------
+
+    def append_audit(self, kind: str, strategy: str | None, payload: Mapping[str, Any]) -> int:
+        """Append one standalone audit event; its seq."""
+        with self._transaction() as conn:
+            return self._append(conn, [(kind, strategy, payload)])
+
+    @staticmethod
+    def _append(
+        conn: Connection, events: Sequence[tuple[str, str | None, Mapping[str, Any]]]
+    ) -> int:
+        """Chain `events` after the head; the caller holds the write lock. The last seq."""
+        seq, prev_hash = conn.execute(
+            select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
+        ).one()
+        rows = []
+        for kind, strategy, payload in events:
+            seq += 1
+            ts = datetime.now(UTC)
+            body = canonical_json(payload)
+            digest = chain_hash(prev_hash, seq, iso_utc(ts), kind, strategy, body)
+            rows.append(
+                {
+                    "seq": seq,
+                    "ts": ts,
+                    "kind": kind,
+                    "strategy": strategy,
+                    "payload": body,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
+            )
+            prev_hash = digest
+        conn.execute(insert(AuditEventRow), rows)
+        conn.execute(
+            update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=seq, hash=prev_hash)
+        )
+        return seq
+
+    def audit_count(self) -> int:
+        with self._reading() as conn:
+            return conn.execute(select(func.count()).select_from(AuditEventRow)).scalar_one()
+
+    def audit_head(self) -> tuple[int, str]:
+        """(seq, hash) of the last audit event: publish it to anchor the chain outside."""
+        with self._reading() as conn:
+            seq, digest = conn.execute(
+                select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
+            ).one()
+        return seq, digest
+
+    def verify_audit_chain(self, batch_size: int = 10_000) -> list[str]:
+        """Every break in the audit chain, each naming its seq; empty when the chain is intact."""
+        problems: list[str] = []
+        with self._reading() as conn:
+            if not self._sqlite:
+                # One snapshot for the head and the events (SQLite's BEGIN gives one already).
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            head_seq, head_hash = conn.execute(
+                select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
+            ).one()
+            rows = conn.execution_options(yield_per=batch_size).execute(
+                select(
+                    AuditEventRow.seq,
+                    AuditEventRow.ts,
+                    AuditEventRow.kind,
+                    AuditEventRow.strategy,
+                    AuditEventRow.payload,
+                    AuditEventRow.prev_hash,
+                    AuditEventRow.hash,
+                ).order_by(AuditEventRow.seq)
+            )
+            expected, prev_hash = 1, GENESIS_HASH
+            for seq, ts, kind, strategy, payload, row_prev, row_hash in rows:
+                if seq < expected:
+                    problems.append(f"seq {seq}: out of range (seqs start at 1)")
+                elif seq > expected:
+                    problems.append(_missing(expected, seq - 1, "deleted"))
+                elif row_prev != prev_hash:
+                    problems.append(
+                        f"seq {seq}: prev_hash does not match the hash of seq {seq - 1} "
+                        "(an event was rewritten, replaced or reordered)"
+                    )
+                if chain_hash(row_prev, seq, iso_utc(ts), kind, strategy, payload) != row_hash:
+                    problems.append(
+                        f"seq {seq}: hash mismatch (ts, kind, strategy or payload edited)"
+                    )
+                if seq > head_seq:
+                    problems.append(f"seq {seq}: beyond the chain head (seq {head_seq})")
+                expected, prev_hash = max(expected, seq + 1), row_hash
+        last = expected - 1
+        if last < head_seq:
+            problems.append(
+                _missing(expected, head_seq, f"deleted; the chain head is seq {head_seq}")
+            )
+        elif last == head_seq and prev_hash != head_hash:
+            problems.append(f"seq {head_seq}: hash differs from the chain head's")
+        return problems
+
+    # --- kill switch ----------------------------------------------------------------------
+
+    def trip(self, scope: str, reason: str, by: str) -> bool:
+        """Trip the kill switch of a strategy, or of all ("*"); False if already tripped."""
+        return self._switch(scope, True, reason, by)
+
+    def reset(self, scope: str, reason: str, by: str) -> bool:
+        """Reset one scope (resetting "*" leaves strategy trips alone); False if not tripped."""
+        return self._switch(scope, False, reason, by)
+
+    def _switch(self, scope: str, trip: bool, reason: str, by: str) -> bool:
+        if not scope or not reason or not by:
+            raise ValueError("the kill switch needs a scope, a reason and who changed it")
+        now = datetime.now(UTC)
+        values = {"tripped": trip, "reason": reason, "changed_at": now, "changed_by": by}
+        with self._transaction() as conn:
+            state = conn.execute(
+                select(KillSwitchRow.tripped).where(KillSwitchRow.scope == scope)
+            ).scalar_one_or_none()
+            if bool(state) == trip:
+                return False
+            if state is None:
+                conn.execute(insert(KillSwitchRow).values(scope=scope, **values))
+            else:
+                conn.execute(
+                    update(KillSwitchRow).where(KillSwitchRow.scope == scope).values(**values)
+                )
+            kind = AUDIT_KILL_SWITCH_TRIP if trip else AUDIT_KILL_SWITCH_RESET
+            strategy = None if scope == GLOBAL_SCOPE else scope
+            self._append(conn, [(kind, strategy, {"scope": scope, "reason": reason, "by": by})])
+        log = logger.warning if trip else logger.info
+        log("kill switch %s %s by %s: %s", scope, "tripped" if trip else "reset", by, reason)
+        return True
+
+    def tripped(self, strategy: str) -> str | None:
+        """Why `strategy` may not trade (its own trip first, then "*"); None when it may."""
+        with self._reading() as conn:
+            return self._tripped_reason(conn, strategy)
+
+    @staticmethod
+    def _tripped_reason(conn: Connection, strategy: str) -> str | None:
+        reasons = dict(
+            conn.execute(
+                select(KillSwitchRow.scope, KillSwitchRow.reason).where(
+                    KillSwitchRow.scope.in_((strategy, GLOBAL_SCOPE)), KillSwitchRow.tripped
+                )
+            ).all()
+        )
+        return reasons.get(strategy) or reasons.get(GLOBAL_SCOPE)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def position(self, strategy: str, symbol: str) -> Position | None:
+        with self._reading() as conn:
+            row = conn.execute(
+                select(
+                    PositionRow.amount,
+                    PositionRow.entry_price,
+                    PositionRow.entry_fee,
+                    PositionRow.opened_at,
+                ).where(PositionRow.strategy == strategy, PositionRow.symbol == symbol)
+            ).first()
+        return Position(*row) if row else None
+
+    def balance(self, strategy: str) -> Balance | None:
+        with self._reading() as conn:
+            row = conn.execute(
+                select(
+                    BalanceRow.cash,
+                    BalanceRow.realised_pnl,
+                    BalanceRow.fees,
+                    BalanceRow.peak_equity,
+                ).where(BalanceRow.strategy == strategy)
+            ).first()
+        return Balance(*row) if row else None
+
+    def orders(self, strategy: str | None = None) -> pl.DataFrame:
+        query = select(*(getattr(OrderRow, name) for name in ORDERS)).order_by(OrderRow.id)
+        if strategy is not None:
+            query = query.where(OrderRow.strategy == strategy)
+        return self._frame(query, ORDERS)
+
+    def fills(self, strategy: str | None = None) -> pl.DataFrame:
+        query = (
+            select(
+                FillRow.order_id,
+                OrderRow.client_order_id,
+                OrderRow.strategy,
+                OrderRow.symbol,
+                OrderRow.side,
+                FillRow.price,
+                FillRow.amount,
+                FillRow.fee,
+                FillRow.filled_at,
+                FillRow.bar_ts,
+            )
+            .join(OrderRow, OrderRow.id == FillRow.order_id)
+            .order_by(FillRow.id)
+        )
+        if strategy is not None:
+            query = query.where(OrderRow.strategy == strategy)
+        return self._frame(query, FILLS)
+
+    def positions(self) -> pl.DataFrame:
+        columns = (getattr(PositionRow, name) for name in POSITIONS)
+        return self._frame(
+            select(*columns).order_by(PositionRow.strategy, PositionRow.symbol), POSITIONS
+        )
+
+    def balances(self) -> pl.DataFrame:
+        columns = (getattr(BalanceRow, name) for name in BALANCES)
+        return self._frame(select(*columns).order_by(BalanceRow.strategy), BALANCES)
+
+    def decisions(self, strategy: str, since: datetime | None = None) -> pl.DataFrame:
+        """A strategy's decisions on bars opening at or after `since`, oldest first."""
+        query = (
+            select(*(getattr(DecisionRow, name) for name in DECISIONS))
+            .where(DecisionRow.strategy == strategy)
+            .order_by(DecisionRow.bar_ts, DecisionRow.symbol, DecisionRow.timeframe)
+        )
+        if since is not None:
+            query = query.where(DecisionRow.bar_ts >= since)
+        return self._frame(query, DECISIONS)
+
+    def kill_switch_states(self) -> pl.DataFrame:
+        columns = (getattr(KillSwitchRow, name) for name in KILL_SWITCH)
+        return self._frame(select(*columns).order_by(KillSwitchRow.scope), KILL_SWITCH)
+
+    def _frame(self, query: Select[Any], schema: pl.Schema) -> pl.DataFrame:
+        with self._reading() as conn:
+            rows = [tuple(row) for row in conn.execute(query)]
+        return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _missing(first: int, last: int, why: str) -> str:
+    span = f"seq {first}" if first == last else f"seq {first}..{last}"
+    return f"{span}: missing ({why})"
