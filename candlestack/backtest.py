@@ -95,22 +95,21 @@ def _untradable(bars: pl.DataFrame) -> np.ndarray:
     return np.zeros(bars.height, dtype=bool)
 
 
+def config_signals(config: StrategyConfig, bars: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Entry and exit flags of a configured strategy on each bar, its features computed."""
+    strategy = config.strategy_object
+    return signals(strategy, with_features(bars, strategy_features(strategy, config.timeframe)))
+
+
 def backtest(
     config: StrategyConfig,
     bars: pl.DataFrame,
     rules: ex.RuleBook,
     start: date | datetime | None = None,
-    frame: pl.DataFrame | None = None,
 ) -> BacktestResult:
     """Run `config` over `bars` (one symbol and timeframe, sorted, history before `start`
-    included for the indicators' warm-up), trading from `start` to the last bar.
-
-    `frame` is bars with features already computed (a sweep computes each feature once).
-    """
-    strategy = config.strategy_object
-    if frame is None:
-        frame = with_features(bars, strategy_features(strategy, config.timeframe))
-    entry, exit_ = signals(strategy, frame)
+    included for the indicators' warm-up), trading from `start` to the last bar."""
+    entry, exit_ = config_signals(config, bars)
     ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
     first = int(np.searchsorted(ts, _epoch_ms(start, ts), side="left"))
     return simulate(config, bars, ts, entry, exit_, rules, first)
@@ -188,7 +187,8 @@ def simulate(
     )
     equity, in_position, skipped = out[0], out[1], out[-1]
     entry_price, exit_price, amount, entry_fee, exit_fee = out[4:9]
-    pnl = amount * exit_price - exit_fee - (amount * entry_price + entry_fee)
+    cost = amount * entry_price + entry_fee  # what each entry took from the cash
+    pnl = amount * exit_price - exit_fee - cost
     metrics = _metrics(
         config.capital,
         ts[first:],
@@ -210,7 +210,7 @@ def simulate(
         )
     packed = out[10]
     unpacked = (packed // 16, packed // 8 % 2, packed % 8)
-    trades, equity_frame, rejections = _frames(ts, first, *out[:10], *unpacked)
+    trades, equity_frame, rejections = _frames(ts, first, *out[:10], *unpacked, cost, pnl)
     return BacktestResult(
         trades=trades, equity=equity_frame, rejections=rejections, metrics=metrics
     )
@@ -398,9 +398,9 @@ def _frames(
     r_bar,
     r_side,
     r_code,
+    cost,
+    pnl,
 ):
-    cost = amount * entry_price + entry_fee
-    pnl = amount * exit_price - exit_fee - cost
     # An end-of-window exit has no signal bar: it is the last bar itself.
     exit_signal_bar = np.where(reason == ex.EXIT_END, exit_bar, exit_bar - 1)
     trades = pl.DataFrame(

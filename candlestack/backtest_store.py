@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from candlestack.backtest import BacktestResult, backtest, strategy_features
 from candlestack.config import symbol_key
@@ -66,23 +65,10 @@ class BarWindow:
     day_hashes: dict[str, str]  # ISO day -> content hash of that day's bar file
 
 
-def bar_files(lake: Lake, exchange: str, timeframe: str, symbol: str) -> dict[date, Path]:
-    key = symbol_key(symbol)
-    sample = (
-        lake.candles_path(exchange, "1m", key, date(2000, 1, 1))
-        if timeframe == "1m"
-        else lake.bars_path(exchange, timeframe, key, date(2000, 1, 1))
-    )
-    folder = sample.parent.parent
-    return {
-        date.fromisoformat(p.parent.name.removeprefix("date=")): p
-        for p in sorted(folder.glob(f"date=*/{sample.name}"))
-    }
-
-
 def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     """The config's bars from the lake: its window plus enough earlier days to warm up."""
-    files = bar_files(lake, exchange, config.timeframe, config.symbol)
+    dataset = "ohlcv" if config.timeframe == "1m" else "bars"
+    files = lake.day_files(dataset, exchange, config.timeframe, symbol_key(config.symbol))
     if not files:
         raise LakeError(
             f"no {config.timeframe} bars of {config.symbol} on {exchange} in {lake.root}; "
@@ -105,14 +91,8 @@ def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
         bars = pl.read_parquet([files[d] for d in chosen], columns=columns).sort("ts")
     except Exception as exc:
         raise LakeError(f"cannot read {config.timeframe} bars of {config.symbol}: {exc}") from exc
-    hashes = {d.isoformat(): _content_hash(files[d]) for d in chosen}
+    hashes = {d.isoformat(): lake.read_report(files[d])[0]["content_hash"] for d in chosen}
     return BarWindow(bars=bars, start=start, end=end, day_hashes=hashes)
-
-
-def _content_hash(path: Path) -> str:
-    metadata = pq.read_schema(path).metadata or {}
-    report = json.loads(metadata.get(b"candlestack.report", b"{}"))
-    return report.get("content_hash") or hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_rules(lake: Lake, exchange: str, symbol: str) -> RuleBook:

@@ -123,18 +123,31 @@ class Lake:
             self.root / "markets" / f"exchange={exchange}" / f"date={day.isoformat()}" / FILE_NAME
         )
 
-    def _partition_path(
-        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, day: date
-    ) -> Path:
+    def _symbol_folder(self, dataset: str, exchange: str, timeframe: str, symbol_key: str) -> Path:
         return (
             self.root
             / dataset
             / f"exchange={exchange}"
             / f"timeframe={timeframe}"
             / f"symbol={symbol_key}"
-            / f"date={day.isoformat()}"
-            / FILE_NAME
         )
+
+    def _partition_path(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, day: date
+    ) -> Path:
+        folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
+        return folder / f"date={day.isoformat()}" / FILE_NAME
+
+    def day_files(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str
+    ) -> dict[date, Path]:
+        """Every stored day of one dataset ("ohlcv", "bars", "features"), exchange, timeframe
+        and symbol: day -> file, in day order."""
+        folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
+        return {
+            date.fromisoformat(path.parent.name.removeprefix("date=")): path
+            for path in sorted(folder.glob(f"date=*/{FILE_NAME}"))
+        }
 
     def bars_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> Path:
         return self._partition_path("bars", exchange, timeframe, symbol_key, day)

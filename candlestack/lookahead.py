@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from candlestack.backtest import strategy_features, with_features
-from candlestack.strategies.base import signals
-from candlestack.strategies.config import StrategyConfig
+from candlestack.backtest import config_signals
+from candlestack.backtest_store import load_window
+from candlestack.config import load_settings
+from candlestack.lake import Lake
+from candlestack.resample import minute_bars, resample
+from candlestack.sources.replay import read_candle_file
+from candlestack.strategies.config import StrategyConfig, load_strategies
 
 VIOLATIONS = pl.Schema(
     {
@@ -36,11 +40,6 @@ VIOLATIONS = pl.Schema(
     }
 )
 _PRICES = ["open", "high", "low", "close"]
-
-
-def _signals(config: StrategyConfig, bars: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    specs = strategy_features(config.strategy_object, config.timeframe)
-    return signals(config.strategy_object, with_features(bars, specs))
 
 
 def _altered(bars: pl.DataFrame, cut: int, rng: np.random.Generator) -> pl.DataFrame:
@@ -62,7 +61,7 @@ def violations(
 ) -> pl.DataFrame:
     """Every signal at or before a cut that changes when the bars after it are removed or
     altered (VIOLATIONS); empty when the strategy never looks ahead on these bars."""
-    full_entry, full_exit = _signals(config, bars)
+    full_entry, full_exit = config_signals(config, bars)
     rng = np.random.default_rng(seed)
     ts = bars.get_column("ts")
     found = []
@@ -72,7 +71,7 @@ def violations(
             "altered": _altered(bars, cut, rng),
         }
         for variant, changed in variants.items():
-            entry, exit_ = _signals(config, changed)
+            entry, exit_ = config_signals(config, changed)
             for name, full, partial in (("entry", full_entry, entry), ("exit", full_exit, exit_)):
                 differs = np.flatnonzero(full[: cut + 1] != partial[: cut + 1])
                 found.extend(
@@ -90,8 +89,6 @@ def violations(
 
 
 def _configs_from_args(args: argparse.Namespace) -> list[StrategyConfig]:
-    from candlestack.strategies.config import load_strategies
-
     if args.strategy:
         return [
             StrategyConfig(
@@ -110,12 +107,6 @@ def _configs_from_args(args: argparse.Namespace) -> list[StrategyConfig]:
 
 
 def _bars_from_args(args: argparse.Namespace, config: StrategyConfig) -> pl.DataFrame:
-    from candlestack.backtest_store import load_window
-    from candlestack.config import load_settings
-    from candlestack.lake import Lake
-    from candlestack.resample import minute_bars, resample
-    from candlestack.sources.replay import read_candle_file
-
     if args.candles:
         candles = read_candle_file(args.candles).with_columns(
             pl.col("ts").cast(pl.Datetime("ms", "UTC")), pl.lit(False).alias("imputed")

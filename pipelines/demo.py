@@ -69,10 +69,9 @@ def _features_summary(lake, first: str) -> pl.DataFrame:
 
 
 def _materializations(result) -> list[tuple[str, dict]]:
+    events = (e.materialization for e in result.get_asset_materialization_events())
     return [
-        (m.asset_key.to_user_string(), {k: v.value for k, v in m.metadata.items()})
-        for m in result.get_asset_materialization_events()
-        for m in [m.materialization]
+        (m.asset_key.to_user_string(), {k: v.value for k, v in m.metadata.items()}) for m in events
     ]
 
 

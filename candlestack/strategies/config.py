@@ -7,10 +7,11 @@ import re
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,6 +30,16 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_STRATEGIES = Path(__file__).with_name("default.yaml")
 
 
+def _asset_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("lower case letters, digits and _, starting with a letter")
+    return value
+
+
+# Strategy and sweep names become asset names (backtest_<name>, sweep_<name>).
+AssetName = Annotated[str, AfterValidator(_asset_name)]
+
+
 class StrategyConfig(BaseModel):
     """One strategy on one symbol and timeframe, with its money and risk settings.
 
@@ -37,7 +48,7 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(description="unique; the backtest asset is backtest_<name>")
+    name: AssetName = Field(description="unique; the backtest asset is backtest_<name>")
     strategy: str = Field(description="built-in name, entry point name or module:Class")
     symbol: str
     timeframe: str = "15m"
@@ -54,13 +65,6 @@ class StrategyConfig(BaseModel):
     end: date | None = Field(None, description="last backtest day; None: the last bar")
 
     _strategy: Strategy = PrivateAttr()
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("lower case letters, digits and _, starting with a letter")
-        return value
 
     @field_validator("symbol")
     @classmethod
@@ -119,17 +123,10 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
+    name: AssetName
     strategy: str = Field(description="the `name` of a configured strategy")
     grid: dict[str, list[Any]] = Field(description="parameter -> values; every combination runs")
     rank_by: str = "sharpe"
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("lower case letters, digits and _, starting with a letter")
-        return value
 
     @field_validator("grid")
     @classmethod
