@@ -217,7 +217,7 @@ def simulate(
 
 
 @njit(cache=True)
-def _rules_row(snapshot_days, fill_ts):
+def rules_row(snapshot_days, fill_ts):
     """Row of the rules of the day an order fills: the latest snapshot on or before it (the
     first one before any). A scan back from the newest: there are few snapshots, orders fill
     mostly on recent days, and numba's np.searchsorted costs 0.4 s of compile time."""
@@ -305,7 +305,7 @@ def _loop(
                 reason = refused_exit
             if reason == ex.NO_EXIT:
                 continue
-            j = _rules_row(snapshot_days, ts[t + 1])
+            j = rules_row(snapshot_days, ts[t + 1])
             price, fee, code = ex.sell_order(
                 open_[t + 1],
                 amount,
@@ -333,7 +333,7 @@ def _loop(
         if untradable[t] or untradable[t + 1] or ts[t + 1] - ts[t] != bar_ms:
             skipped += 1  # the data policy: see the module's docstring
             continue
-        j = _rules_row(snapshot_days, ts[t + 1])
+        j = rules_row(snapshot_days, ts[t + 1])
         price, size, fee, code = ex.buy_order(
             open_[t + 1],
             order_value,
@@ -359,7 +359,7 @@ def _loop(
     if amount > 0.0 and m > 0:
         # Still open at the end of the window: sold at the last close, slippage and fee
         # included, so returns are realised and the trades add up to the equity curve.
-        j = _rules_row(snapshot_days, ts[n - 1])
+        j = rules_row(snapshot_days, ts[n - 1])
         price = ex.sell_price(close[n - 1], slippage, price_tick[j], price_decimals[j])
         fee = ex.fee_of(amount, price, fee_rate)
         cash += amount * price - fee

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -88,6 +88,9 @@ AUDIT_DECISION = "decision"
 AUDIT_KILL_SWITCH_TRIP = "kill_switch_trip"
 AUDIT_KILL_SWITCH_RESET = "kill_switch_reset"
 AUDIT_STRATEGY_CONFIG = "strategy_config"
+AUDIT_ERROR = "error"
+# A bar a run did not decide (catch-up policy "latest"): action none, note starting so.
+SKIPPED_PREFIX = "skipped:"
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -172,6 +175,7 @@ class Position:
     entry_price: float
     entry_fee: float
     opened_at: datetime
+    refused_exit: str | None = None  # an exit the exchange refused: retried on the next bar
 
     def __post_init__(self) -> None:
         _utc("opened_at", self.opened_at)
@@ -189,6 +193,30 @@ class Balance:
 class AuditEvent:
     kind: str
     payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SeenBar:
+    """The closed bar as the dry-run saw it when it decided, and the next bar's open it
+    filled at (None: no order), so the drift check can tell revised data from drift."""
+
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    untradable: bool  # imputed or missing minutes (the backtest's data policy)
+    fill_open: float | None = None
+
+
+@dataclass(frozen=True)
+class LedgerState:
+    """What a strategy holds when its next bar is decided, read under the write lock."""
+
+    position: Position | None
+    balance: Balance | None
+    tripped: str | None  # why the kill switch stops its orders; None: it may trade
+    last_bar_ts: datetime | None  # the newest bar already decided for this symbol/timeframe
 
 
 @dataclass(frozen=True)
@@ -214,6 +242,10 @@ class DecisionRecord:
     note: str | None = None
     events: tuple[AuditEvent, ...] = ()
     decided_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    seen: SeenBar | None = None
+    compute_ms: float | None = None  # the decision step alone: features, signals, order
+    run_id: str | None = None
+    trip: str | None = None  # trip the strategy's kill switch for this reason, first
 
     def __post_init__(self) -> None:
         _utc("bar_ts", self.bar_ts)
@@ -226,6 +258,8 @@ class DecisionRecord:
         filled = self.order is not None and self.order.status == "filled"
         if filled != (self.fill is not None):
             raise ValueError("a fill goes with a filled order, and a filled order needs one")
+        if self.trip is not None and self.order is not None:
+            raise ValueError("a decision that trips the kill switch cannot place an order")
 
     @property
     def key(self) -> str:
@@ -249,6 +283,7 @@ class DecisionRecord:
             "fill": asdict(self.fill) if self.fill else None,
             "position": asdict(self.position) if self.position else None,
             "balance": asdict(self.balance),
+            "seen": asdict(self.seen) if self.seen else None,
         }
 
 
@@ -324,6 +359,16 @@ class DecisionRow(Base):
     exit_signal: Mapped[bool] = mapped_column(Boolean)
     action: Mapped[str] = mapped_column(String)
     note: Mapped[str | None] = mapped_column(Text)
+    # 0002: the bar as seen, the open filled at, compute time and run (None before 0002).
+    bar_open: Mapped[float | None] = mapped_column(Money)
+    bar_high: Mapped[float | None] = mapped_column(Money)
+    bar_low: Mapped[float | None] = mapped_column(Money)
+    bar_close: Mapped[float | None] = mapped_column(Money)
+    bar_volume: Mapped[float | None] = mapped_column(Money)
+    bar_untradable: Mapped[bool | None] = mapped_column(Boolean)
+    fill_open: Mapped[float | None] = mapped_column(Money)
+    compute_ms: Mapped[float | None] = mapped_column(Double)
+    run_id: Mapped[str | None] = mapped_column(String)
 
 
 class OrderRow(Base):
@@ -368,6 +413,7 @@ class PositionRow(Base):
     entry_price: Mapped[float] = mapped_column(Money)
     entry_fee: Mapped[float] = mapped_column(Money)
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    refused_exit: Mapped[str | None] = mapped_column(String)
 
 
 class BalanceRow(Base):
@@ -418,6 +464,7 @@ class ChainHeadRow(Base):
 # --- frames the UI, demo and drift checks read ----------------------------------------------
 
 _TS = pl.Datetime("us", "UTC")
+KEYS = ("strategy", "symbol")
 
 ORDERS = pl.Schema(
     {
@@ -456,6 +503,7 @@ POSITIONS = pl.Schema(
         "entry_price": pl.Float64,
         "entry_fee": pl.Float64,
         "opened_at": _TS,
+        "refused_exit": pl.String,
     }
 )
 BALANCES = pl.Schema(
@@ -480,6 +528,15 @@ DECISIONS = pl.Schema(
         "exit_signal": pl.Boolean,
         "action": pl.String,
         "note": pl.String,
+        "bar_open": pl.Float64,
+        "bar_high": pl.Float64,
+        "bar_low": pl.Float64,
+        "bar_close": pl.Float64,
+        "bar_volume": pl.Float64,
+        "bar_untradable": pl.Boolean,
+        "fill_open": pl.Float64,
+        "compute_ms": pl.Float64,
+        "run_id": pl.String,
     }
 )
 KILL_SWITCH = pl.Schema(
@@ -489,6 +546,17 @@ KILL_SWITCH = pl.Schema(
         "reason": pl.String,
         "changed_at": _TS,
         "changed_by": pl.String,
+    }
+)
+
+AUDIT = pl.Schema(
+    {
+        "seq": pl.Int64,
+        "ts": _TS,
+        "kind": pl.String,
+        "strategy": pl.String,
+        "payload": pl.String,
+        "hash": pl.String,
     }
 )
 
@@ -648,26 +716,61 @@ class Ledger:
         with self._transaction() as conn:
             if self._decision_exists(conn, key):
                 return False
-            self._refuse_if_tripped(conn, decision)
-            try:
-                with conn.begin_nested():
-                    conn.execute(insert(DecisionRow).values(**self._decision_values(decision)))
-            except IntegrityError:
-                # The pre-check ran under the write lock, so only a writer bypassing the lock
-                # gets here; the UNIQUE key keeps the bar executed once even then. The
-                # savepoint keeps the transaction usable for the second look.
-                if self._decision_exists(conn, key):
-                    return False
-                raise
-            if decision.order is not None:
-                order_id = self._insert_order(conn, decision)
-                if decision.fill is not None:
-                    self._insert_fill(conn, order_id, decision.fill)
-            self._save_position(conn, decision)
-            self._save_balance(conn, decision)
-            events = [(AUDIT_DECISION, decision.strategy, decision.audit_payload())]
-            events += [(e.kind, decision.strategy, e.payload) for e in decision.events]
-            self._append(conn, events)
+            return self._write_decision(conn, decision)
+
+    def execute(
+        self,
+        strategy: str,
+        symbol: str,
+        timeframe: str,
+        bar_ts: datetime,
+        decide: Callable[[LedgerState], DecisionRecord],
+    ) -> DecisionRecord | None:
+        """Decide one bar on the state read under the write lock and write the decision in the
+        same transaction: a concurrent run of the same strategy can neither read a state
+        about to change nor execute the bar twice. None when the bar was already decided."""
+        key = decision_key(strategy, symbol, timeframe, bar_ts)
+        with self._transaction() as conn:
+            if self._decision_exists(conn, key):
+                return None
+            state = LedgerState(
+                position=self._position(conn, strategy, symbol),
+                balance=self._balance(conn, strategy),
+                tripped=self._tripped_reason(conn, strategy),
+                last_bar_ts=self._last_decided(conn, strategy, symbol, timeframe),
+            )
+            decision = decide(state)
+            if decision.key != key:
+                raise LedgerError(f"asked to decide {key}, got a decision for {decision.key}")
+            if decision.trip is not None:
+                self._switch_in(conn, strategy, True, decision.trip, "dry-run")
+            if not self._write_decision(conn, decision):
+                return None
+        return decision
+
+    def _write_decision(self, conn: Connection, decision: DecisionRecord) -> bool:
+        """Write a decision: order, fill, position, balance and audit events. False (nothing
+        written) when a writer that bypassed the lock stored the same key first."""
+        self._refuse_if_tripped(conn, decision)
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(DecisionRow).values(**self._decision_values(decision)))
+        except IntegrityError:
+            # The callers' pre-check ran under the write lock, so only a writer bypassing the
+            # lock gets here; the UNIQUE key keeps the bar executed once even then. The
+            # savepoint keeps the transaction usable for the second look.
+            if self._decision_exists(conn, decision.key):
+                return False
+            raise
+        if decision.order is not None:
+            order_id = self._insert_order(conn, decision)
+            if decision.fill is not None:
+                self._insert_fill(conn, order_id, decision.fill)
+        self._save_position(conn, decision)
+        self._save_balance(conn, decision)
+        events = [(AUDIT_DECISION, decision.strategy, decision.audit_payload())]
+        events += [(e.kind, decision.strategy, e.payload) for e in decision.events]
+        self._append(conn, events)
         return True
 
     @staticmethod
@@ -700,6 +803,9 @@ class Ledger:
             "exit_signal": decision.exit_signal,
             "action": decision.action,
             "note": decision.note,
+            "compute_ms": decision.compute_ms,
+            "run_id": decision.run_id,
+            **_seen_values(decision.seen),
         }
 
     @staticmethod
@@ -881,27 +987,32 @@ class Ledger:
         return self._switch(scope, False, reason, by)
 
     def _switch(self, scope: str, trip: bool, reason: str, by: str) -> bool:
+        with self._transaction() as conn:
+            changed = self._switch_in(conn, scope, trip, reason, by)
+        if changed:
+            log = logger.warning if trip else logger.info
+            log("kill switch %s %s by %s: %s", scope, "tripped" if trip else "reset", by, reason)
+        return changed
+
+    def _switch_in(self, conn: Connection, scope: str, trip: bool, reason: str, by: str) -> bool:
+        """Change the switch inside the caller's write transaction, audited; False if it was
+        in that state already."""
         if not scope or not reason or not by:
             raise ValueError("the kill switch needs a scope, a reason and who changed it")
         now = datetime.now(UTC)
         values = {"tripped": trip, "reason": reason, "changed_at": now, "changed_by": by}
-        with self._transaction() as conn:
-            state = conn.execute(
-                select(KillSwitchRow.tripped).where(KillSwitchRow.scope == scope)
-            ).scalar_one_or_none()
-            if bool(state) == trip:
-                return False
-            if state is None:
-                conn.execute(insert(KillSwitchRow).values(scope=scope, **values))
-            else:
-                conn.execute(
-                    update(KillSwitchRow).where(KillSwitchRow.scope == scope).values(**values)
-                )
-            kind = AUDIT_KILL_SWITCH_TRIP if trip else AUDIT_KILL_SWITCH_RESET
-            strategy = None if scope == GLOBAL_SCOPE else scope
-            self._append(conn, [(kind, strategy, {"scope": scope, "reason": reason, "by": by})])
-        log = logger.warning if trip else logger.info
-        log("kill switch %s %s by %s: %s", scope, "tripped" if trip else "reset", by, reason)
+        state = conn.execute(
+            select(KillSwitchRow.tripped).where(KillSwitchRow.scope == scope)
+        ).scalar_one_or_none()
+        if bool(state) == trip:
+            return False
+        if state is None:
+            conn.execute(insert(KillSwitchRow).values(scope=scope, **values))
+        else:
+            conn.execute(update(KillSwitchRow).where(KillSwitchRow.scope == scope).values(**values))
+        kind = AUDIT_KILL_SWITCH_TRIP if trip else AUDIT_KILL_SWITCH_RESET
+        strategy = None if scope == GLOBAL_SCOPE else scope
+        self._append(conn, [(kind, strategy, {"scope": scope, "reason": reason, "by": by})])
         return True
 
     def tripped(self, strategy: str) -> str | None:
@@ -924,27 +1035,61 @@ class Ledger:
 
     def position(self, strategy: str, symbol: str) -> Position | None:
         with self._reading() as conn:
-            row = conn.execute(
-                select(
-                    PositionRow.amount,
-                    PositionRow.entry_price,
-                    PositionRow.entry_fee,
-                    PositionRow.opened_at,
-                ).where(PositionRow.strategy == strategy, PositionRow.symbol == symbol)
-            ).first()
-        return Position(*row) if row else None
+            return self._position(conn, strategy, symbol)
 
     def balance(self, strategy: str) -> Balance | None:
         with self._reading() as conn:
-            row = conn.execute(
-                select(
-                    BalanceRow.cash,
-                    BalanceRow.realised_pnl,
-                    BalanceRow.fees,
-                    BalanceRow.peak_equity,
-                ).where(BalanceRow.strategy == strategy)
-            ).first()
+            return self._balance(conn, strategy)
+
+    @staticmethod
+    def _position(conn: Connection, strategy: str, symbol: str) -> Position | None:
+        row = conn.execute(
+            select(*(getattr(PositionRow, name) for name in POSITIONS if name not in KEYS)).where(
+                PositionRow.strategy == strategy, PositionRow.symbol == symbol
+            )
+        ).first()
+        return Position(*row) if row else None
+
+    @staticmethod
+    def _balance(conn: Connection, strategy: str) -> Balance | None:
+        row = conn.execute(
+            select(
+                BalanceRow.cash, BalanceRow.realised_pnl, BalanceRow.fees, BalanceRow.peak_equity
+            ).where(BalanceRow.strategy == strategy)
+        ).first()
         return Balance(*row) if row else None
+
+    def last_decided(self, strategy: str, symbol: str, timeframe: str) -> datetime | None:
+        """Open time of the newest bar decided for the strategy on this symbol and timeframe."""
+        with self._reading() as conn:
+            return self._last_decided(conn, strategy, symbol, timeframe)
+
+    @staticmethod
+    def _last_decided(
+        conn: Connection, strategy: str, symbol: str, timeframe: str
+    ) -> datetime | None:
+        value = conn.execute(
+            select(func.max(DecisionRow.bar_ts)).where(
+                DecisionRow.strategy == strategy,
+                DecisionRow.symbol == symbol,
+                DecisionRow.timeframe == timeframe,
+            )
+        ).scalar_one_or_none()
+        # An aggregate skips the column's type on SQLite: naive UTC text comes back.
+        return UTCDateTime().process_result_value(value, conn.dialect) if value else None
+
+    def recent_errors(self, strategy: str, since: datetime) -> int:
+        """How many errors the strategy's runs recorded since `since` (the burst trigger)."""
+        with self._reading() as conn:
+            return conn.execute(
+                select(func.count())
+                .select_from(AuditEventRow)
+                .where(
+                    AuditEventRow.kind == AUDIT_ERROR,
+                    AuditEventRow.strategy == strategy,
+                    AuditEventRow.ts >= since,
+                )
+            ).scalar_one()
 
     def orders(self, strategy: str | None = None) -> pl.DataFrame:
         query = select(*(getattr(OrderRow, name) for name in ORDERS)).order_by(OrderRow.id)
@@ -994,6 +1139,15 @@ class Ledger:
             query = query.where(DecisionRow.bar_ts >= since)
         return self._frame(query, DECISIONS)
 
+    def audit_events(self, last: int | None = None) -> pl.DataFrame:
+        """The audit log in order (only the `last` events when given)."""
+        query = select(*(getattr(AuditEventRow, name) for name in AUDIT))
+        if last is not None:
+            newest = query.order_by(AuditEventRow.seq.desc()).limit(last).subquery()
+            query = select(*(newest.c[name] for name in AUDIT)).order_by(newest.c.seq)
+            return self._frame(query, AUDIT)
+        return self._frame(query.order_by(AuditEventRow.seq), AUDIT)
+
     def kill_switch_states(self) -> pl.DataFrame:
         columns = (getattr(KillSwitchRow, name) for name in KILL_SWITCH)
         return self._frame(select(*columns).order_by(KillSwitchRow.scope), KILL_SWITCH)
@@ -1002,6 +1156,12 @@ class Ledger:
         with self._reading() as conn:
             rows = [tuple(row) for row in conn.execute(query)]
         return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _seen_values(seen: SeenBar | None) -> dict[str, Any]:
+    names = ("open", "high", "low", "close", "volume", "untradable")
+    values = {f"bar_{name}": getattr(seen, name) if seen else None for name in names}
+    return values | {"fill_open": seen.fill_open if seen else None}
 
 
 def _missing(first: int, last: int, why: str) -> str:

@@ -16,6 +16,12 @@ class CandleSource(Protocol):
         them (unvalidated, RAW_CANDLES schema); missing minutes are absent rows."""
         ...
 
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        """The open of the 1-minute candle opening at ts_ms, still forming or closed; None
+        when the source has no such candle (yet). The dry-run fills at it: the next bar's
+        open exists as soon as the previous bar closes."""
+        ...
+
     def load_markets(self) -> pl.DataFrame:
         """Today's market rules of every market (MARKETS schema)."""
         ...

@@ -144,6 +144,22 @@ class CcxtSource:
         self._ensure_markets()
         return markets_frame(self.client.markets, self.client.precisionMode)
 
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        self._ensure_markets()
+        # The one request that may return the forming candle: its open is final already.
+        page = self._call(
+            "fetch_ohlcv",
+            symbol,
+            self._parsed_or_garbled(self.client.fetch_ohlcv),
+            symbol,
+            "1m",
+            ts_ms,
+            1,
+        )
+        if not page or page[0][0] != ts_ms or page[0][1] is None:
+            return None
+        return float(page[0][1])
+
     def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
         self._ensure_markets()
         if symbol not in self.client.markets:

@@ -144,6 +144,10 @@ class ReplaySource:
     def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
         return self._candles(symbol).filter(pl.col("ts").is_between(start_ms, end_ms, "left"))
 
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        row = self._candles(symbol).filter(pl.col("ts") == ts_ms)
+        return None if row.is_empty() else float(row.item(0, "open"))
+
     def load_markets(self) -> pl.DataFrame:
         if self.markets_file is None:
             return pl.DataFrame(schema=MARKETS)

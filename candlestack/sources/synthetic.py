@@ -138,6 +138,14 @@ class SyntheticSource:
             )
         return pl.concat(frames) if frames else pl.DataFrame(schema=RAW_CANDLES)
 
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        if ts_ms > self.now_ms() or ts_ms % MINUTE_MS:
+            return None
+        frame, never, _ = self.day(symbol, ts_ms // DAY_MS)
+        if ts_ms in never:
+            return None
+        return float(frame.item((ts_ms % DAY_MS) // MINUTE_MS, "open"))
+
     def load_markets(self) -> pl.DataFrame:
         rows = []
         for symbol in self.symbols:

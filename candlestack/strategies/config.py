@@ -7,7 +7,7 @@ import re
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -40,6 +40,51 @@ def _asset_name(value: str) -> str:
 AssetName = Annotated[str, AfterValidator(_asset_name)]
 
 
+class DriftTolerance(BaseModel):
+    """How far the dry-run may drift from its backtest before the drift check fails."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_days: int = Field(7, ge=1, description="trailing window compared, in days")
+    min_signal_agreement: float = Field(
+        0.99, ge=0, le=1, description="share of decided bars whose signals match the replay"
+    )
+    max_fill_price_diff_bps: float = Field(1.0, ge=0, description="per matched fill")
+    max_unmatched_fills: int = Field(0, ge=0, description="fills on one side only")
+    max_pnl_diff: float = Field(
+        0.001, ge=0, description="realised PnL difference as a fraction of capital"
+    )
+
+
+class DryRunConfig(BaseModel):
+    """Paper trading of a strategy on closed bars, with its kill-switch triggers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    catch_up: Literal["all", "latest"] = Field(
+        "all",
+        description="bars that closed while nothing ran: decide each in order (all), or "
+        "decide the newest and record the others as skipped (latest)",
+    )
+    max_drawdown: float = Field(
+        0.2, gt=0, lt=1, description="trip the kill switch at this drawdown from peak equity"
+    )
+    stale_after_seconds: float = Field(
+        300, gt=0, description="trip when the newest 1m candle closed longer ago than this"
+    )
+    max_imputed_share: float = Field(
+        0.25, ge=0, le=1, description="trip when more of the recent minutes were imputed"
+    )
+    quality_window_bars: int = Field(60, ge=1, description="bars the imputed share covers")
+    error_burst: int = Field(3, ge=1, description="trip after this many failed bars ...")
+    error_window_minutes: float = Field(15, gt=0, description="... within this many minutes")
+    fill_wait_seconds: float = Field(
+        10, ge=0, description="how long to wait for the next bar's open to exist"
+    )
+    drift: DriftTolerance = Field(default_factory=DriftTolerance)
+
+
 class StrategyConfig(BaseModel):
     """One strategy on one symbol and timeframe, with its money and risk settings.
 
@@ -63,6 +108,7 @@ class StrategyConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     start: date | None = Field(None, description="first backtest day; None: the first bar")
     end: date | None = Field(None, description="last backtest day; None: the last bar")
+    dry_run: DryRunConfig = Field(default_factory=DryRunConfig)
 
     _strategy: Strategy = PrivateAttr()
 

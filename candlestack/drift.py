@@ -1,0 +1,363 @@
+"""Drift: the dry-run's ledger against the backtest replayed over the same bars.
+
+The replay runs the backtest engine over the lake's bars from the dry-run's first decided
+bar (flat, with the configured capital, like the dry-run) to the fill bar of its last one,
+and the trailing window is compared: signals per decided bar, fills (side and fill bar;
+price difference in basis points) and realised PnL. Every difference is attributed, in
+this order, to what the ledger recorded about that bar: the kill switch blocked the order,
+the exchange rules rejected it, the bar was skipped by the catch-up policy, the bar (or the
+open it filled at) differs from what the lake holds now (late or revised data), the lake
+marks it imputed, or it follows from an earlier difference; else it is unexplained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from candlestack import execution as ex
+from candlestack.backtest import config_signals, simulate
+from candlestack.backtest_store import load_rules, load_window
+from candlestack.lake import Lake
+from candlestack.ledger import SKIPPED_PREFIX, Ledger
+from candlestack.strategies.config import StrategyConfig
+
+REVISED = "late or revised data"
+IMPUTED = "imputed bars"
+REJECTION = "rejection"
+KILL_SWITCH = "kill-switch"
+SKIPPED = "catch-up policy"
+FOLLOWS = "follows an earlier difference"
+UNEXPLAINED = "unexplained"
+
+ATTRIBUTIONS = pl.Schema(
+    {"bar_ts": pl.Datetime("us", "UTC"), "what": pl.String, "detail": pl.String, "cause": pl.String}
+)
+# Relative difference under which two prices are the same number (float noise only).
+_SAME_PRICE = 1e-12
+# What the dry-run recorded of a bar -> the lake's value now.
+_SEEN_VS_LAKE = (
+    ("bar_open", "open"),
+    ("bar_high", "high"),
+    ("bar_low", "low"),
+    ("bar_close", "close"),
+    ("fill_open", "next_open"),
+)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    metrics: dict[str, float | int]
+    attributions: pl.DataFrame  # ATTRIBUTIONS, oldest first
+    failures: list[str] = field(default_factory=list)  # tolerances exceeded
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def causes(self) -> dict[str, int]:
+        counts = self.attributions.group_by("cause").len().sort("cause").rows()
+        return dict(counts)
+
+
+def ledger_trades(fills: pl.DataFrame) -> pl.DataFrame:
+    """Round trips from the ledger's fills (buy then sell), as (entry_ts, exit_ts, prices, pnl);
+    an open position has a null exit."""
+    fills = fills.sort("bar_ts")
+    buys = fills.filter(pl.col("side") == "buy").with_row_index("trade")
+    sells = fills.filter(pl.col("side") == "sell").with_row_index("trade")
+    return (
+        buys.join(sells, on="trade", how="left", suffix="_exit")
+        .select(
+            pl.col("bar_ts").alias("entry_ts"),
+            pl.col("price").alias("entry_price"),
+            pl.col("bar_ts_exit").alias("exit_ts"),
+            pl.col("price_exit").alias("exit_price"),
+            (
+                pl.col("amount_exit") * pl.col("price_exit")
+                - pl.col("fee_exit")
+                - pl.col("amount") * pl.col("price")
+                - pl.col("fee")
+            ).alias("pnl"),
+        )
+        .sort("entry_ts")
+    )
+
+
+def _differs(a: float | None, b: float | None) -> bool:
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        return False
+    return abs(a - b) > _SAME_PRICE * max(abs(a), abs(b), 1.0)
+
+
+def drift(
+    config: StrategyConfig,
+    decisions: pl.DataFrame,
+    orders: pl.DataFrame,
+    fills: pl.DataFrame,
+    bars: pl.DataFrame,
+    rules: ex.RuleBook,
+    now: datetime,
+) -> DriftReport:
+    """Compare a strategy's ledger (its decisions, orders and fills, all of them) with the
+    backtest replayed on `bars` (the lake's, warm-up included) over the trailing window
+    before `now`."""
+    tolerance = config.dry_run.drift
+    decided = decisions.filter(~pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX))
+    if decided.is_empty():
+        return DriftReport({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
+    first_ts, last_ts = decided.get_column("bar_ts").min(), decided.get_column("bar_ts").max()
+    bar_ms = int(bars.get_column("ts").dt.epoch("ms").diff().min() or 0)
+    bars = bars.filter(pl.col("ts") <= last_ts + timedelta(milliseconds=bar_ms))
+    ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
+    entry, exit_ = config_signals(config, bars)
+    first = int(np.searchsorted(ts, int(first_ts.timestamp() * 1000)))
+    result = simulate(config, bars, ts, entry, exit_, rules, first)
+
+    since = now - timedelta(days=tolerance.window_days)
+    lake = bars.select(
+        pl.col("ts").cast(pl.Datetime("us", "UTC")),
+        "open",
+        "high",
+        "low",
+        "close",
+        pl.Series("replay_entry", entry),
+        pl.Series("replay_exit", exit_),
+        _untradable_expr(bars).alias("lake_untradable"),
+        pl.col("open").shift(-1).alias("next_open"),
+        (pl.col("ts").shift(-1).is_not_null() & _untradable_expr(bars).shift(-1)).alias(
+            "next_untradable"
+        ),
+    )
+    rejected_keys = orders.filter(pl.col("status") == "rejected").get_column("decision_key")
+    compared = (
+        decisions.filter(pl.col("bar_ts") >= since)
+        .with_columns(pl.col("key").is_in(rejected_keys.implode()).alias("rejected"))
+        .join(lake, left_on="bar_ts", right_on="ts", how="left")
+        .sort("bar_ts")
+    )
+    attributions: list[dict] = []
+
+    def attribute(row: dict, what: str, detail: str) -> None:
+        cause = _cause(row)
+        if cause == UNEXPLAINED and any(a["bar_ts"] < row["bar_ts"] for a in attributions):
+            cause = FOLLOWS  # the position already differed: everything after it may
+        attributions.append(
+            {"bar_ts": row["bar_ts"], "what": what, "detail": detail, "cause": cause}
+        )
+
+    in_window = compared.filter(~pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX))
+    agree = 0
+    for row in compared.iter_rows(named=True):
+        if row["note"] and row["note"].startswith(SKIPPED_PREFIX):
+            attribute(row, "bar not decided", row["note"])
+            continue
+        if row["replay_entry"] is None:
+            attribute(row, "signal", "the bar is no longer in the lake")
+            continue
+        same = (row["entry_signal"], row["exit_signal"]) == (
+            row["replay_entry"],
+            row["replay_exit"],
+        )
+        agree += same
+        if not same:
+            attribute(
+                row,
+                "signal",
+                f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
+                f"replay {row['replay_entry']}/{row['replay_exit']}",
+            )
+    revised = compared.filter(_revised_expr())
+    for row in revised.iter_rows(named=True):
+        if not any(a["bar_ts"] == row["bar_ts"] for a in attributions):
+            attribute(row, "bar revised", _revision_detail(row))
+
+    fill_diffs, fill_findings = _fill_differences(fills, result.trades, since, bar_ms)
+    by_bar = {row["bar_ts"]: row for row in compared.iter_rows(named=True)}
+    for signal_ts, what, detail in fill_findings:
+        attribute(by_bar.get(signal_ts, {"bar_ts": signal_ts}), what, detail)
+    unmatched = sum(what.endswith(" fill") for _, what, _ in fill_findings)
+    ledger_round_trips = ledger_trades(fills).filter(
+        pl.col("exit_ts").is_not_null() & (pl.col("entry_ts") >= since)
+    )
+    replay_round_trips = result.trades.filter(
+        (pl.col("exit_reason") != ex.EXIT_REASONS[ex.EXIT_END]) & (pl.col("entry_ts") >= since)
+    )
+    pnl_ledger = float(ledger_round_trips.get_column("pnl").sum())
+    pnl_replay = float(replay_round_trips.get_column("pnl").sum())
+    pnl_diff = pnl_ledger - pnl_replay
+
+    attributions_frame = pl.DataFrame(attributions, schema=ATTRIBUTIONS).sort("bar_ts")
+    n = in_window.height
+    metrics: dict[str, float | int] = {
+        "bars_compared": n,
+        "signal_agreement": agree / n if n else 1.0,
+        "signal_mismatches": n - agree,
+        "fills_ledger": _fills_in(fills, since),
+        "fills_replay": 2 * replay_round_trips.height + _open_entries(result.trades, since),
+        "unmatched_fills": unmatched,
+        "fill_price_diff_bps_max": max(fill_diffs, default=0.0),
+        "fill_price_diff_bps_mean": float(np.mean(fill_diffs)) if fill_diffs else 0.0,
+        "pnl_ledger": pnl_ledger,
+        "pnl_replay": pnl_replay,
+        "pnl_diff": pnl_diff,
+        "pnl_diff_share_of_capital": abs(pnl_diff) / config.capital,
+        "revised_bars": revised.height,
+        "imputed_bars": compared.filter(pl.col("lake_untradable").fill_null(False)).height,
+        "rejected_orders": _count(compared, pl.col("rejected")),
+        "blocked_orders": _count(compared, pl.col("action") == "blocked"),
+        "skipped_bars": compared.height - n,
+    }
+    failures = []
+    if metrics["signal_agreement"] < tolerance.min_signal_agreement:
+        failures.append(
+            f"signal agreement {metrics['signal_agreement']:.2%} under "
+            f"{tolerance.min_signal_agreement:.2%}"
+        )
+    if metrics["fill_price_diff_bps_max"] > tolerance.max_fill_price_diff_bps:
+        failures.append(
+            f"fill price difference {metrics['fill_price_diff_bps_max']:.2f} bps over "
+            f"{tolerance.max_fill_price_diff_bps:g} bps"
+        )
+    if unmatched > tolerance.max_unmatched_fills:
+        failures.append(
+            f"{unmatched} fill(s) on one side only (tolerance {tolerance.max_unmatched_fills})"
+        )
+    if metrics["pnl_diff_share_of_capital"] > tolerance.max_pnl_diff:
+        failures.append(
+            f"PnL differs by {pnl_diff:+.2f} ({metrics['pnl_diff_share_of_capital']:.3%} of "
+            f"capital, tolerance {tolerance.max_pnl_diff:.3%})"
+        )
+    return DriftReport(metrics, attributions_frame, failures)
+
+
+def _untradable_expr(bars: pl.DataFrame) -> pl.Expr:
+    if "n_imputed" in bars.columns:
+        return ((pl.col("n_imputed") > 0) | ~pl.col("complete")).fill_null(True)
+    return pl.col("imputed").fill_null(True)
+
+
+def _revised_expr() -> pl.Expr:
+    """A decided bar whose recorded prices (or fill open) differ from the lake's now."""
+    changed = pl.lit(False)
+    for seen, now in _SEEN_VS_LAKE:
+        changed = changed | (
+            pl.col(seen).is_not_null()
+            & pl.col(now).is_not_null()
+            & (
+                (pl.col(seen) - pl.col(now)).abs()
+                > _SAME_PRICE * pl.max_horizontal(pl.col(seen).abs(), pl.col(now).abs(), 1.0)
+            )
+        )
+    return changed
+
+
+def _revision_detail(row: dict) -> str:
+    parts = [
+        f"{now.replace('next_open', 'fill open')} {row[seen]} -> {row[now]}"
+        for seen, now in _SEEN_VS_LAKE
+        if _differs(row[seen], row[now])
+    ]
+    return "seen by the dry-run vs in the lake now: " + ", ".join(parts)
+
+
+def _cause(row: dict) -> str:
+    """The first recorded reason a decided bar can differ from the replay (module docstring)."""
+    if row.get("action") == "blocked":
+        return KILL_SWITCH
+    if row.get("rejected"):
+        return REJECTION
+    if (row.get("note") or "").startswith(SKIPPED_PREFIX):
+        return SKIPPED
+    if row.get("open") is None or any(
+        _differs(row.get(seen), row.get(now)) for seen, now in _SEEN_VS_LAKE
+    ):
+        return REVISED
+    if row.get("lake_untradable") or row.get("next_untradable") or row.get("bar_untradable"):
+        return IMPUTED
+    return UNEXPLAINED
+
+
+def _fill_differences(
+    fills: pl.DataFrame, replay_trades: pl.DataFrame, since: datetime, bar_ms: int
+) -> tuple[list[float], list[tuple[datetime, str, str]]]:
+    """Fills matched by (side, fill bar): price differences in bps of the matches, and
+    (signal bar, what, detail) for each fill on one side only or at another price."""
+    closed = replay_trades.filter(pl.col("exit_reason") != ex.EXIT_REASONS[ex.EXIT_END])
+    replay = pl.concat(
+        [
+            replay_trades.select(
+                pl.lit("buy").alias("side"),
+                pl.col("entry_ts").alias("fill_ts"),
+                pl.col("entry_price").alias("price"),
+            ),
+            closed.select(
+                pl.lit("sell").alias("side"),
+                pl.col("exit_ts").alias("fill_ts"),
+                pl.col("exit_price").alias("price"),
+            ),
+        ]
+    ).filter(pl.col("fill_ts") >= since)
+    ledger = fills.filter(pl.col("bar_ts") >= since).select(
+        "side", pl.col("bar_ts").alias("fill_ts"), "price"
+    )
+    replay = replay.with_columns(pl.col("fill_ts").cast(ledger.schema["fill_ts"]))
+    matched = ledger.join(
+        replay, on=["side", "fill_ts"], how="full", suffix="_replay", coalesce=True
+    ).sort("fill_ts")
+    diffs: list[float] = []
+    found = []
+    for row in matched.iter_rows(named=True):
+        signal_ts = row["fill_ts"] - timedelta(milliseconds=bar_ms)
+        when = f"{row['side']} filling at {row['fill_ts']:%Y-%m-%d %H:%M}"
+        if row["price"] is None or row["price_replay"] is None:
+            side = "in the dry-run only" if row["price_replay"] is None else "in the replay only"
+            found.append((signal_ts, f"{row['side']} fill", f"{when} {side}"))
+            continue
+        bps = abs(row["price"] - row["price_replay"]) / row["price_replay"] * 1e4
+        diffs.append(bps)
+        if bps > 0:
+            prices = f"dry-run {row['price']} vs replay {row['price_replay']}"
+            detail = f"{when}: {prices} ({bps:.2f} bps)"
+            found.append((signal_ts, f"{row['side']} fill price", detail))
+    return diffs, found
+
+
+def _fills_in(fills: pl.DataFrame, since: datetime) -> int:
+    return fills.filter(pl.col("bar_ts") >= since).height
+
+
+def _open_entries(trades: pl.DataFrame, since: datetime) -> int:
+    return trades.filter(
+        (pl.col("exit_reason") == ex.EXIT_REASONS[ex.EXIT_END]) & (pl.col("entry_ts") >= since)
+    ).height
+
+
+def _count(frame: pl.DataFrame, predicate: pl.Expr) -> int:
+    return frame.filter(predicate).height
+
+
+def drift_from_lake(
+    lake: Lake, exchange: str, ledger: Ledger, config: StrategyConfig, now: datetime
+) -> DriftReport:
+    """`drift` of a strategy's whole dry-run session, with the lake's bars and rules now."""
+    decisions = ledger.decisions(config.name)
+    if decisions.is_empty():
+        return DriftReport({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
+    first = decisions.get_column("bar_ts").min().date()
+    last = decisions.get_column("bar_ts").max().date() + timedelta(days=1)
+    window = load_window(lake, exchange, config.model_copy(update={"start": first, "end": last}))
+    rules = load_rules(lake, exchange, config.symbol)
+    return drift(
+        config,
+        decisions,
+        ledger.orders(config.name),
+        ledger.fills(config.name),
+        window.bars,
+        rules,
+        now,
+    )

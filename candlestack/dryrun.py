@@ -1,0 +1,524 @@
+"""Dry-run (paper) execution: a configured strategy on its newest closed bars, into the ledger.
+
+Nothing here, or anywhere in candlestack, sends an order to an exchange: the paper broker
+is `decide`, which fills at the next bar's open with the backtest's own kernels
+(candlestack.execution: exit_code, buy_order, sell_order), the same data policy and the
+market rules of the day the order fills. Signals come from `config_signals`, the function
+the backtest calls.
+
+One bar is one ledger transaction (`Ledger.execute`): the state is read and the decision
+written under the ledger's write lock, so a bar is executed once whichever run gets there
+first, and runs of the same strategy racing each other still decide bars in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from candlestack import execution as ex
+from candlestack.backtest import config_signals, rules_row
+from candlestack.backtest_store import load_rules, load_window
+from candlestack.config import symbol_key
+from candlestack.errors import CandlestackError
+from candlestack.lake import Lake
+from candlestack.ledger import (
+    AUDIT_ERROR,
+    SKIPPED_PREFIX,
+    Balance,
+    DecisionRecord,
+    FillRecord,
+    Ledger,
+    LedgerState,
+    OrderRecord,
+    Position,
+    SeenBar,
+)
+from candlestack.resample import TIMEFRAME_MINUTES
+from candlestack.schema import MINUTE_MS
+from candlestack.sources.base import CandleSource
+from candlestack.strategies.config import StrategyConfig
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_NOTE = f"{SKIPPED_PREFIX} catch-up policy 'latest'"
+_EXIT_CODES = {reason: code for code, reason in ex.EXIT_REASONS.items()}
+_FILL_POLL_SECONDS = 0.2
+
+
+class DryRunError(CandlestackError):
+    """A bar could not be decided (no bar yet, no next open): nothing was written for it."""
+
+
+@dataclass(frozen=True)
+class FillQuote:
+    """The bar an order placed at the decided bar's close fills on."""
+
+    ts: datetime  # its open time
+    open: float
+    untradable: bool  # imputed or missing minutes; False while it is still forming
+    adjacent: bool  # it is the very next period (no day without bars in between)
+
+
+@dataclass(frozen=True)
+class BarDecision:
+    """What one bar's evaluation hands to `decide`."""
+
+    bar_ts: datetime
+    seen: SeenBar  # without fill_open: `decide` adds it when it fills
+    entry: bool
+    exit: bool
+    fill: FillQuote | None
+    rules: ex.MarketRules  # of the day the order would fill
+    quality_trip: str | None  # stale or low-quality data: trip the kill switch
+    compute_ms: float
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+def decide(
+    config: StrategyConfig,
+    bar: BarDecision,
+    state: LedgerState,
+    now: datetime,
+    run_id: str | None = None,
+) -> DecisionRecord:
+    """The paper broker: one bar's decision from the strategy's state, as the backtest's loop
+    would take it at this bar (see candlestack.backtest._loop). `now` is when it is decided
+    and filled."""
+    balance = state.balance or Balance(
+        cash=config.capital, realised_pnl=0.0, fees=0.0, peak_equity=config.capital
+    )
+    position = state.position
+    close = bar.seen.close
+    equity = balance.cash + (position.amount * close if position else 0.0)
+    peak = max(balance.peak_equity, equity)
+    balance = replace(balance, peak_equity=peak)
+    trip = bar.quality_trip
+    drawdown = 1.0 - equity / peak
+    if trip is None and drawdown >= config.dry_run.max_drawdown:
+        trip = (
+            f"drawdown {drawdown:.2%} reached max_drawdown {config.dry_run.max_drawdown:.2%} "
+            f"(equity {equity:.2f}, peak {peak:.2f})"
+        )
+    blocked = state.tripped or trip
+    record = DecisionRecord(
+        strategy=config.name,
+        symbol=config.symbol,
+        timeframe=config.timeframe,
+        bar_ts=bar.bar_ts,
+        entry_signal=bar.entry,
+        exit_signal=bar.exit,
+        action="none",
+        balance=balance,
+        position=position,
+        seen=bar.seen,
+        compute_ms=bar.compute_ms,
+        run_id=run_id,
+        trip=trip if state.tripped is None else None,
+        decided_at=now,
+    )
+    if position is not None:
+        return _exit(config, bar, record, position, balance, blocked)
+    return _entry(config, bar, record, balance, blocked)
+
+
+def _exit(
+    config: StrategyConfig,
+    bar: BarDecision,
+    record: DecisionRecord,
+    position: Position,
+    balance: Balance,
+    blocked: str | None,
+) -> DecisionRecord:
+    code = ex.exit_code(
+        bar.seen.close,
+        position.entry_price,
+        bar.exit,
+        config.min_profit,
+        config.stop_loss,
+        config.fee,
+    )
+    if code == ex.NO_EXIT and position.refused_exit:
+        code = _EXIT_CODES[position.refused_exit]  # a refused exit is tried on every bar
+    if code == ex.NO_EXIT:
+        return record
+    reason = ex.EXIT_REASONS[code]
+    if blocked:
+        return replace(record, action="blocked", note=f"sell ({reason}) not sent: {blocked}")
+    fill = _require_fill(config, bar)
+    rules = bar.rules
+    price, fee, rejected = ex.sell_order(
+        fill.open,
+        position.amount,
+        config.slippage,
+        config.fee,
+        rules.price_tick,
+        rules.price_decimals,
+        rules.min_amount,
+        rules.max_amount,
+        rules.min_cost,
+    )
+    seen = replace(bar.seen, fill_open=fill.open)
+    if rejected != ex.ACCEPTED:
+        why = ex.REJECTION_REASONS[rejected]
+        order = OrderRecord("sell", position.amount, price, "rejected", why)
+        return replace(
+            record,
+            action="sell",
+            order=order,
+            seen=seen,
+            position=replace(position, refused_exit=reason),
+        )
+    proceeds = position.amount * price - fee
+    pnl = proceeds - (position.amount * position.entry_price + position.entry_fee)
+    return replace(
+        record,
+        action="sell",
+        order=OrderRecord("sell", position.amount, price, "filled", reason),
+        fill=FillRecord(price, position.amount, fee, record.decided_at, fill.ts),
+        position=None,
+        seen=seen,
+        balance=replace(
+            balance,
+            cash=balance.cash + proceeds,
+            realised_pnl=balance.realised_pnl + pnl,
+            fees=balance.fees + fee,
+        ),
+    )
+
+
+def _entry(
+    config: StrategyConfig,
+    bar: BarDecision,
+    record: DecisionRecord,
+    balance: Balance,
+    blocked: str | None,
+) -> DecisionRecord:
+    max_price = config.max_price if config.max_price is not None else np.inf
+    if not (bar.entry and config.min_price <= bar.seen.close <= max_price):
+        return record
+    fill = _require_fill(config, bar)
+    if bar.seen.untradable or fill.untradable or not fill.adjacent:
+        # The backtest's data policy, counted there as skipped_entries.
+        why = (
+            "this bar has imputed or missing minutes"
+            if bar.seen.untradable
+            else "the next bar has imputed or missing minutes"
+            if fill.untradable
+            else "the next bar is not the next period"
+        )
+        return replace(record, note=f"entry skipped: {why}")
+    if blocked:
+        return replace(record, action="blocked", note=f"buy not sent: {blocked}")
+    rules = bar.rules
+    price, amount, fee, rejected = ex.buy_order(
+        fill.open,
+        config.order_value,
+        balance.cash,
+        config.slippage,
+        config.fee,
+        rules.price_tick,
+        rules.price_decimals,
+        rules.amount_step,
+        rules.amount_decimals,
+        rules.min_amount,
+        rules.max_amount,
+        rules.min_cost,
+    )
+    seen = replace(bar.seen, fill_open=fill.open)
+    if rejected != ex.ACCEPTED:
+        order = OrderRecord("buy", amount, price, "rejected", ex.REJECTION_REASONS[rejected])
+        return replace(record, action="buy", order=order, seen=seen)
+    return replace(
+        record,
+        action="buy",
+        order=OrderRecord("buy", amount, price, "filled"),
+        fill=FillRecord(price, amount, fee, record.decided_at, fill.ts),
+        position=Position(amount, price, fee, fill.ts),
+        seen=seen,
+        balance=replace(balance, cash=balance.cash - amount * price - fee, fees=balance.fees + fee),
+    )
+
+
+def _require_fill(config: StrategyConfig, bar: BarDecision) -> FillQuote:
+    if bar.fill is None:
+        raise DryRunError(
+            f"{config.name}: the open of the bar after {bar.bar_ts.isoformat()} is not "
+            f"available yet, so an order on it cannot be filled"
+        )
+    return bar.fill
+
+
+# --- one run: the bars it decides -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    decisions: list[DecisionRecord]  # written by this run, oldest first
+    already_decided: bool  # the requested bar was decided before (by another run)
+    signals_ms: float  # features and signals over the window, once per run
+
+
+def _untradable(bars: pl.DataFrame) -> np.ndarray:
+    if "n_imputed" in bars.columns:
+        flags = (pl.col("n_imputed") > 0) | ~pl.col("complete")
+    else:
+        flags = pl.col("imputed")
+    return bars.select(flags.fill_null(True)).to_series().to_numpy()
+
+
+def _imputed_minutes(bars: pl.DataFrame) -> np.ndarray:
+    column = "n_imputed" if "n_imputed" in bars.columns else "imputed"
+    return bars.get_column(column).cast(pl.Float64).fill_null(0).to_numpy()
+
+
+def load_live_bars(lake: Lake, exchange: str, config: StrategyConfig, bar_ts: datetime):
+    """The strategy's bars through the day after `bar_ts` (the fill bar may be stored
+    already), with the warm-up history its features need."""
+    day = bar_ts.date()
+    window_config = config.model_copy(update={"start": day, "end": day + timedelta(days=1)})
+    return load_window(lake, exchange, window_config).bars
+
+
+def newest_candle_close_ms(lake: Lake, exchange: str, symbol: str, today: date) -> int | None:
+    """Close time of the newest stored 1-minute candle of `symbol` (today's or yesterday's file)."""
+    files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
+    for day in (today, today - timedelta(days=1)):
+        if day in files:
+            last = pl.read_parquet(files[day], columns=["ts"]).get_column("ts").max()
+            if last is not None:
+                return _ms(last) + MINUTE_MS
+    return None
+
+
+class DryRun:
+    """Executes one strategy's pending bars into the ledger (the dry-run job's body)."""
+
+    def __init__(
+        self,
+        config: StrategyConfig,
+        lake: Lake,
+        exchange: str,
+        source: CandleSource,
+        ledger: Ledger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.lake = lake
+        self.exchange = exchange
+        self.source = source
+        self.ledger = ledger
+        self.clock = clock
+        self.bar_ms = TIMEFRAME_MINUTES[config.timeframe] * MINUTE_MS
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def run(self, bar_ts: datetime, run_id: str | None = None) -> RunOutcome:
+        """Decide every bar of the strategy after its last decided one up to `bar_ts`, in
+        order (or, with catch_up "latest", `bar_ts` alone and the others as skipped).
+        An error is audited, may trip the kill switch (error_burst), and is raised."""
+        try:
+            return self._run(bar_ts, run_id)
+        except Exception as exc:
+            self._record_error(bar_ts, exc)
+            raise
+
+    def _run(self, bar_ts: datetime, run_id: str | None) -> RunOutcome:
+        config = self.config
+        last = self.ledger.last_decided(config.name, config.symbol, config.timeframe)
+        if last is not None and last >= bar_ts:
+            return RunOutcome([], already_decided=True, signals_ms=0.0)
+        bars = load_live_bars(self.lake, self.exchange, config, bar_ts)
+        ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
+        target = int(np.searchsorted(ts, _ms(bar_ts)))
+        if target == len(ts) or ts[target] != _ms(bar_ts):
+            raise DryRunError(
+                f"{config.name}: no closed {config.timeframe} bar of {config.symbol} opening "
+                f"at {bar_ts.isoformat()} in the lake yet"
+            )
+        started = time.perf_counter()
+        entry, exit_ = config_signals(config, bars.slice(0, target + 1))
+        signals_ms = (time.perf_counter() - started) * 1000
+        first = target
+        if last is not None:
+            first = int(np.searchsorted(ts, _ms(last), side="right"))
+        rules = load_rules(self.lake, self.exchange, config.symbol)
+        context = _Window(bars, ts, _untradable(bars), _imputed_minutes(bars), rules)
+        quality = self._quality_trip(context, target)
+        decisions = []
+        for index in range(first, target + 1):
+            if config.dry_run.catch_up == "latest" and index < target:
+                record = self._skip(context, index, run_id)
+            else:
+                bar = self._bar(context, index, bool(entry[index]), bool(exit_[index]), quality)
+                bar = replace(bar, compute_ms=bar.compute_ms + signals_ms)
+                record = self.ledger.execute(
+                    config.name,
+                    config.symbol,
+                    config.timeframe,
+                    bar.bar_ts,
+                    lambda state, bar=bar: decide(config, bar, state, self._now(), run_id),
+                )
+            if record is not None:
+                decisions.append(record)
+        return RunOutcome(decisions, already_decided=not decisions, signals_ms=signals_ms)
+
+    def _bar(
+        self, window: _Window, index: int, entry: bool, exit_: bool, quality: str | None
+    ) -> BarDecision:
+        started = time.perf_counter()
+        row = window.bars.row(index, named=True)
+        seen = SeenBar(
+            open=row["open"],
+            high=row["high"],
+            low=row["low"],
+            close=row["close"],
+            volume=row["volume"],
+            untradable=bool(window.untradable[index]),
+        )
+        fill = self._fill(window, index)
+        fill_ms = _ms(fill.ts) if fill else int(window.ts[index]) + self.bar_ms
+        j = rules_row(window.rules.snapshot_days, fill_ms)
+        rules = ex.MarketRules(
+            amount_step=float(window.rules.amount_step[j]),
+            price_tick=float(window.rules.price_tick[j]),
+            min_amount=float(window.rules.min_amount[j]),
+            max_amount=float(window.rules.max_amount[j]),
+            min_cost=float(window.rules.min_cost[j]),
+        )
+        return BarDecision(
+            bar_ts=row["ts"],
+            seen=seen,
+            entry=entry,
+            exit=exit_,
+            fill=fill,
+            rules=rules,
+            quality_trip=quality,
+            compute_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _fill(self, window: _Window, index: int) -> FillQuote | None:
+        """The next bar from the lake when it is stored, else the forming candle's open from
+        the source (waiting up to fill_wait_seconds for it to exist)."""
+        if index + 1 < len(window.ts):
+            next_ms = int(window.ts[index + 1])
+            return FillQuote(
+                ts=_utc(next_ms),
+                open=float(window.bars.item(index + 1, "open")),
+                untradable=bool(window.untradable[index + 1]),
+                adjacent=next_ms - int(window.ts[index]) == self.bar_ms,
+            )
+        next_ms = int(window.ts[index]) + self.bar_ms
+        deadline = time.monotonic() + self.config.dry_run.fill_wait_seconds
+        while True:
+            price = self.source.open_at(self.config.symbol, next_ms)
+            if price is not None:
+                return FillQuote(_utc(next_ms), price, untradable=False, adjacent=True)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_FILL_POLL_SECONDS)
+
+    def _quality_trip(self, window: _Window, index: int) -> str | None:
+        """Why the data is too stale or too imputed to trade on, or None."""
+        config = self.config
+        now_ms = int(self.clock() * 1000)
+        newest = newest_candle_close_ms(
+            self.lake, self.exchange, config.symbol, _utc(now_ms).date()
+        )
+        limit = config.dry_run.stale_after_seconds
+        if newest is None or (now_ms - newest) / 1000 > limit:
+            age = "none stored" if newest is None else f"closed {(now_ms - newest) // 1000} s ago"
+            return f"stale data: newest 1m candle of {config.symbol} {age} (limit {limit:.0f} s)"
+        lookback = config.dry_run.quality_window_bars
+        recent = window.imputed_minutes[max(0, index + 1 - lookback) : index + 1]
+        minutes = len(recent) * TIMEFRAME_MINUTES[config.timeframe]
+        share = float(recent.sum()) / minutes if minutes else 0.0
+        if share > config.dry_run.max_imputed_share:
+            return (
+                f"low-quality data: {share:.1%} of the last {len(recent)} bars' minutes imputed "
+                f"(limit {config.dry_run.max_imputed_share:.1%})"
+            )
+        return None
+
+    def _skip(self, window: _Window, index: int, run_id: str | None) -> DecisionRecord | None:
+        bar_ts = _utc(int(window.ts[index]))
+
+        def skipped(state: LedgerState) -> DecisionRecord:
+            balance = state.balance or Balance(self.config.capital, 0.0, 0.0, self.config.capital)
+            return DecisionRecord(
+                strategy=self.config.name,
+                symbol=self.config.symbol,
+                timeframe=self.config.timeframe,
+                bar_ts=bar_ts,
+                entry_signal=False,
+                exit_signal=False,
+                action="none",
+                balance=balance,
+                position=state.position,
+                note=SKIPPED_NOTE,
+                run_id=run_id,
+                decided_at=self._now(),
+            )
+
+        config = self.config
+        return self.ledger.execute(config.name, config.symbol, config.timeframe, bar_ts, skipped)
+
+    def _record_error(self, bar_ts: datetime, exc: Exception) -> None:
+        config = self.config
+        try:
+            self.ledger.append_audit(
+                AUDIT_ERROR,
+                config.name,
+                {"bar_ts": bar_ts.isoformat(), "error": f"{type(exc).__name__}: {exc}"},
+            )
+            window = timedelta(minutes=config.dry_run.error_window_minutes)
+            # Audit events carry wall-clock times.
+            errors = self.ledger.recent_errors(config.name, datetime.now(UTC) - window)
+            if errors >= config.dry_run.error_burst:
+                self.ledger.trip(
+                    config.name,
+                    f"error burst: {errors} failed bars within "
+                    f"{config.dry_run.error_window_minutes:g} min (last: {exc})",
+                    "dry-run",
+                )
+        except Exception:
+            # The ledger itself may be what failed: the original error is the one to raise.
+            logger.exception("could not record the dry-run error of %s", config.name)
+
+
+@dataclass(frozen=True)
+class _Window:
+    bars: pl.DataFrame
+    ts: np.ndarray  # epoch ms
+    untradable: np.ndarray
+    imputed_minutes: np.ndarray
+    rules: ex.RuleBook
+
+
+def session_summary(ledger: Ledger, strategy: str) -> dict[str, Any]:
+    """Counts a person checks first: decisions, orders, rejections, fills, skipped entries."""
+    decisions = ledger.decisions(strategy)
+    orders = ledger.orders(strategy)
+    return {
+        "decisions": decisions.height,
+        "orders": orders.height,
+        "rejected": orders.filter(pl.col("status") == "rejected").height,
+        "fills": orders.filter(pl.col("status") == "filled").height,
+        "blocked": decisions.filter(pl.col("action") == "blocked").height,
+        "skipped_entries": decisions.filter(pl.col("note").str.starts_with("entry skipped")).height,
+    }

@@ -1,0 +1,283 @@
+"""The dry-run against the backtest: a live session minute by minute on the synthetic market
+(ingest, decide, fill at the forming candle's open), then drift, the kill switch and recovery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from candlestack.backtest_store import load_rules, load_window
+from candlestack.drift import IMPUTED, REVISED, drift_from_lake
+from candlestack.dryrun import SKIPPED_NOTE, DryRun, DryRunError
+from candlestack.execution import EXIT_REASONS
+from candlestack.ingest import Ingestor
+from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.ledger import Ledger, decision_key
+from candlestack.sources.synthetic import SyntheticSource
+from candlestack.strategies.config import StrategyConfig
+
+SYMBOL = "BTC/USDT"
+SESSION_START = datetime(2024, 3, 5, 9, 0, tzinfo=UTC)
+SESSION_BARS = 150
+MINUTE = timedelta(minutes=1)
+
+
+def strategy(**dry_run) -> StrategyConfig:
+    return StrategyConfig.model_validate(
+        {
+            "name": "btc_fast_cross",
+            "strategy": "ma_cross",
+            "symbol": SYMBOL,
+            "timeframe": "1m",
+            "order_value": 1000,
+            "capital": 10000,
+            "params": {"fast": 3, "slow": 12, "average": "ema"},
+            "dry_run": {"enabled": True, **dry_run},
+        }
+    )
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+@dataclass
+class Session:
+    root: Path
+    lake: Lake
+    ledger: Ledger
+    source: SyntheticSource
+    clock: Clock
+
+    def ingest(self) -> None:
+        today = self.clock.now.date()
+        Ingestor(self.source, self.lake).ingest(SYMBOL, [today - timedelta(days=1), today])
+
+    def dry_run(self, config: StrategyConfig) -> DryRun:
+        return DryRun(config, self.lake, "synthetic", self.source, self.ledger, self.clock)
+
+    def live(self, config: StrategyConfig, bars: int, lag: timedelta = timedelta(seconds=2)):
+        """Minute by minute: the bar closes, the candles land, the dry-run decides it."""
+        for _ in range(bars):
+            bar_ts = self.clock.now.replace(second=0, microsecond=0)
+            self.clock.now = bar_ts + MINUTE + lag
+            self.ingest()
+            self.dry_run(config).run(bar_ts)
+
+    def copy(self, root: Path) -> Session:
+        shutil.copytree(self.root, root)
+        return open_session(root, self.clock.now)
+
+
+def open_session(root: Path, now: datetime) -> Session:
+    clock = Clock(now)
+    source = SyntheticSource(seed=7, symbols=[SYMBOL], clock=clock)
+    lake = Lake(root / "lake")
+    for day in (date(2024, 3, 4), date(2024, 3, 5)):
+        path = lake.markets_path("synthetic", day)
+        if not path.exists():
+            write_parquet_atomic(path, source.load_markets().to_arrow(), {})
+    ledger = Ledger(f"sqlite:///{root / 'ledger.sqlite'}")
+    ledger.migrate()
+    return Session(root, lake, ledger, source, clock)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Session:
+    """One live session of SESSION_BARS minutes, shared read-only; tests copy it to change it."""
+    session = open_session(tmp_path_factory.mktemp("session"), SESSION_START)
+    session.ingest()
+    session.live(strategy(), SESSION_BARS)
+    session.ledger.close()
+    return session
+
+
+@pytest.fixture
+def session(recorded: Session, tmp_path: Path) -> Session:
+    return recorded.copy(tmp_path / "copy")
+
+
+def backtest_trades(session: Session, config: StrategyConfig) -> pl.DataFrame:
+    from candlestack.backtest import backtest
+
+    window = load_window(session.lake, "synthetic", config)
+    rules = load_rules(session.lake, "synthetic", SYMBOL)
+    end = SESSION_START + SESSION_BARS * MINUTE
+    bars = window.bars.filter(pl.col("ts") <= end)
+    return backtest(config, bars, rules, start=SESSION_START).trades
+
+
+def test_a_live_session_trades_like_the_backtest(session: Session):
+    config = strategy()
+    decisions = session.ledger.decisions(config.name)
+    assert decisions.height == SESSION_BARS
+    assert decisions.get_column("bar_ts").to_list() == [
+        SESSION_START + i * MINUTE for i in range(SESSION_BARS)
+    ]
+    fills = session.ledger.fills(config.name)
+    trades = backtest_trades(session, config).filter(
+        pl.col("exit_reason") != EXIT_REASONS[4]  # the backtest sells at its window's end
+    )
+    assert trades.height >= 5, "the session should trade"
+    buys = fills.filter(pl.col("side") == "buy")
+    sells = fills.filter(pl.col("side") == "sell")
+    assert buys.get_column("bar_ts").to_list()[: trades.height] == trades["entry_ts"].to_list()
+    assert buys.get_column("price").to_list()[: trades.height] == trades["entry_price"].to_list()
+    assert sells.get_column("bar_ts").to_list() == trades["exit_ts"].to_list()
+    assert sells.get_column("price").to_list() == trades["exit_price"].to_list()
+    # The fill is persisted seconds after the close (the lag plus compute), not a bar later.
+    latency = (decisions["decided_at"] - decisions["bar_ts"]).dt.total_seconds() - 60
+    assert latency.max() < 30
+    assert decisions.get_column("compute_ms").max() < 1000
+    balance = session.ledger.balance(config.name)
+    assert balance.realised_pnl == pytest.approx(float(trades["pnl"].sum()))
+
+
+def test_identical_inputs_give_zero_drift(session: Session):
+    report = drift_from_lake(
+        session.lake, "synthetic", session.ledger, strategy(), session.clock.now
+    )
+    assert report.passed, report.failures
+    assert report.metrics["bars_compared"] == SESSION_BARS
+    assert report.metrics["signal_agreement"] == 1.0
+    assert report.metrics["unmatched_fills"] == 0
+    assert report.metrics["fill_price_diff_bps_max"] == 0.0
+    assert report.metrics["pnl_diff"] == pytest.approx(0.0, abs=1e-9)  # float sums only
+    assert report.metrics["revised_bars"] == 0
+    assert report.attributions.is_empty()
+
+
+def revise_candle(session: Session, ts: datetime, factor: float) -> None:
+    """The exchange revised one stored candle: every price of that minute moves by `factor`."""
+    path = session.lake.candles_path("synthetic", "1m", "BTC-USDT", ts.date())
+    report, gaps = session.lake.read_report(path)
+    candles = session.lake.read(path).with_columns(
+        pl.when(pl.col("ts") == ts)
+        .then(pl.col(c) * factor)
+        .otherwise(pl.col(c))
+        .alias(c)
+        for c in ("open", "high", "low", "close")
+    )
+    session.lake.write_partition(path, candles, report, gaps)
+
+
+def test_a_revised_candle_is_reported_and_attributed(session: Session):
+    config = strategy()
+    buy = session.ledger.fills(config.name).filter(pl.col("side") == "buy").row(0, named=True)
+    revise_candle(session, buy["bar_ts"], 1.002)
+    report = drift_from_lake(session.lake, "synthetic", session.ledger, config, session.clock.now)
+    assert not report.passed
+    assert report.metrics["revised_bars"] >= 1
+    assert report.metrics["fill_price_diff_bps_max"] == pytest.approx(20, abs=1)
+    price_rows = report.attributions.filter(pl.col("what") == "buy fill price")
+    assert price_rows.get_column("cause").to_list()[0] == REVISED
+    assert price_rows.get_column("bar_ts").to_list()[0] == buy["bar_ts"] - MINUTE
+    assert any("fill price difference" in f for f in report.failures)
+
+
+def test_an_imputed_fill_bar_is_attributed(session: Session):
+    """The live dry-run filled at a forming candle that the lake later holds as imputed."""
+    config = strategy()
+    buy = session.ledger.fills(config.name).filter(pl.col("side") == "buy").row(0, named=True)
+    path = session.lake.candles_path("synthetic", "1m", "BTC-USDT", buy["bar_ts"].date())
+    report, gaps = session.lake.read_report(path)
+    candles = session.lake.read(path).with_columns(
+        (pl.col("imputed") | (pl.col("ts") == buy["bar_ts"])).alias("imputed")
+    )
+    session.lake.write_partition(path, candles, report, gaps)
+    drifted = drift_from_lake(session.lake, "synthetic", session.ledger, config, session.clock.now)
+    causes = drifted.attributions.filter(pl.col("bar_ts") == buy["bar_ts"] - MINUTE)
+    assert IMPUTED in causes.get_column("cause").to_list()
+    assert drifted.metrics["unmatched_fills"] >= 1
+
+
+def test_a_repeated_bar_and_a_restart_execute_nothing_twice(session: Session):
+    config = strategy()
+    before = session.ledger.decisions(config.name).height, session.ledger.audit_count()
+    last = SESSION_START + (SESSION_BARS - 1) * MINUTE
+    outcome = session.dry_run(config).run(last)
+    assert outcome.already_decided and not outcome.decisions
+    reopened = Ledger(session.ledger.url.replace("sqlite:///", "sqlite:///"))
+    assert (reopened.decisions(config.name).height, reopened.audit_count()) == before
+    assert reopened.verify_audit_chain() == []
+
+
+def test_missed_bars_are_caught_up_in_order_or_skipped_by_policy(session: Session):
+    config = strategy()
+    start = session.clock.now.replace(second=0, microsecond=0)
+    session.clock.now = start + 10 * MINUTE + timedelta(seconds=2)  # down for ten minutes
+    session.ingest()
+    outcome = session.dry_run(config).run(start + 9 * MINUTE)
+    assert [d.bar_ts for d in outcome.decisions] == [start + i * MINUTE for i in range(10)]
+
+    latest = strategy(catch_up="latest")
+    session.clock.now += 5 * MINUTE
+    session.ingest()
+    outcome = session.dry_run(latest).run(start + 14 * MINUTE)
+    notes = [d.note for d in outcome.decisions]
+    assert notes[:4] == [SKIPPED_NOTE] * 4 and notes[4] != SKIPPED_NOTE
+    report = drift_from_lake(session.lake, "synthetic", session.ledger, latest, session.clock.now)
+    assert report.metrics["skipped_bars"] == 4
+
+
+def test_kill_switch_trips_on_drawdown_and_blocks_until_reset(session: Session):
+    config = strategy(max_drawdown=0.0001)  # any loss trips it
+    session.live(config, 60)
+    ledger = session.ledger
+    reason = ledger.tripped(config.name)
+    assert reason and reason.startswith("drawdown")
+    # The audit log orders the trip and the decisions: none after it placed an order.
+    events = ledger.audit_events()
+    trip_seq = events.filter(pl.col("kind") == "kill_switch_trip").item(0, "seq")
+    after = [
+        json.loads(payload)["action"]
+        for payload in events.filter(
+            (pl.col("seq") > trip_seq) & (pl.col("kind") == "decision")
+        ).get_column("payload")
+    ]
+    assert "blocked" in after and not {"buy", "sell"} & set(after)
+
+    assert ledger.reset(config.name, "reviewed the drawdown", "test")
+    session.live(strategy(), 40)
+    assert ledger.tripped(config.name) is None
+    resumed = ledger.decisions(config.name).tail(40)
+    assert resumed.filter(pl.col("action") == "blocked").is_empty()
+    assert resumed.filter(pl.col("action").is_in(["buy", "sell"])).height >= 1
+
+
+def test_stale_data_trips_the_kill_switch(session: Session):
+    config = strategy(stale_after_seconds=120)
+    bar_ts = session.clock.now.replace(second=0, microsecond=0)
+    # The candle feed stopped: the bar is stored, but nothing newer for five minutes.
+    session.clock.now = bar_ts + MINUTE + timedelta(seconds=2)
+    session.ingest()
+    session.clock.now += 5 * MINUTE
+    session.dry_run(config).run(bar_ts)
+    reason = session.ledger.tripped(config.name)
+    assert reason and reason.startswith("stale data") and "BTC/USDT" in reason
+
+
+def test_an_error_burst_trips_the_kill_switch(session: Session):
+    config = strategy(error_burst=2)
+    future = session.clock.now + timedelta(hours=1)  # a bar the lake does not have
+    for _ in range(2):
+        with pytest.raises(DryRunError, match="no closed 1m bar"):
+            session.dry_run(config).run(future)
+    reason = session.ledger.tripped(config.name)
+    assert reason and reason.startswith("error burst: 2 failed bars")
+
+
+def test_decision_keys_are_the_sensor_run_keys(session: Session):
+    config = strategy()
+    keys = session.ledger.decisions(config.name).get_column("key").to_list()
+    assert keys[0] == decision_key(config.name, SYMBOL, "1m", SESSION_START)
