@@ -71,7 +71,7 @@ class BacktestWindow(dg.Config):
         )
 
 
-def _upstream(config: StrategyConfig) -> list[dg.AssetKey]:
+def strategy_upstream(config: StrategyConfig) -> list[dg.AssetKey]:
     bars = candles_1m.key if config.timeframe == "1m" else bars_key(config.timeframe)
     keys = [bars, markets.key]
     if config.timeframe in feature_set.timeframes:
@@ -93,7 +93,7 @@ def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        deps=_upstream(strategy),
+        deps=strategy_upstream(strategy),
         group_name="backtests",
         kinds={"parquet", "polars"},
         description=f"{strategy.strategy} on {strategy.symbol} {strategy.timeframe} bars "
@@ -191,7 +191,7 @@ def _sweep_asset(sweep: SweepConfig) -> dg.AssetsDefinition:
 
     @dg.asset(
         name=f"sweep_{sweep.name}",
-        deps=_upstream(strategy),
+        deps=strategy_upstream(strategy),
         group_name="backtests",
         kinds={"parquet", "polars"},
         description=f"Parameter sweep of {sweep.strategy} over {sweep.grid}, ranked by "

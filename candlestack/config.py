@@ -42,6 +42,8 @@ class Settings(BaseModel, frozen=True):
     features: Path | None = None  # a YAML or JSON feature set; None: the default set
     strategies: Path | None = None  # a YAML or JSON strategies file; None: the built-in one
     reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
+    # The dry-run ledger: a SQLite file by default, or postgresql+psycopg://user@host/db.
+    ledger_url: str = "sqlite:///data/ledger.sqlite"
     synthetic_seed: int = 7
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)

@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets.backtests import backtest_assets, sweep_assets
 from assets.bars import bar_assets
+from assets.dry_run import drift_checks, dry_run_assets, ledger_snapshot
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
@@ -11,19 +12,24 @@ from pipelines.jobs import (
     backtest_job,
     build_bars_job,
     build_features_job,
+    dry_run_checks_job,
+    dry_run_job,
     ingest_and_build_job,
     ingest_candles_job,
+    kill_switch,
     refresh_catalog_job,
     snapshot_markets_job,
 )
 from pipelines.schedules import (
     backtests_daily,
+    dry_run_checks_every_15_minutes,
     finalise_yesterday,
     keep_open_day_current,
     refresh_catalog_daily,
     snapshot_markets_daily,
 )
-from resources import LakeResource, source_resource
+from pipelines.sensors import dry_run_bars
+from resources import LakeResource, LedgerResource, source_resource
 
 settings = load_settings()
 
@@ -37,8 +43,10 @@ defs = dg.Definitions(
         catalog,
         *backtest_assets,
         *sweep_assets,
+        *dry_run_assets,
+        ledger_snapshot,
     ],
-    asset_checks=[candles_freshness],
+    asset_checks=[candles_freshness, *drift_checks],
     jobs=[
         ingest_candles_job,
         build_bars_job,
@@ -47,13 +55,18 @@ defs = dg.Definitions(
         backtest_job,
         snapshot_markets_job,
         refresh_catalog_job,
+        dry_run_job,
+        dry_run_checks_job,
+        kill_switch,
     ],
+    sensors=[dry_run_bars],
     schedules=[
         keep_open_day_current,
         finalise_yesterday,
         snapshot_markets_daily,
         refresh_catalog_daily,
         backtests_daily,
+        dry_run_checks_every_15_minutes,
     ],
     # Each job here is one heavy step plus light checks: on 2 cores a process per step
     # only adds ~3 s of spawn and definitions reload per step (measured in bench/).
@@ -65,5 +78,6 @@ defs = dg.Definitions(
             catalog_path=str(settings.catalog),
             reports_path=str(settings.reports),
         ),
+        "ledger": LedgerResource(url=settings.ledger_url),
     },
 )

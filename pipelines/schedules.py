@@ -12,6 +12,7 @@ from dagster._core.storage.tags import (
 from assets.partitions import candle_range
 from pipelines.jobs import (
     backtest_job,
+    dry_run_checks_job,
     ingest_and_build_job,
     refresh_catalog_job,
     snapshot_markets_job,
@@ -55,4 +56,12 @@ refresh_catalog_daily = dg.ScheduleDefinition(
 # more, under a new run id, and the UI plots its metrics day by day.
 backtests_daily = dg.ScheduleDefinition(
     name="backtests_daily", job=backtest_job, cron_schedule="40 0 * * *", execution_timezone="UTC"
+)
+
+# Drift and the audit chain between bars: the dry-run's own runs stay short.
+dry_run_checks_every_15_minutes = dg.ScheduleDefinition(
+    name="dry_run_checks_every_15_minutes",
+    job=dry_run_checks_job,
+    cron_schedule="*/15 * * * *",
+    execution_timezone="UTC",
 )

@@ -1,6 +1,7 @@
-"""Dagster ConfigurableResources: candle sources and the lake."""
+"""Dagster ConfigurableResources: candle sources, the lake and the dry-run ledger."""
 
 from resources.lake import LakeResource
+from resources.ledger import LedgerResource
 from resources.sources import (
     CandleSourceResource,
     CcxtSourceResource,
@@ -13,6 +14,7 @@ __all__ = [
     "CandleSourceResource",
     "CcxtSourceResource",
     "LakeResource",
+    "LedgerResource",
     "ReplaySourceResource",
     "SyntheticSourceResource",
     "source_resource",

@@ -19,16 +19,30 @@ def shared_data() -> Path:
     return SHARED
 
 
+INSTANCE_SETTINGS = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+telemetry:
+  enabled: false
+"""
+
+
 def isolated_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """Environment for a dagster subprocess: its own DAGSTER_HOME, lake and catalog under
     tmp_path, none of the caller's CANDLESTACK_* settings, plus `settings`."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # The repository's instance settings (run queue, telemetry) without its storage paths.
+    (home / "dagster.yaml").write_text(INSTANCE_SETTINGS)
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("CANDLESTACK_")},
         "DAGSTER_HOME": str(home),
         "CANDLESTACK_LAKE": str(tmp_path / "lake"),
         "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
+        "CANDLESTACK_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+        "CANDLESTACK_REPORTS": str(tmp_path / "reports"),
         **{f"CANDLESTACK_{name.upper()}": value for name, value in settings.items()},
     }

@@ -162,10 +162,7 @@ def revise_candle(session: Session, ts: datetime, factor: float) -> None:
     path = session.lake.candles_path("synthetic", "1m", "BTC-USDT", ts.date())
     report, gaps = session.lake.read_report(path)
     candles = session.lake.read(path).with_columns(
-        pl.when(pl.col("ts") == ts)
-        .then(pl.col(c) * factor)
-        .otherwise(pl.col(c))
-        .alias(c)
+        pl.when(pl.col("ts") == ts).then(pl.col(c) * factor).otherwise(pl.col(c)).alias(c)
         for c in ("open", "high", "low", "close")
     )
     session.lake.write_partition(path, candles, report, gaps)

@@ -1,0 +1,262 @@
+"""Dry-run (paper) execution: one asset per enabled strategy, the ledger, and their checks.
+
+`dryrun_<name>` is materialized once per closed bar by the dry-run sensor (run key
+strategy|symbol|timeframe|bar open). Its metadata is the bar's decision, the order and fill,
+position, balance, kill switch and latency; the UI plots the numbers across bars. Its `drift`
+check replays the backtest over the bars the dry-run decided. The `ledger` asset is a
+snapshot of the whole ledger with the `audit_chain` check. Nothing here sends a real order.
+"""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import polars as pl
+
+from assets.backtests import strategies_file, strategy_upstream
+from assets.markdown import md_table
+from candlestack.drift import drift_from_lake
+from candlestack.dryrun import DryRun, session_summary
+from candlestack.ledger import GLOBAL_SCOPE, Ledger
+from candlestack.strategies.config import StrategyConfig
+from resources import CandleSourceResource, LakeResource, LedgerResource
+
+DRIFT_CHECK = "drift"
+AUDIT_CHECK = "audit_chain"
+LEDGER_KEY = dg.AssetKey("ledger")
+# Latency figures cover this many of the newest decisions.
+LATENCY_WINDOW = 500
+
+enabled_strategies = [c for c in strategies_file.strategies if c.dry_run.enabled]
+
+
+def dry_run_key(strategy: StrategyConfig) -> dg.AssetKey:
+    return dg.AssetKey(f"dryrun_{strategy.name}")
+
+
+class DryRunBar(dg.Config):
+    """The closed bar to decide: its open time, ISO 8601 in UTC (the sensor fills it in)."""
+
+    bar_open: str
+
+
+def latency_stats(ledger: Ledger, strategy: StrategyConfig) -> dict[str, float]:
+    """Close-to-fill-persisted latency and decision compute time, p50 and p95, over the
+    newest decisions (catch-up and skipped bars left out: they were late by definition)."""
+    minutes = pl.duration(minutes=int(strategy.timeframe[:-1]) * _unit(strategy.timeframe))
+    recent = (
+        ledger.decisions(strategy.name)
+        .filter(pl.col("compute_ms").is_not_null())
+        .tail(LATENCY_WINDOW)
+        .with_columns(
+            (
+                (pl.col("decided_at") - pl.col("bar_ts") - minutes).dt.total_milliseconds() / 1000
+            ).alias("latency_s")
+        )
+    )
+    live = recent.filter(pl.col("latency_s") < 60 * _unit(strategy.timeframe))
+    if live.is_empty():
+        return {}
+    return {
+        "close_to_fill_p50_s": float(live["latency_s"].quantile(0.5, "linear")),
+        "close_to_fill_p95_s": float(live["latency_s"].quantile(0.95, "linear")),
+        "decision_compute_p50_ms": float(live["compute_ms"].quantile(0.5, "linear")),
+        "decision_compute_p95_ms": float(live["compute_ms"].quantile(0.95, "linear")),
+    }
+
+
+def _unit(timeframe: str) -> int:
+    return {"m": 1, "h": 60, "d": 1440}[timeframe[-1]]
+
+
+def _kill_switch_text(ledger: Ledger, strategy: str) -> str:
+    reason = ledger.tripped(strategy)
+    return f"TRIPPED: {reason}" if reason else "armed (trading allowed)"
+
+
+def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dict:
+    metadata: dict = {"kill_switch": _kill_switch_text(ledger, strategy.name)}
+    if outcome.decisions:
+        last = outcome.decisions[-1]
+        balance, position = last.balance, last.position
+        close = last.seen.close if last.seen else float("nan")
+        latency = (last.decided_at - last.bar_ts).total_seconds() - 60 * _minutes(strategy)
+        metadata |= {
+            "bar_open": last.bar_ts.isoformat(),
+            "action": last.action,
+            "entry_signal": last.entry_signal,
+            "exit_signal": last.exit_signal,
+            "note": last.note or "",
+            "bars_decided": len(outcome.decisions),
+            "close_to_fill_s": latency,
+            "decision_compute_ms": last.compute_ms or 0.0,
+            "position_amount": position.amount if position else 0.0,
+            "cash": balance.cash,
+            "equity": balance.cash + (position.amount * close if position else 0.0),
+            "realised_pnl": balance.realised_pnl,
+            "fees": balance.fees,
+        }
+        if last.order is not None:
+            metadata["order"] = (
+                f"{last.order.side} {last.order.amount} at {last.order.price}: "
+                f"{last.order.status}" + (f" ({last.order.reason})" if last.order.reason else "")
+            )
+    else:
+        metadata["note"] = "already decided by an earlier run: nothing executed twice"
+    summary = session_summary(ledger, strategy.name)
+    return (
+        metadata | {f"session_{k}": v for k, v in summary.items()} | latency_stats(ledger, strategy)
+    )
+
+
+def _minutes(strategy: StrategyConfig) -> int:
+    return int(strategy.timeframe[:-1]) * _unit(strategy.timeframe)
+
+
+def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
+    key = dry_run_key(strategy)
+
+    @dg.asset(
+        key=key,
+        deps=[*strategy_upstream(strategy), dg.AssetKey(f"backtest_{strategy.name}")],
+        group_name="dry_run",
+        kinds={"python", "sql"},
+        tags={"candlestack/strategy": strategy.name},
+        description=f"Paper trading of {strategy.name} ({strategy.strategy} on {strategy.symbol} "
+        f"{strategy.timeframe}), one closed bar per run, into the ledger. No real orders.",
+    )
+    def dry_run(
+        context: dg.AssetExecutionContext,
+        config: DryRunBar,
+        source: CandleSourceResource,
+        lake: LakeResource,
+        ledger: LedgerResource,
+    ) -> dg.MaterializeResult:
+        bar_ts = datetime.fromisoformat(config.bar_open).astimezone(UTC)
+        client = source.open()
+        book = ledger.open()
+        outcome = DryRun(strategy, lake.lake, client.exchange, client, book).run(
+            bar_ts, run_id=context.run_id
+        )
+        for decision in outcome.decisions:
+            context.log.info(
+                "%s %s: %s%s",
+                strategy.name,
+                decision.bar_ts.isoformat(),
+                decision.action,
+                f" ({decision.note})" if decision.note else "",
+            )
+        return dg.MaterializeResult(metadata=_decision_metadata(book, strategy, outcome))
+
+    return dry_run
+
+
+def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
+    tolerance = strategy.dry_run.drift
+
+    @dg.asset_check(
+        asset=dry_run_key(strategy),
+        name=DRIFT_CHECK,
+        description=f"The dry-run against its backtest replayed on the same bars over the last "
+        f"{tolerance.window_days} days: signal agreement >= {tolerance.min_signal_agreement:.0%}, "
+        f"fill price within {tolerance.max_fill_price_diff_bps:g} bps, at most "
+        f"{tolerance.max_unmatched_fills} unmatched fills, PnL within "
+        f"{tolerance.max_pnl_diff:.2%} of capital. Differences are attributed.",
+    )
+    def drift_check(
+        source: CandleSourceResource, lake: LakeResource, ledger: LedgerResource
+    ) -> dg.AssetCheckResult:
+        report = drift_from_lake(
+            lake.lake, source.open().exchange, ledger.open(), strategy, datetime.now(UTC)
+        )
+        causes = report.causes()
+        return dg.AssetCheckResult(
+            passed=report.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(report.failures) or "within tolerance",
+            metadata={
+                **{k: float(v) for k, v in report.metrics.items()},
+                **{f"cause_{k.replace(' ', '_').replace('-', '_')}": v for k, v in causes.items()},
+                "attributions": dg.MetadataValue.md(md_table(report.attributions, limit=30)),
+            },
+        )
+
+    return drift_check
+
+
+@dg.asset(
+    key=LEDGER_KEY,
+    group_name="dry_run",
+    kinds={"sql"},
+    deps=[dry_run_key(c) for c in enabled_strategies],
+    description="Snapshot of the dry-run ledger: balances, positions, kill switch, orders, "
+    "latency, and the head of the hash-chained audit log (published here so a rewrite of the "
+    "whole chain in the database still shows).",
+    check_specs=[
+        dg.AssetCheckSpec(
+            AUDIT_CHECK,
+            asset=LEDGER_KEY,
+            description="Every audit event hashes the previous one and the chain head matches: "
+            "fails on any edited, deleted or reordered event.",
+        )
+    ],
+)
+def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
+    book = ledger.open()
+    seq, head = book.audit_head()
+    previous = context.instance.get_latest_materialization_event(LEDGER_KEY)
+    orders = book.orders()
+    rejected = orders.filter(pl.col("status") == "rejected").height
+    metadata = {
+        "audit_events": seq,
+        "audit_head_hash": head,
+        "orders": orders.height,
+        "rejected_orders": rejected,
+        "rejection_rate": rejected / orders.height if orders.height else 0.0,
+        "kill_switch": dg.MetadataValue.md(kill_switch_table(book)),
+        "balances": dg.MetadataValue.md(md_table(book.balances())),
+        "positions": dg.MetadataValue.md(md_table(book.positions())),
+        "last_orders": dg.MetadataValue.md(md_table(orders.tail(10).drop("client_order_id"))),
+        "ledger": book.url,
+    }
+    problems = book.verify_audit_chain()
+    # The head published last time must still be in the chain, with the same hash.
+    if previous is not None and (published := previous.asset_materialization) is not None:
+        old_seq = published.metadata.get("audit_events")
+        old_hash = published.metadata.get("audit_head_hash")
+        if old_seq is not None and old_hash is not None and old_seq.value > 0:
+            events = book.audit_events(last=max(seq - old_seq.value + 1, 1))
+            match = events.filter(pl.col("seq") == old_seq.value)
+            if match.is_empty() or match.item(0, "hash") != old_hash.value:
+                problems.append(
+                    f"seq {old_seq.value}: no longer carries the hash published at the last "
+                    "snapshot (the chain was rewritten)"
+                )
+    yield dg.MaterializeResult(metadata=metadata)
+    yield dg.AssetCheckResult(
+        check_name=AUDIT_CHECK,
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(problems[:5]) or f"{seq} events verified",
+        metadata={"events": seq, "problems": len(problems), "head_hash": head},
+    )
+
+
+def kill_switch_table(book: Ledger) -> str:
+    states = book.kill_switch_states()
+    scopes = [GLOBAL_SCOPE, *(c.name for c in enabled_strategies)]
+    known = {row["scope"]: row for row in states.iter_rows(named=True)}
+    rows = []
+    for scope in dict.fromkeys([*scopes, *known]):
+        row = known.get(scope)
+        state = "TRIPPED" if row and row["tripped"] else "armed"
+        detail = (
+            f"{row['reason']} ({row['changed_by']}, {row['changed_at']:%Y-%m-%d %H:%M:%S})"
+            if row
+            else ""
+        )
+        rows.append({"scope": scope, "state": state, "last change": detail})
+    return md_table(pl.DataFrame(rows, schema=["scope", "state", "last change"], orient="row"))
+
+
+dry_run_assets = [_dry_run_asset(c) for c in enabled_strategies]
+drift_checks = [_drift_check(c) for c in enabled_strategies]

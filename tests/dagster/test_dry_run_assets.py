@@ -1,0 +1,192 @@
+"""The dry-run in Dagster: the sensor's requests and cursor, a bar executed once, the kill
+switch job, and the audit and drift checks, on today's synthetic candles."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import polars as pl
+import pytest
+from sqlalchemy import create_engine, text
+
+from assets.dry_run import AUDIT_CHECK, DRIFT_CHECK, drift_checks, dry_run_assets, ledger_snapshot
+from candlestack.ingest import Ingestor
+from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.ledger import Ledger
+from candlestack.sources.synthetic import SyntheticSource
+from pipelines.jobs import kill_switch
+from pipelines.sensors import dry_run_bars
+from resources import LakeResource, LedgerResource, SyntheticSourceResource
+
+STRATEGY = "btc_scalp"  # the built-in 1m strategy: bars close every minute
+SYMBOLS = ["BTC/USDT"]
+
+
+@pytest.fixture
+def live(tmp_path):
+    """Yesterday's and today's closed BTC minutes and market rules, as the live schedule
+    leaves them, plus resources pointing there."""
+    lake = Lake(tmp_path / "lake")
+    source = SyntheticSource(seed=7, symbols=SYMBOLS)
+    today = datetime.now(UTC).date()
+    if datetime.now(UTC) - datetime.combine(today, datetime.min.time(), UTC) < timedelta(minutes=5):
+        pytest.skip("too close to midnight UTC for a session of today's bars")
+    Ingestor(source, lake).ingest("BTC/USDT", [today - timedelta(days=1), today])
+    for day in (today - timedelta(days=1), today):
+        write_parquet_atomic(
+            lake.markets_path("synthetic", day), source.load_markets().to_arrow(), {}
+        )
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    resources = {
+        "source": SyntheticSourceResource(symbols=SYMBOLS),
+        "lake": LakeResource(
+            root=str(lake.root),
+            catalog_path=str(tmp_path / "c.duckdb"),
+            reports_path=str(tmp_path / "reports"),
+        ),
+        "ledger": LedgerResource(url=url),
+    }
+    return resources, Ledger(url)
+
+
+def asset(name: str) -> dg.AssetsDefinition:
+    return next(a for a in dry_run_assets if a.key == dg.AssetKey(f"dryrun_{name}"))
+
+
+def tick(instance, resources, cursor=None) -> dg.SensorResult:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    return dry_run_bars(context)
+
+
+def run(request: dg.RunRequest, resources, instance) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [asset(STRATEGY)],
+        run_config=request.run_config,
+        resources=resources,
+        instance=instance,
+        tags=request.tags,
+    )
+
+
+def test_sensor_requests_each_new_bar_once_and_the_run_executes_it_once(live):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    first = tick(instance, resources)
+    # A strategy seen for the first time starts at its newest closed bar; strategies whose
+    # bars are not built yet request nothing.
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    cursor = json.loads(first.cursor)
+    newest = datetime.fromisoformat(cursor[STRATEGY])
+    assert request.run_key == f"{STRATEGY}|BTC/USDT|1m|{newest.isoformat()}"
+    assert request.asset_selection == [dg.AssetKey(f"dryrun_{STRATEGY}")]
+    # The same tick again: nothing new.
+    assert not tick(instance, resources, first.cursor).run_requests
+
+    # Three bars closed while nothing ran: requested in order.
+    behind = json.dumps({STRATEGY: (newest - timedelta(minutes=3)).isoformat()})
+    caught_up = tick(instance, resources, behind).run_requests
+    assert [r.tags["candlestack/bar_open"] for r in caught_up] == [
+        (newest - timedelta(minutes=k)).isoformat() for k in (2, 1, 0)
+    ]
+    for earlier in caught_up:
+        result = run(earlier, resources, instance)
+        assert result.success
+    decisions = ledger.decisions(STRATEGY)
+    assert decisions.get_column("bar_ts").to_list() == [
+        newest - timedelta(minutes=k) for k in (2, 1, 0)
+    ]
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["kill_switch"].value.startswith("armed")
+    assert metadata["session_decisions"].value == 3
+    assert "close_to_fill_s" in metadata
+
+    # The newest bar again (a repeated tick or a restarted daemon): nothing executed twice.
+    again = run(request, resources, instance)
+    metadata = again.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["note"].value.startswith("already decided")
+    assert ledger.decisions(STRATEGY).height == 3
+
+
+def test_kill_switch_job_trips_and_resets_with_an_audited_reason(live):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+
+    def change(action: str, reason: str) -> dg.ExecuteInProcessResult:
+        config = {"action": action, "scope": STRATEGY, "reason": reason}
+        return kill_switch.execute_in_process(
+            run_config={"ops": {"change_kill_switch": {"config": config}}},
+            resources={"ledger": resources["ledger"]},
+            instance=instance,
+        )
+
+    tripped = change("trip", "exchange maintenance")
+    assert ledger.tripped(STRATEGY) == "exchange maintenance"
+    observed = tripped.asset_observations_for_node("change_kill_switch")[0]
+    assert "TRIPPED" in observed.metadata["kill_switch"].value
+    assert observed.metadata["change"].value.startswith("trip btc_scalp: exchange maintenance")
+
+    request = tick(instance, resources).run_requests[0]
+    result = run(request, resources, instance)
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["kill_switch"].value == "TRIPPED: exchange maintenance"
+    assert ledger.orders(STRATEGY).is_empty()
+
+    change("reset", "maintenance over")
+    assert ledger.tripped(STRATEGY) is None
+    events = ledger.audit_events()
+    kinds = events.get_column("kind").to_list()
+    assert kinds.count("kill_switch_trip") == kinds.count("kill_switch_reset") == 1
+    by = json.loads(events.filter(pl.col("kind") == "kill_switch_reset").item(0, "payload"))["by"]
+    assert by.startswith("dagster run ")
+
+
+def audit_check(resources, instance) -> dg.AssetCheckEvaluation:
+    result = dg.materialize([ledger_snapshot], resources=resources, instance=instance)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == AUDIT_CHECK
+    return evaluation
+
+
+def test_audit_check_fails_on_an_edited_or_deleted_event(live, tmp_path):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    for request in tick(instance, resources).run_requests:
+        run(request, resources, instance)
+    ledger.trip(STRATEGY, "test", "test")
+    assert audit_check(resources, instance).passed
+
+    engine = create_engine(resources["ledger"].url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET payload = '{}' WHERE seq = 1"))
+    edited = audit_check(resources, instance)
+    assert not edited.passed and "seq 1: hash mismatch" in edited.description
+
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_events WHERE seq = 1"))
+    deleted = audit_check(resources, instance)
+    assert not deleted.passed and "seq 1: missing" in deleted.description
+    engine.dispose()
+
+
+def test_drift_check_passes_on_identical_inputs(live):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    first = tick(instance, resources)
+    newest = datetime.fromisoformat(json.loads(first.cursor)[STRATEGY])
+    behind = json.dumps({STRATEGY: (newest - timedelta(minutes=30)).isoformat()})
+    for request in tick(instance, resources, behind).run_requests:
+        run(request, resources, instance)
+    key = dg.AssetKey(f"dryrun_{STRATEGY}")
+    check = next(c for c in drift_checks if any(k.asset_key == key for k in c.check_keys))
+    result = dg.materialize(
+        [asset(STRATEGY), check],
+        selection=dg.AssetSelection.checks(check),
+        resources=resources,
+        instance=instance,
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == DRIFT_CHECK
+    assert evaluation.passed, evaluation.description
+    assert evaluation.metadata["bars_compared"].value == 30
+    assert evaluation.metadata["signal_agreement"].value == 1.0
