@@ -148,7 +148,7 @@ def audit_check(resources, instance) -> dg.AssetCheckEvaluation:
     return evaluation
 
 
-def test_audit_check_fails_on_an_edited_or_deleted_event(live, tmp_path):
+def test_audit_check_fails_on_an_edited_or_deleted_event(live):
     resources, ledger = live
     instance = dg.DagsterInstance.ephemeral()
     for request in tick(instance, resources).run_requests:
@@ -170,7 +170,7 @@ def test_audit_check_fails_on_an_edited_or_deleted_event(live, tmp_path):
 
 
 def test_drift_check_passes_on_identical_inputs(live):
-    resources, ledger = live
+    resources, _ = live
     instance = dg.DagsterInstance.ephemeral()
     first = tick(instance, resources)
     newest = datetime.fromisoformat(json.loads(first.cursor)[STRATEGY])
