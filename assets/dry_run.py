@@ -89,6 +89,7 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             "bars_decided": len(outcome.decisions),
             "close_to_fill_s": latency,
             "decision_compute_ms": last.compute_ms or 0.0,
+            "process_warm_up_ms": outcome.warm_up_ms,
             "position_amount": position.amount if position else 0.0,
             "cash": balance.cash,
             "equity": balance.cash + (position.amount * close if position else 0.0),

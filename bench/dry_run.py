@@ -33,7 +33,7 @@ from candlestack.dryrun import DryRun
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.ledger import Ledger
-from candlestack.resample import TIMEFRAME_MINUTES
+from candlestack.resample import BAR_TIMEFRAMES, TIMEFRAME_MINUTES
 from candlestack.sources.synthetic import SyntheticSource
 from candlestack.strategies.config import load_strategies
 
@@ -55,7 +55,7 @@ def decision_compute(bars: int, folder: Path) -> None:
     builder = BarBuilder(lake, "synthetic", imputed_max_share=0.01)
     for symbol, key in (("BTC/USDT", "BTC-USDT"), ("ETH/USDT", "ETH-USDT")):
         Ingestor(source, lake).ingest(symbol, days)
-        for timeframe in ("5m", "15m", "30m", "1h", "4h", "1d"):
+        for timeframe in BAR_TIMEFRAMES:
             for day in days:
                 builder.build(timeframe, key, day)
     for day in days:

@@ -26,6 +26,8 @@ from candlestack.config import symbol_key
 from candlestack.resample import TIMEFRAME_MINUTES
 
 DAYS = 7
+# Closed bars each enabled strategy paper-trades in the demo, one dry-run run per bar.
+DRY_RUN_BARS = 12
 
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -98,6 +100,85 @@ def _backtest_summary(result) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def _dry_run_session(defs, instance, lake, exchange) -> list:
+    """The sensor's work by hand: one run of the dry-run job per newest closed bar of each
+    enabled strategy, in order, then the drift and audit checks."""
+    from assets.dry_run import dry_run_key, enabled_strategies
+    from pipelines.sensors import closed_bars, run_request
+
+    job = defs.resolve_job_def("dry_run")
+    today = datetime.now(UTC).date()
+    results = []
+    for strategy in enabled_strategies:
+        for bar_ts in closed_bars(lake, exchange, strategy, today)[-DRY_RUN_BARS:]:
+            request = run_request(strategy, bar_ts)
+            results.append(
+                job.execute_in_process(
+                    instance=instance,
+                    run_config={**request.run_config.to_config_dict(), **QUIET},
+                    asset_selection=[dry_run_key(strategy)],
+                    tags=request.tags,
+                    raise_on_error=False,
+                )
+            )
+    checks = defs.resolve_job_def("dry_run_checks").execute_in_process(
+        instance=instance, run_config=QUIET, raise_on_error=False
+    )
+    return [*results, checks]
+
+
+def _print_dry_run(defs, runs) -> None:
+    from assets.dry_run import enabled_strategies, latency_stats
+
+    ledger = defs.resources["ledger"].open()
+    print(f"\ndry-run (paper trading only: nothing sends a real order), ledger {ledger.url}:")
+    orders = ledger.orders()
+    table = dict(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_cols=-1,
+                 tbl_width_chars=200, tbl_rows=30)  # fmt: skip
+    with pl.Config(**table):
+        print("orders (latest 15):")
+        print(orders.select("strategy", "symbol", "side", "amount", "price", "status", "reason",
+                            "created_at").tail(15))  # fmt: skip
+        print("rejections:")
+        print(orders.filter(pl.col("status") == "rejected").select(
+            "strategy", "side", "amount", "price", "reason").tail(10))  # fmt: skip
+        print("fills (latest 10):")
+        print(ledger.fills().select("strategy", "side", "amount", "price", "fee", "bar_ts",
+                                    "filled_at").tail(10))  # fmt: skip
+        print("positions:")
+        print(ledger.positions().drop("refused_exit"))
+        rows = []
+        checks = {e.asset_key.to_user_string(): e for e in runs[-1].get_asset_check_evaluations()}
+        for strategy in enabled_strategies:
+            balance = ledger.balance(strategy.name)
+            drift = checks.get(f"dryrun_{strategy.name}")
+            meta = {k: v.value for k, v in drift.metadata.items()} if drift else {}
+            stats = latency_stats(ledger, strategy)
+            rows.append(
+                {
+                    "strategy": strategy.name,
+                    "bars": ledger.decisions(strategy.name).height,
+                    "cash": round(balance.cash, 2) if balance else None,
+                    "realised pnl": round(balance.realised_pnl, 4) if balance else None,
+                    "fees": round(balance.fees, 4) if balance else None,
+                    "kill switch": ledger.tripped(strategy.name) or "armed",
+                    "signal agreement": meta.get("signal_agreement"),
+                    "fill diff bps": meta.get("fill_price_diff_bps_max"),
+                    "pnl diff": meta.get("pnl_diff"),
+                    "drift": ("passed" if drift.passed else "FAILED") if drift else "n/a",
+                    "compute p95 ms": round(stats.get("decision_compute_p95_ms", 0.0), 1),
+                }
+            )
+        print("balances, kill switch and drift against the backtest replayed on the same bars:")
+        print(pl.DataFrame(rows))
+    audit = checks.get("ledger")
+    head = ledger.audit_head()
+    print(f"audit chain: {'verified' if audit and audit.passed else 'FAILED'}, "
+          f"{head[0]} events, head {head[1][:16]}...")  # fmt: skip
+    failed = [r.run_id for r in runs if not r.success]
+    print(f"dry-run runs: {len(runs) - 1} succeeded" if not failed else f"FAILED runs: {failed}")
+
+
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     os.environ.setdefault("DAGSTER_HOME", str(root))
@@ -135,9 +216,10 @@ def main() -> int:
     catalog = defs.resolve_job_def("refresh_catalog").execute_in_process(
         instance=instance, run_config=QUIET, raise_on_error=False
     )
-
     lake = defs.resources["lake"].lake
     exchange = defs.resources["source"].open().exchange
+    dry_runs = _dry_run_session(defs, instance, lake, exchange)
+
     reports = lake.reports(exchange).filter(pl.col("date") >= datetime.fromisoformat(first).date())
     stored = []
     for report in reports.iter_rows(named=True):
@@ -206,6 +288,8 @@ def main() -> int:
     ):
         print(f"  run {name:<17} {'succeeded' if result.success else 'FAILED'} ({result.run_id})")
 
+    _print_dry_run(defs, dry_runs)
+
     print(f"\nlake:     {lake.root.resolve()}")
     print(
         f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, features, gaps, "
@@ -213,7 +297,7 @@ def main() -> int:
     )
     print(f"instance: {Path(instance.root_directory).resolve()}")
     print("UI:       DAGSTER_HOME=$PWD dagster dev -h 127.0.0.1   (or: make ui)")
-    runs = (candles, markets, backtests, catalog)
+    runs = (candles, markets, backtests, catalog, *dry_runs)
     return 0 if all(run.success for run in runs) else 1
 
 

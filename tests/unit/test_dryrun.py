@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -278,3 +281,26 @@ def test_decision_keys_are_the_sensor_run_keys(session: Session):
     config = strategy()
     keys = session.ledger.decisions(config.name).get_column("key").to_list()
     assert keys[0] == decision_key(config.name, SYMBOL, "1m", SESSION_START)
+
+
+def test_kill_switch_cli_trips_and_resets_with_a_reason(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    env = {**os.environ, "CANDLESTACK_LEDGER_URL": url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "candlestack.kill_switch", *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    refused = cli("trip", "--scope", "btc_fast_cross")
+    assert refused.returncode == 2 and "trip needs --reason" in refused.stderr
+    tripped = cli("trip", "--scope", "btc_fast_cross", "--reason", "fat finger on the exchange")
+    assert tripped.returncode == 0, tripped.stderr
+    assert "btc_fast_cross: tripped" in tripped.stdout
+    ledger = Ledger(url)
+    assert ledger.tripped("btc_fast_cross") == "fat finger on the exchange"
+    assert cli("reset", "--scope", "btc_fast_cross", "--reason", "checked").returncode == 0
+    assert ledger.tripped("btc_fast_cross") is None
+    payloads = [json.loads(p) for p in ledger.audit_events().get_column("payload")]
+    assert [p["by"].startswith("cli:") for p in payloads] == [True, True]
