@@ -40,28 +40,30 @@ class DryRunBar(dg.Config):
 
 
 def latency_stats(ledger: Ledger, strategy: StrategyConfig) -> dict[str, float]:
-    """Close-to-fill-persisted latency and decision compute time, p50 and p95, over the
-    newest decisions (catch-up and skipped bars left out: they were late by definition)."""
-    minutes = pl.duration(minutes=int(strategy.timeframe[:-1]) * _unit(strategy.timeframe))
+    """Decision compute time and close-to-fill-persisted latency, p50 and p95, over the
+    newest decisions; latency only of bars decided live (within one bar of their close:
+    catch-up bars were late by definition)."""
+    bar = pl.duration(minutes=_minutes(strategy))
     recent = (
         ledger.decisions(strategy.name)
         .filter(pl.col("compute_ms").is_not_null())
         .tail(LATENCY_WINDOW)
         .with_columns(
-            (
-                (pl.col("decided_at") - pl.col("bar_ts") - minutes).dt.total_milliseconds() / 1000
-            ).alias("latency_s")
+            ((pl.col("decided_at") - pl.col("bar_ts") - bar).dt.total_milliseconds() / 1000)
+            .alias("latency_s")
         )
     )
-    live = recent.filter(pl.col("latency_s") < 60 * _unit(strategy.timeframe))
-    if live.is_empty():
+    if recent.is_empty():
         return {}
-    return {
-        "close_to_fill_p50_s": float(live["latency_s"].quantile(0.5, "linear")),
-        "close_to_fill_p95_s": float(live["latency_s"].quantile(0.95, "linear")),
-        "decision_compute_p50_ms": float(live["compute_ms"].quantile(0.5, "linear")),
-        "decision_compute_p95_ms": float(live["compute_ms"].quantile(0.95, "linear")),
+    stats = {
+        "decision_compute_p50_ms": float(recent["compute_ms"].quantile(0.5, "linear")),
+        "decision_compute_p95_ms": float(recent["compute_ms"].quantile(0.95, "linear")),
     }
+    live = recent.filter(pl.col("latency_s") < 60 * _minutes(strategy))
+    if not live.is_empty():
+        stats["close_to_fill_p50_s"] = float(live["latency_s"].quantile(0.5, "linear"))
+        stats["close_to_fill_p95_s"] = float(live["latency_s"].quantile(0.95, "linear"))
+    return stats
 
 
 def _unit(timeframe: str) -> int:

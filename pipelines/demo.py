@@ -115,7 +115,7 @@ def _dry_run_session(defs, instance, lake, exchange) -> list:
             results.append(
                 job.execute_in_process(
                     instance=instance,
-                    run_config={**request.run_config.to_config_dict(), **QUIET},
+                    run_config={**request.run_config, **QUIET},
                     asset_selection=[dry_run_key(strategy)],
                     tags=request.tags,
                     raise_on_error=False,
