@@ -49,8 +49,9 @@ def latency_stats(ledger: Ledger, strategy: StrategyConfig) -> dict[str, float]:
         .filter(pl.col("compute_ms").is_not_null())
         .tail(LATENCY_WINDOW)
         .with_columns(
-            ((pl.col("decided_at") - pl.col("bar_ts") - bar).dt.total_milliseconds() / 1000)
-            .alias("latency_s")
+            ((pl.col("decided_at") - pl.col("bar_ts") - bar).dt.total_milliseconds() / 1000).alias(
+                "latency_s"
+            )
         )
     )
     if recent.is_empty():
