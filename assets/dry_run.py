@@ -167,12 +167,22 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         f"{tolerance.max_pnl_diff:.2%} of capital. Differences are attributed.",
     )
     def drift_check(
-        source: CandleSourceResource, lake: LakeResource, ledger: LedgerResource
+        context: dg.AssetCheckExecutionContext,
+        source: CandleSourceResource,
+        lake: LakeResource,
+        ledger: LedgerResource,
     ) -> dg.AssetCheckResult:
         report = drift_from_lake(
             lake.lake, source.open().exchange, ledger.open(), strategy, datetime.now(UTC)
         )
         causes = report.causes()
+        # Observed on the asset too: its Plots tab draws each figure across check runs.
+        context.op_execution_context.log_event(
+            dg.AssetObservation(
+                asset_key=dry_run_key(strategy),
+                metadata={f"drift_{k}": float(v) for k, v in report.metrics.items()},
+            )
+        )
         return dg.AssetCheckResult(
             passed=report.passed,
             severity=dg.AssetCheckSeverity.ERROR,

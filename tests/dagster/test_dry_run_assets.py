@@ -190,3 +190,6 @@ def test_drift_check_passes_on_identical_inputs(live):
     assert evaluation.passed, evaluation.description
     assert evaluation.metadata["bars_compared"].value == 30
     assert evaluation.metadata["signal_agreement"].value == 1.0
+    # The figures are observed on the asset as well, so the UI plots drift over time.
+    (observation,) = result.asset_observations_for_node(check.node_def.name)
+    assert observation.metadata["drift_pnl_diff"].value == pytest.approx(0.0, abs=1e-9)
