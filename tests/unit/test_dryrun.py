@@ -304,3 +304,19 @@ def test_kill_switch_cli_trips_and_resets_with_a_reason(tmp_path: Path):
     assert ledger.tripped("btc_fast_cross") is None
     payloads = [json.loads(p) for p in ledger.audit_events().get_column("payload")]
     assert [p["by"].startswith("cli:") for p in payloads] == [True, True]
+
+
+def test_an_order_under_the_min_notional_is_rejected_with_its_reason_never_filled(
+    session: Session,
+):
+    config = strategy(catch_up="all").model_copy(update={"name": "tiny", "order_value": 2.0})
+    session.live(config, 40)
+    orders = session.ledger.orders("tiny")
+    assert orders.height >= 1
+    assert set(orders.get_column("status")) == {"rejected"}
+    assert set(orders.get_column("reason")) == {"notional below the market's minimum (min cost)"}
+    assert session.ledger.fills("tiny").is_empty()
+    assert session.ledger.position("tiny", SYMBOL) is None
+    report = drift_from_lake(session.lake, "synthetic", session.ledger, config, session.clock.now)
+    assert report.passed, report.failures  # the backtest refuses the same orders
+    assert report.metrics["rejected_orders"] == orders.height
