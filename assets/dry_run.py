@@ -7,7 +7,7 @@ check replays the backtest over the bars the dry-run decided. The `ledger` asset
 snapshot of the whole ledger with the `audit_chain` check. Nothing here sends a real order.
 """
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import polars as pl
@@ -15,16 +15,15 @@ import polars as pl
 from assets.backtests import strategies_file, strategy_upstream
 from assets.markdown import md_table
 from candlestack.drift import drift_from_lake
-from candlestack.dryrun import DryRun, session_summary
+from candlestack.dryrun import DryRun, latency_stats, session_summary
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
+from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from resources import CandleSourceResource, LakeResource, LedgerResource
 
 DRIFT_CHECK = "drift"
 AUDIT_CHECK = "audit_chain"
 LEDGER_KEY = dg.AssetKey("ledger")
-# Latency figures cover this many of the newest decisions.
-LATENCY_WINDOW = 500
 
 enabled_strategies = [c for c in strategies_file.strategies if c.dry_run.enabled]
 
@@ -39,38 +38,6 @@ class DryRunBar(dg.Config):
     bar_open: str
 
 
-def latency_stats(ledger: Ledger, strategy: StrategyConfig) -> dict[str, float]:
-    """Decision compute time and close-to-fill-persisted latency, p50 and p95, over the
-    newest decisions; latency only of bars decided live (within one bar of their close:
-    catch-up bars were late by definition)."""
-    bar = pl.duration(minutes=_minutes(strategy))
-    recent = (
-        ledger.decisions(strategy.name)
-        .filter(pl.col("compute_ms").is_not_null())
-        .tail(LATENCY_WINDOW)
-        .with_columns(
-            ((pl.col("decided_at") - pl.col("bar_ts") - bar).dt.total_milliseconds() / 1000).alias(
-                "latency_s"
-            )
-        )
-    )
-    if recent.is_empty():
-        return {}
-    stats = {
-        "decision_compute_p50_ms": float(recent["compute_ms"].quantile(0.5, "linear")),
-        "decision_compute_p95_ms": float(recent["compute_ms"].quantile(0.95, "linear")),
-    }
-    live = recent.filter(pl.col("latency_s") < 60 * _minutes(strategy))
-    if not live.is_empty():
-        stats["close_to_fill_p50_s"] = float(live["latency_s"].quantile(0.5, "linear"))
-        stats["close_to_fill_p95_s"] = float(live["latency_s"].quantile(0.95, "linear"))
-    return stats
-
-
-def _unit(timeframe: str) -> int:
-    return {"m": 1, "h": 60, "d": 1440}[timeframe[-1]]
-
-
 def _kill_switch_text(ledger: Ledger, strategy: str) -> str:
     reason = ledger.tripped(strategy)
     return f"TRIPPED: {reason}" if reason else "armed (trading allowed)"
@@ -82,7 +49,8 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
         last = outcome.decisions[-1]
         balance, position = last.balance, last.position
         close = last.seen.close if last.seen else float("nan")
-        latency = (last.decided_at - last.bar_ts).total_seconds() - 60 * _minutes(strategy)
+        bar = timedelta(minutes=TIMEFRAME_MINUTES[strategy.timeframe])
+        latency = (last.decided_at - last.bar_ts - bar).total_seconds()
         metadata |= {
             "bar_open": last.bar_ts.isoformat(),
             "action": last.action,
@@ -106,14 +74,10 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             )
     else:
         metadata["note"] = "already decided by an earlier run: nothing executed twice"
-    summary = session_summary(ledger, strategy.name)
-    return (
-        metadata | {f"session_{k}": v for k, v in summary.items()} | latency_stats(ledger, strategy)
-    )
-
-
-def _minutes(strategy: StrategyConfig) -> int:
-    return int(strategy.timeframe[:-1]) * _unit(strategy.timeframe)
+    decisions = ledger.decisions(strategy.name)
+    summary = session_summary(decisions, ledger.orders(strategy.name))
+    stats = latency_stats(decisions, strategy.timeframe)
+    return metadata | {f"session_{k}": v for k, v in summary.items()} | stats
 
 
 def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:

@@ -81,18 +81,22 @@ def _epoch_ms(value: date | datetime | None, bars_ts: np.ndarray) -> int:
     return int(value.timestamp() * 1000)
 
 
-def _untradable(bars: pl.DataFrame) -> np.ndarray:
-    """Bars with an imputed or missing minute (the data policy above)."""
-    if "n_imputed" in bars.columns:
-        return (
-            bars.select((pl.col("n_imputed") > 0) | ~pl.col("complete"))
-            .to_series()
-            .fill_null(True)
-            .to_numpy()
-        )
-    if "imputed" in bars.columns:
-        return bars.get_column("imputed").fill_null(True).to_numpy()
-    return np.zeros(bars.height, dtype=bool)
+def untradable_expr(columns: list[str]) -> pl.Expr | None:
+    """True on bars with an imputed or missing minute (the data policy above), for bars
+    (n_imputed, complete) or 1-minute candles (imputed); None when the frame has neither."""
+    if "n_imputed" in columns:
+        return ((pl.col("n_imputed") > 0) | ~pl.col("complete")).fill_null(True)
+    if "imputed" in columns:
+        return pl.col("imputed").fill_null(True)
+    return None
+
+
+def untradable(bars: pl.DataFrame) -> np.ndarray:
+    """`untradable_expr` as an array (all False when the frame has no quality columns)."""
+    flags = untradable_expr(bars.columns)
+    if flags is None:
+        return np.zeros(bars.height, dtype=bool)
+    return bars.select(flags).to_series().to_numpy()
 
 
 def config_signals(config: StrategyConfig, bars: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +136,7 @@ class BarArrays:
             ts=ts,
             open=bars.get_column("open").to_numpy(),
             close=bars.get_column("close").to_numpy(),
-            untradable=_untradable(bars),
+            untradable=untradable(bars),
         )
 
 

@@ -65,10 +65,15 @@ class BarWindow:
     day_hashes: dict[str, str]  # ISO day -> content hash of that day's bar file
 
 
+def bar_files(lake: Lake, exchange: str, config: StrategyConfig) -> dict[date, Path]:
+    """The day files of the config's bars: 1-minute candles for 1m, else the bars dataset."""
+    dataset = "ohlcv" if config.timeframe == "1m" else "bars"
+    return lake.day_files(dataset, exchange, config.timeframe, symbol_key(config.symbol))
+
+
 def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     """The config's bars from the lake: its window plus enough earlier days to warm up."""
-    dataset = "ohlcv" if config.timeframe == "1m" else "bars"
-    files = lake.day_files(dataset, exchange, config.timeframe, symbol_key(config.symbol))
+    files = bar_files(lake, exchange, config)
     if not files:
         raise LakeError(
             f"no {config.timeframe} bars of {config.symbol} on {exchange} in {lake.root}; "

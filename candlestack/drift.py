@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from candlestack import execution as ex
-from candlestack.backtest import config_signals, simulate
+from candlestack.backtest import config_signals, simulate, untradable_expr
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.lake import Lake
 from candlestack.ledger import SKIPPED_PREFIX, Ledger
@@ -54,6 +54,11 @@ class DriftReport:
     metrics: dict[str, float | int]
     attributions: pl.DataFrame  # ATTRIBUTIONS, oldest first
     failures: list[str] = field(default_factory=list)  # tolerances exceeded
+
+    @classmethod
+    def empty(cls) -> DriftReport:
+        """Nothing decided yet: nothing to compare."""
+        return cls({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
 
     @property
     def passed(self) -> bool:
@@ -107,9 +112,12 @@ def drift(
     backtest replayed on `bars` (the lake's, warm-up included) over the trailing window
     before `now`."""
     tolerance = config.dry_run.drift
-    decided = decisions.filter(~pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX))
+    decisions = decisions.with_columns(
+        pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX).alias("skipped")
+    )
+    decided = decisions.filter(~pl.col("skipped"))
     if decided.is_empty():
-        return DriftReport({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
+        return DriftReport.empty()
     first_ts, last_ts = decided.get_column("bar_ts").min(), decided.get_column("bar_ts").max()
     bar_ms = int(bars.get_column("ts").dt.epoch("ms").diff().min() or 0)
     bars = bars.filter(pl.col("ts") <= last_ts + timedelta(milliseconds=bar_ms))
@@ -119,6 +127,7 @@ def drift(
     result = simulate(config, bars, ts, entry, exit_, rules, first)
 
     since = now - timedelta(days=tolerance.window_days)
+    untradable = untradable_expr(bars.columns)
     lake = bars.select(
         pl.col("ts").cast(pl.Datetime("us", "UTC")),
         "open",
@@ -127,17 +136,16 @@ def drift(
         "close",
         pl.Series("replay_entry", entry),
         pl.Series("replay_exit", exit_),
-        _untradable_expr(bars).alias("lake_untradable"),
+        untradable.alias("lake_untradable"),
         pl.col("open").shift(-1).alias("next_open"),
-        (pl.col("ts").shift(-1).is_not_null() & _untradable_expr(bars).shift(-1)).alias(
-            "next_untradable"
-        ),
+        (pl.col("ts").shift(-1).is_not_null() & untradable.shift(-1)).alias("next_untradable"),
     )
     rejected_keys = orders.filter(pl.col("status") == "rejected").get_column("decision_key")
     compared = (
         decisions.filter(pl.col("bar_ts") >= since)
         .with_columns(pl.col("key").is_in(rejected_keys.implode()).alias("rejected"))
         .join(lake, left_on="bar_ts", right_on="ts", how="left")
+        .with_columns(_revised_expr().alias("revised"))
         .sort("bar_ts")
     )
     attributions: list[dict] = []
@@ -150,10 +158,10 @@ def drift(
             {"bar_ts": row["bar_ts"], "what": what, "detail": detail, "cause": cause}
         )
 
-    in_window = compared.filter(~pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX))
+    in_window = compared.filter(~pl.col("skipped"))
     agree = 0
     for row in compared.iter_rows(named=True):
-        if row["note"] and row["note"].startswith(SKIPPED_PREFIX):
+        if row["skipped"]:
             attribute(row, "bar not decided", row["note"])
             continue
         if row["replay_entry"] is None:
@@ -171,7 +179,7 @@ def drift(
                 f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
                 f"replay {row['replay_entry']}/{row['replay_exit']}",
             )
-    revised = compared.filter(_revised_expr())
+    revised = compared.filter(pl.col("revised"))
     for row in revised.iter_rows(named=True):
         if not any(a["bar_ts"] == row["bar_ts"] for a in attributions):
             attribute(row, "bar revised", _revision_detail(row))
@@ -235,19 +243,16 @@ def drift(
     return DriftReport(metrics, attributions_frame, failures)
 
 
-def _untradable_expr(bars: pl.DataFrame) -> pl.Expr:
-    if "n_imputed" in bars.columns:
-        return ((pl.col("n_imputed") > 0) | ~pl.col("complete")).fill_null(True)
-    return pl.col("imputed").fill_null(True)
-
-
 def _revised_expr() -> pl.Expr:
-    """A decided bar whose recorded prices (or fill open) differ from the lake's now."""
+    """A decided bar whose recorded prices (or fill open) differ from the lake's now
+    (`_differs` over every pair: a missing or NaN value is no evidence of a revision)."""
     changed = pl.lit(False)
     for seen, now in _SEEN_VS_LAKE:
         changed = changed | (
             pl.col(seen).is_not_null()
             & pl.col(now).is_not_null()
+            & pl.col(seen).is_not_nan()
+            & pl.col(now).is_not_nan()
             & (
                 (pl.col(seen) - pl.col(now)).abs()
                 > _SAME_PRICE * pl.max_horizontal(pl.col(seen).abs(), pl.col(now).abs(), 1.0)
@@ -271,11 +276,9 @@ def _cause(row: dict) -> str:
         return KILL_SWITCH
     if row.get("rejected"):
         return REJECTION
-    if (row.get("note") or "").startswith(SKIPPED_PREFIX):
+    if row.get("skipped"):
         return SKIPPED
-    if row.get("open") is None or any(
-        _differs(row.get(seen), row.get(now)) for seen, now in _SEEN_VS_LAKE
-    ):
+    if row.get("open") is None or row.get("revised"):
         return REVISED
     if row.get("lake_untradable") or row.get("next_untradable") or row.get("bar_untradable"):
         return IMPUTED
@@ -347,7 +350,7 @@ def drift_from_lake(
     """`drift` of a strategy's whole dry-run session, with the lake's bars and rules now."""
     decisions = ledger.decisions(config.name)
     if decisions.is_empty():
-        return DriftReport({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
+        return DriftReport.empty()
     first = decisions.get_column("bar_ts").min().date()
     last = decisions.get_column("bar_ts").max().date() + timedelta(days=1)
     window = load_window(lake, exchange, config.model_copy(update={"start": first, "end": last}))

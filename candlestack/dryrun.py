@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from candlestack import execution as ex
-from candlestack.backtest import config_signals, rules_row
+from candlestack.backtest import config_signals, rules_row, untradable
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.config import symbol_key
 from candlestack.errors import CandlestackError
@@ -89,6 +89,11 @@ def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
+def opening_balance(config: StrategyConfig) -> Balance:
+    """A strategy's balance before its first dry-run bar: its capital, nothing realised."""
+    return Balance(cash=config.capital, realised_pnl=0.0, fees=0.0, peak_equity=config.capital)
+
+
 def decide(
     config: StrategyConfig,
     bar: BarDecision,
@@ -99,9 +104,7 @@ def decide(
     """The paper broker: one bar's decision from the strategy's state, as the backtest's loop
     would take it at this bar (see candlestack.backtest._loop). `now` is when it is decided
     and filled."""
-    balance = state.balance or Balance(
-        cash=config.capital, realised_pnl=0.0, fees=0.0, peak_equity=config.capital
-    )
+    balance = state.balance or opening_balance(config)
     position = state.position
     close = bar.seen.close
     equity = balance.cash + (position.amount * close if position else 0.0)
@@ -297,14 +300,6 @@ def warm_up(config: StrategyConfig, bars: pl.DataFrame) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _untradable(bars: pl.DataFrame) -> np.ndarray:
-    if "n_imputed" in bars.columns:
-        flags = (pl.col("n_imputed") > 0) | ~pl.col("complete")
-    else:
-        flags = pl.col("imputed")
-    return bars.select(flags.fill_null(True)).to_series().to_numpy()
-
-
 def _imputed_minutes(bars: pl.DataFrame) -> np.ndarray:
     column = "n_imputed" if "n_imputed" in bars.columns else "imputed"
     return bars.get_column(column).cast(pl.Float64).fill_null(0).to_numpy()
@@ -386,7 +381,7 @@ class DryRun:
         if last is not None:
             first = int(np.searchsorted(ts, _ms(last), side="right"))
         rules = load_rules(self.lake, self.exchange, config.symbol)
-        context = _Window(bars, ts, _untradable(bars), _imputed_minutes(bars), rules)
+        context = _Window(bars, ts, untradable(bars), _imputed_minutes(bars), rules)
         quality = self._quality_trip(context, target)
         decisions = []
         for index in range(first, target + 1):
@@ -423,14 +418,7 @@ class DryRun:
         fill = self._fill(window, index)  # I/O, maybe waiting: not compute
         started += time.perf_counter() - fetching
         fill_ms = _ms(fill.ts) if fill else int(window.ts[index]) + self.bar_ms
-        j = rules_row(window.rules.snapshot_days, fill_ms)
-        rules = ex.MarketRules(
-            amount_step=float(window.rules.amount_step[j]),
-            price_tick=float(window.rules.price_tick[j]),
-            min_amount=float(window.rules.min_amount[j]),
-            max_amount=float(window.rules.max_amount[j]),
-            min_cost=float(window.rules.min_cost[j]),
-        )
+        rules = window.rules.at(rules_row(window.rules.snapshot_days, fill_ms))
         return BarDecision(
             bar_ts=row["ts"],
             seen=seen,
@@ -489,7 +477,7 @@ class DryRun:
         bar_ts = _utc(int(window.ts[index]))
 
         def skipped(state: LedgerState) -> DecisionRecord:
-            balance = state.balance or Balance(self.config.capital, 0.0, 0.0, self.config.capital)
+            balance = state.balance or opening_balance(self.config)
             return DecisionRecord(
                 strategy=self.config.name,
                 symbol=self.config.symbol,
@@ -540,10 +528,9 @@ class _Window:
     rules: ex.RuleBook
 
 
-def session_summary(ledger: Ledger, strategy: str) -> dict[str, Any]:
-    """Counts a person checks first: decisions, orders, rejections, fills, skipped entries."""
-    decisions = ledger.decisions(strategy)
-    orders = ledger.orders(strategy)
+def session_summary(decisions: pl.DataFrame, orders: pl.DataFrame) -> dict[str, Any]:
+    """Counts a person checks first (a strategy's ledger decisions and orders): decisions,
+    orders, rejections, fills, blocked orders, skipped entries."""
     return {
         "decisions": decisions.height,
         "orders": orders.height,
@@ -552,3 +539,34 @@ def session_summary(ledger: Ledger, strategy: str) -> dict[str, Any]:
         "blocked": decisions.filter(pl.col("action") == "blocked").height,
         "skipped_entries": decisions.filter(pl.col("note").str.starts_with("entry skipped")).height,
     }
+
+
+# Latency figures cover this many of the newest decisions.
+LATENCY_WINDOW = 500
+
+
+def latency_stats(decisions: pl.DataFrame, timeframe: str) -> dict[str, float]:
+    """Decision compute time and close-to-fill-persisted latency, p50 and p95, over the
+    newest of a strategy's ledger decisions; latency only of bars decided live (within one
+    bar of their close: catch-up bars were late by definition)."""
+    bar = timedelta(minutes=TIMEFRAME_MINUTES[timeframe])
+    recent = (
+        decisions.filter(pl.col("compute_ms").is_not_null())
+        .tail(LATENCY_WINDOW)
+        .with_columns(
+            ((pl.col("decided_at") - pl.col("bar_ts") - bar).dt.total_milliseconds() / 1000).alias(
+                "latency_s"
+            )
+        )
+    )
+    if recent.is_empty():
+        return {}
+    stats = {
+        "decision_compute_p50_ms": float(recent["compute_ms"].quantile(0.5, "linear")),
+        "decision_compute_p95_ms": float(recent["compute_ms"].quantile(0.95, "linear")),
+    }
+    live = recent.filter(pl.col("latency_s") < bar.total_seconds())
+    if not live.is_empty():
+        stats["close_to_fill_p50_s"] = float(live["latency_s"].quantile(0.5, "linear"))
+        stats["close_to_fill_p95_s"] = float(live["latency_s"].quantile(0.95, "linear"))
+    return stats

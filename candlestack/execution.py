@@ -298,6 +298,16 @@ class RuleBook:
             min_cost=np.array([r.min_cost for r in rules]),
         )
 
+    def at(self, row: int) -> MarketRules:
+        """The rules of one snapshot row (see backtest.rules_row for the row of a day)."""
+        return MarketRules(
+            amount_step=float(self.amount_step[row]),
+            price_tick=float(self.price_tick[row]),
+            min_amount=float(self.min_amount[row]),
+            max_amount=float(self.max_amount[row]),
+            min_cost=float(self.min_cost[row]),
+        )
+
     @classmethod
     def constant(cls, rules: MarketRules) -> RuleBook:
         return cls.of([0], [rules])

@@ -128,7 +128,8 @@ def _dry_run_session(defs, instance, lake, exchange) -> list:
 
 
 def _print_dry_run(defs, runs) -> None:
-    from assets.dry_run import enabled_strategies, latency_stats
+    from assets.dry_run import enabled_strategies
+    from candlestack.dryrun import latency_stats
 
     ledger = defs.resources["ledger"].open()
     print(f"\ndry-run (paper trading only: nothing sends a real order), ledger {ledger.url}:")
@@ -151,13 +152,14 @@ def _print_dry_run(defs, runs) -> None:
         checks = {e.asset_key.to_user_string(): e for e in runs[-1].get_asset_check_evaluations()}
         for strategy in enabled_strategies:
             balance = ledger.balance(strategy.name)
+            decisions = ledger.decisions(strategy.name)
             drift = checks.get(f"dryrun_{strategy.name}")
             meta = {k: v.value for k, v in drift.metadata.items()} if drift else {}
-            stats = latency_stats(ledger, strategy)
+            stats = latency_stats(decisions, strategy.timeframe)
             rows.append(
                 {
                     "strategy": strategy.name,
-                    "bars": ledger.decisions(strategy.name).height,
+                    "bars": decisions.height,
                     "cash": round(balance.cash, 2) if balance else None,
                     "realised pnl": round(balance.realised_pnl, 4) if balance else None,
                     "fees": round(balance.fees, 4) if balance else None,

@@ -16,7 +16,7 @@ import dagster as dg
 import polars as pl
 
 from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
-from candlestack.config import symbol_key
+from candlestack.backtest_store import bar_files
 from candlestack.lake import Lake
 from candlestack.ledger import decision_key
 from candlestack.strategies.config import StrategyConfig
@@ -30,8 +30,7 @@ INTERVAL_SECONDS = 5
 def closed_bars(lake: Lake, exchange: str, strategy: StrategyConfig, today: date) -> list[datetime]:
     """Open times of the strategy's stored (closed) bars of yesterday and today, oldest first.
     Bar files only ever hold closed periods (candlestack.resample)."""
-    dataset = "ohlcv" if strategy.timeframe == "1m" else "bars"
-    files = lake.day_files(dataset, exchange, strategy.timeframe, symbol_key(strategy.symbol))
+    files = bar_files(lake, exchange, strategy)
     paths = [files[d] for d in (today - timedelta(days=1), today) if d in files]
     if not paths:
         return []
