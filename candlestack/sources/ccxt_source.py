@@ -144,18 +144,15 @@ class CcxtSource:
         self._ensure_markets()
         return markets_frame(self.client.markets, self.client.precisionMode)
 
+    def _ohlcv_page(self, symbol: str, since: int, limit: int, *params: dict) -> list[list]:
+        """One fetch_ohlcv request of 1-minute candles, retried and checked by _call."""
+        fetch = self._parsed_or_garbled(self.client.fetch_ohlcv)
+        return self._call("fetch_ohlcv", symbol, fetch, symbol, "1m", since, limit, *params)
+
     def open_at(self, symbol: str, ts_ms: int) -> float | None:
         self._ensure_markets()
         # The one request that may return the forming candle: its open is final already.
-        page = self._call(
-            "fetch_ohlcv",
-            symbol,
-            self._parsed_or_garbled(self.client.fetch_ohlcv),
-            symbol,
-            "1m",
-            ts_ms,
-            1,
-        )
+        page = self._ohlcv_page(symbol, ts_ms, 1)
         if not page or page[0][0] != ts_ms or page[0][1] is None:
             return None
         return float(page[0][1])
@@ -169,16 +166,7 @@ class CcxtSource:
         rows: list[list] = []
         since = start_ms
         while since < end_ms:
-            page = self._call(
-                "fetch_ohlcv",
-                symbol,
-                self._parsed_or_garbled(self.client.fetch_ohlcv),
-                symbol,
-                "1m",
-                since,
-                self.page_limit,
-                {"until": end_ms - 1},
-            )
+            page = self._ohlcv_page(symbol, since, self.page_limit, {"until": end_ms - 1})
             if not page:
                 break
             rows.extend(page)

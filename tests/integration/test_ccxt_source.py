@@ -521,3 +521,17 @@ def test_market_rules_match_exchange_info_filters(srv: FakeBinance) -> None:
 
     btc = by_id["BTCUSDT"]
     assert (btc["amount_step"], btc["price_tick"], btc["min_cost"]) == (0.000001, 0.01, 10.0)
+
+
+def test_open_at_reads_one_candles_open_and_none_when_there_is_none(srv: FakeBinance) -> None:
+    """The dry-run's fill price: one request for the candle opening at ts, its open as the
+    exchange has it; None when the exchange has no candle there (yet)."""
+    srv.now_ms = _ms("2021-04-22T10:30") + 20_000
+    source = _source(srv)
+    minute = _ms("2021-04-22T10:29")
+    want = _csv_between(ETH_CSV, minute, minute + MINUTE_MS)[minute]
+    srv.clear_requests()
+    assert source.open_at("ETH/USDT", minute) == float(want[0])
+    assert [q["limit"] for q in srv.requests_to(KLINES_PATH)] == ["1"]
+    # This loopback server serves closed candles only (Binance also serves the forming one).
+    assert source.open_at("ETH/USDT", _ms("2021-04-22T10:31")) is None
