@@ -26,7 +26,7 @@ from candlestack.config import symbol_key
 from candlestack.errors import LakeError
 from candlestack.execution import RuleBook
 from candlestack.features import warmup_bars
-from candlestack.lake import Lake, content_hash, write_parquet_atomic
+from candlestack.lake import Lake, LakePath, content_hash, read_parquet, write_parquet_atomic
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from candlestack.sweep import sweep
@@ -65,7 +65,7 @@ class BarWindow:
     day_hashes: dict[str, str]  # ISO day -> content hash of that day's bar file
 
 
-def bar_files(lake: Lake, exchange: str, config: StrategyConfig) -> dict[date, Path]:
+def bar_files(lake: Lake, exchange: str, config: StrategyConfig) -> dict[date, LakePath]:
     """The day files of the config's bars: 1-minute candles for 1m, else the bars dataset."""
     dataset = "ohlcv" if config.timeframe == "1m" else "bars"
     return lake.day_files(dataset, exchange, config.timeframe, symbol_key(config.symbol))
@@ -93,7 +93,7 @@ def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     chosen = [d for d in days if first_load <= d <= end]
     columns = BAR_COLUMNS_1M if config.timeframe == "1m" else BAR_COLUMNS
     try:
-        bars = pl.read_parquet([files[d] for d in chosen], columns=columns).sort("ts")
+        bars = read_parquet([files[d] for d in chosen], columns=columns).sort("ts")
     except Exception as exc:
         raise LakeError(f"cannot read {config.timeframe} bars of {config.symbol}: {exc}") from exc
     hashes = {d.isoformat(): lake.read_report(files[d])[0]["content_hash"] for d in chosen}
@@ -107,7 +107,7 @@ def load_rules(lake: Lake, exchange: str, symbol: str) -> RuleBook:
             f"no market rules for {exchange} in {lake.root}: materialize the markets asset "
             "(lot and tick sizes and min notional come from it)"
         )
-    snapshots = pl.read_parquet(files, hive_partitioning=True).with_columns(
+    snapshots = read_parquet(files, hive_partitioning=True).with_columns(
         pl.col("date").cast(pl.Date)
     )
     try:
@@ -136,7 +136,7 @@ class StoredBacktest:
     result: BacktestResult
     window: BarWindow
     run_id: str
-    folder: Path
+    folder: LakePath
     inputs_hash: str
     trades_hash: str
     written: bool  # False when this exact run was already stored
@@ -191,7 +191,7 @@ def metrics_row(
     )
 
 
-def _store(folder: Path, frames: dict[str, pl.DataFrame]) -> bool:
+def _store(folder: LakePath, frames: dict[str, pl.DataFrame]) -> bool:
     """Each file atomically; metrics last, so a stored metrics file means a complete run."""
     if (folder / "metrics.parquet").exists():
         return False
@@ -205,7 +205,7 @@ class StoredSweep:
     results: pl.DataFrame  # ranked, best first
     invalid: list[str]  # combinations left out, with the reason
     run_id: str
-    path: Path
+    path: LakePath
     written: bool
 
 

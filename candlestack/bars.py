@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 
 import polars as pl
 
 from candlestack.checks import gap_failure, ohlc_violations
 from candlestack.ingest import day_start_ms
-from candlestack.lake import Lake
+from candlestack.lake import Lake, LakePath
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
     TIMEFRAME_MINUTES,
@@ -29,7 +28,7 @@ class BarsOutcome:
     symbol_key: str
     day: date
     timeframe: str
-    path: Path
+    path: LakePath
     bars: int  # 0 when skipped
     expected: int  # closed periods of the day (all of a skipped day's)
     complete: int
@@ -70,7 +69,7 @@ class BarBuilder:
         self.exchange = exchange
         self.imputed_max_share = imputed_max_share
 
-    def _skip(self, path: Path, symbol_key: str, day: date, timeframe: str, why: str):
+    def _skip(self, path: LakePath, symbol_key: str, day: date, timeframe: str, why: str):
         path.unlink(missing_ok=True)
         log.warning("%s %s %s: no bars, %s", symbol_key, day, timeframe, why)
         # A day without usable candles misses all its periods.

@@ -3,6 +3,9 @@
 It is rebuilt into a temp file and renamed over the old one, so pipelines never
 hold its write lock for long and a reader with the old file open keeps a
 consistent (if slightly stale) view. Partitioned assets never write through it.
+The catalog file itself is always local; on an s3:// lake its views read the objects
+through the lake's filesystem, which every connection must register: open it with
+`connect`.
 """
 
 from __future__ import annotations
@@ -70,21 +73,33 @@ _RUN_FILES = {
 }
 
 
+def connect(
+    path: Path | str, lake: Lake | str, read_only: bool = True
+) -> duckdb.DuckDBPyConnection:
+    """A connection to the catalog file that can read its views: with the lake's object
+    store registered when the lake is on one."""
+    lake = lake if isinstance(lake, Lake) else Lake(lake)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if lake.filesystem is not None:
+        con.register_filesystem(lake.filesystem)
+    return con
+
+
 def view_sql(lake: Lake) -> dict[str, str]:
     """The SQL of each view, over whatever the lake holds now."""
-    root = lake.root.resolve()
-    candles = root / "ohlcv" / "*" / "*" / "*" / "*" / FILE_NAME
-    markets = root / "markets" / "*" / "*" / FILE_NAME
+    root = lake.location
+    candles = f"{root}/ohlcv/*/*/*/*/{FILE_NAME}"
+    markets = f"{root}/markets/*/*/{FILE_NAME}"
     views = dict(EMPTY_VIEWS)
-    if any(root.glob(f"ohlcv/*/*/*/*/{FILE_NAME}")):
+    if any(lake.root.glob(f"ohlcv/*/*/*/*/{FILE_NAME}")):
         footer = (
             f"SELECT {_hive('exchange')} exchange, {_hive('symbol')} symbol, "
             f"{_hive('date')}::DATE date, decode(key) k, decode(value) v "
-            f"FROM parquet_kv_metadata({_literal(str(candles))})"
+            f"FROM parquet_kv_metadata({_literal(candles)})"
         )
         views["ohlcv"] = (
             "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
-            f"imputed FROM read_parquet({_literal(str(candles))}, hive_partitioning = true)"
+            f"imputed FROM read_parquet({_literal(candles)}, hive_partitioning = true)"
         )
         views["partitions"] = (
             f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_REPORT_JSON}')) "
@@ -95,32 +110,32 @@ def view_sql(lake: Lake) -> dict[str, str]:
             f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_GAPS_JSON}')) g "
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
         )
-    bars = root / "bars" / "*" / "*" / "*" / "*" / FILE_NAME
-    if any(root.glob(f"bars/*/*/*/*/{FILE_NAME}")):
+    bars = f"{root}/bars/*/*/*/*/{FILE_NAME}"
+    if any(lake.root.glob(f"bars/*/*/*/*/{FILE_NAME}")):
         # One view for every timeframe, told apart by its `timeframe` column.
         views["bars"] = (
             "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
             "volume_exact, n_source, n_imputed, complete "
-            f"FROM read_parquet({_literal(str(bars))}, hive_partitioning = true)"
+            f"FROM read_parquet({_literal(bars)}, hive_partitioning = true)"
         )
-    features = root / "features" / "*" / "*" / "*" / "*" / FILE_NAME
-    if any(root.glob(f"features/*/*/*/*/{FILE_NAME}")):
+    features = f"{root}/features/*/*/*/*/{FILE_NAME}"
+    if any(lake.root.glob(f"features/*/*/*/*/{FILE_NAME}")):
         # One view: feature columns are the union over timeframes (null where a timeframe
         # does not compute that feature).
         views["features"] = (
-            f"SELECT * FROM read_parquet({_literal(str(features))}, hive_partitioning = true, "
+            f"SELECT * FROM read_parquet({_literal(features)}, hive_partitioning = true, "
             "union_by_name = true)"
         )
-    if any(root.glob(f"markets/*/*/{FILE_NAME}")):
+    if any(lake.root.glob(f"markets/*/*/{FILE_NAME}")):
         # symbol_key (as config.symbol_key makes it) joins markets to the candle views.
         views["markets"] = (
             "SELECT *, replace(replace(symbol, '/', '-'), ':', '_') AS symbol_key "
-            f"FROM read_parquet({_literal(str(markets))}, hive_partitioning = true)"
+            f"FROM read_parquet({_literal(markets)}, hive_partitioning = true)"
         )
     for name, pattern in _RUN_FILES.items():
-        if any(root.glob(pattern)):
+        if any(lake.root.glob(pattern)):
             views[name] = (
-                f"SELECT * FROM read_parquet({_literal(str(root / pattern))}, "
+                f"SELECT * FROM read_parquet({_literal(f'{root}/{pattern}')}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
     return views
@@ -133,7 +148,7 @@ def build_catalog(lake: Lake, path: Path | str) -> dict[str, int]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     counts = {}
     try:
-        with duckdb.connect(str(tmp)) as con:
+        with connect(tmp, lake, read_only=False) as con:
             for name, sql in view_sql(lake).items():
                 con.execute(f"CREATE VIEW {name} AS {sql}")
                 counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]

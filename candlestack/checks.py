@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date
-from pathlib import Path
 
 import polars as pl
 
+from candlestack.lake import LakePath, scan_parquet
 from candlestack.schema import DAY_MS, MINUTE_MS, day_start_ms
 
 
@@ -77,11 +77,12 @@ def gap_failures(
     return pl.DataFrame(rows, schema=["date", "symbol", "why", "gaps (from-to minutes)"])
 
 
-def sanity_failures(files: Iterable[tuple[str, date, Path]]) -> pl.DataFrame:
+def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame:
     """One row per (symbol, day, stored file) breaking an OHLC sanity rule.
 
     Every file is read back in one scan: a year of day files is one query, not 1,095.
     """
+    files = list(files)
     index = pl.DataFrame(
         [
             {
@@ -99,7 +100,7 @@ def sanity_failures(files: Iterable[tuple[str, date, Path]]) -> pl.DataFrame:
         return pl.DataFrame(schema=schema)
     rules = _ohlc_rules(pl.col("day_start").first())
     counts = (
-        pl.scan_parquet(index["path"].to_list(), include_file_paths="path")
+        scan_parquet([path for _, _, path in files], include_file_paths="path")
         .join(index.lazy(), on="path", maintain_order="left")
         .group_by("symbol", "date", maintain_order=True)
         .agg(rules.values())

@@ -28,7 +28,7 @@ from candlestack.backtest import config_signals, rules_row, untradable
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.config import symbol_key
 from candlestack.errors import CandlestackError
-from candlestack.lake import Lake
+from candlestack.lake import Lake, read_parquet
 from candlestack.ledger import (
     AUDIT_ERROR,
     SKIPPED_PREFIX,
@@ -321,7 +321,7 @@ def newest_candle_close_ms(lake: Lake, exchange: str, symbol: str, today: date) 
     files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
     for day in (today, today - timedelta(days=1)):
         if day in files:
-            last = pl.read_parquet(files[day], columns=["ts"]).get_column("ts").max()
+            last = read_parquet(files[day], columns=["ts"]).get_column("ts").max()
             if last is not None:
                 return _ms(last) + MINUTE_MS
     return None

@@ -22,7 +22,7 @@ from candlestack.features import (
     window_start,
 )
 from candlestack.ingest import contiguous_runs
-from candlestack.lake import Lake
+from candlestack.lake import Lake, LakePath
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class FeatureOutcome:
     symbol_key: str
     day: date
     timeframe: str
-    path: Path
+    path: LakePath
     rows: int
     warm: bool  # the lake held the whole warm-up before the day
     nulls_after_warmup: int  # must be 0 on a warm day

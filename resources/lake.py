@@ -9,7 +9,7 @@ from candlestack.lake import Lake
 class LakeResource(dg.ConfigurableResource):
     """Where the Parquet lake and the DuckDB catalog file live."""
 
-    root: str = "data/lake"
+    root: str = "data/lake"  # a local folder, or s3://bucket/prefix
     catalog_path: str = "data/catalog.duckdb"
     reports_path: str = "data/reports"
 
