@@ -33,7 +33,8 @@ class Settings(BaseModel, frozen=True):
     )
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     start_date: date = date(2020, 1, 1)
-    lake: Path = Path("data/lake")
+    # A local folder, or s3://bucket/prefix (endpoint and credentials: the AWS environment).
+    lake: Path | str = Path("data/lake")
     catalog: Path = Path("data/catalog.duckdb")
     ccxt_options: dict = Field(default_factory=dict)
     ccxt_sandbox: bool = False
@@ -48,6 +49,24 @@ class Settings(BaseModel, frozen=True):
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)
     freshness_lag_minutes: int = Field(3, ge=1)
+    # Alerts: webhook URLs may carry a token (Slack's do), so they reach the resource through
+    # EnvVar and never appear in an error, log or payload. ui_url: the Dagster UI for links.
+    alert_webhook_url: str | None = None
+    slack_webhook_url: str | None = None
+    ui_url: str | None = None
+    # The Prometheus endpoint (python -m pipelines.metrics): loopback unless told otherwise.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=1, le=65535)
+
+    @field_validator("lake", mode="before")
+    @classmethod
+    def _lake_location(cls, value: object) -> object:
+        if isinstance(value, str) and "://" in value:
+            bucket = value.removeprefix("s3://").split("/")[0]
+            if not value.startswith("s3://") or not bucket:
+                raise ValueError(f"{value!r} is neither a local folder nor s3://bucket/prefix")
+            return value.rstrip("/")
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -68,6 +87,18 @@ class Settings(BaseModel, frozen=True):
             if "/" not in symbol or any(c in symbol for c in " |,[]{}*"):
                 raise ValueError(f"{symbol!r} is not a ccxt symbol like BTC/USDT")
         return value
+
+    @field_validator("alert_webhook_url", "slack_webhook_url", "ui_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        # The message leaves the value out: a webhook URL is a credential.
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @property
+    def alerts_configured(self) -> bool:
+        return bool(self.alert_webhook_url or self.slack_webhook_url)
 
     @property
     def exchange_id(self) -> str:

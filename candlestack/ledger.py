@@ -1139,9 +1139,16 @@ class Ledger:
             query = query.where(DecisionRow.bar_ts >= since)
         return self._frame(query, DECISIONS)
 
-    def audit_events(self, last: int | None = None) -> pl.DataFrame:
-        """The audit log in order (only the `last` events when given)."""
+    def audit_events(
+        self, last: int | None = None, after: int | None = None, kinds: Sequence[str] = ()
+    ) -> pl.DataFrame:
+        """The audit log in order (only the `last` events, those after seq `after`, or those
+        of `kinds`, when given)."""
         query = select(*(getattr(AuditEventRow, name) for name in AUDIT))
+        if after is not None:
+            query = query.where(AuditEventRow.seq > after)
+        if kinds:
+            query = query.where(AuditEventRow.kind.in_(kinds))
         if last is not None:
             newest = query.order_by(AuditEventRow.seq.desc()).limit(last).subquery()
             query = select(*(newest.c[name] for name in AUDIT)).order_by(newest.c.seq)

@@ -8,6 +8,7 @@ from assets.dry_run import drift_checks, dry_run_assets, ledger_snapshot
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
+from pipelines.alerts import alert_sensors
 from pipelines.jobs import (
     backtest_job,
     build_bars_job,
@@ -29,7 +30,7 @@ from pipelines.schedules import (
     snapshot_markets_daily,
 )
 from pipelines.sensors import dry_run_bars
-from resources import LakeResource, LedgerResource, source_resource
+from resources import AlertResource, LakeResource, LedgerResource, source_resource
 
 settings = load_settings()
 
@@ -59,7 +60,7 @@ defs = dg.Definitions(
         dry_run_checks_job,
         kill_switch,
     ],
-    sensors=[dry_run_bars],
+    sensors=[dry_run_bars, *alert_sensors],
     schedules=[
         keep_open_day_current,
         finalise_yesterday,
@@ -79,5 +80,15 @@ defs = dg.Definitions(
             reports_path=str(settings.reports),
         ),
         "ledger": LedgerResource(url=settings.ledger_url),
+        # EnvVar: the UI shows the variables' names, never the webhook URLs (credentials).
+        "alerts": AlertResource(
+            webhook_url=dg.EnvVar("CANDLESTACK_ALERT_WEBHOOK_URL")
+            if settings.alert_webhook_url
+            else None,
+            slack_webhook_url=dg.EnvVar("CANDLESTACK_SLACK_WEBHOOK_URL")
+            if settings.slack_webhook_url
+            else None,
+            ui_url=settings.ui_url,
+        ),
     },
 )

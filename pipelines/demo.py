@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import polars as pl
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -21,6 +20,7 @@ from dagster._core.storage.tags import (
 )
 
 from assets.partitions import candle_range
+from candlestack.catalog import connect
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
 from candlestack.resample import TIMEFRAME_MINUTES
@@ -37,8 +37,8 @@ def _range_tags(start: str, end: str) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
 
 
-def _bars_summary(catalog: Path, first: str) -> pl.DataFrame:
-    with duckdb.connect(str(catalog), read_only=True) as con:
+def _bars_summary(catalog: Path, lake, first: str) -> pl.DataFrame:
+    with connect(catalog, lake) as con:
         return con.sql(
             "SELECT timeframe, count(*) AS bars, count(*) FILTER (complete) AS complete, "
             "sum(n_imputed) AS imputed_minutes, count(DISTINCT symbol || date) AS symbol_days "
@@ -260,7 +260,7 @@ def main() -> int:
     ):
         print(pl.DataFrame(rows))
         print("\nbars per timeframe (all symbols, the same days):")
-        print(_bars_summary(settings.catalog, first))
+        print(_bars_summary(settings.catalog, lake, first))
         print("\nfeatures per timeframe (a day is warm once its whole warm-up is in the lake):")
         print(_features_summary(lake, first))
 
@@ -292,7 +292,7 @@ def main() -> int:
 
     _print_dry_run(defs, dry_runs)
 
-    print(f"\nlake:     {lake.root.resolve()}")
+    print(f"\nlake:     {lake.location}")
     print(
         f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, features, gaps, "
         "partitions, markets, trades, backtest_metrics, sweep_results; open it read-only)"

@@ -13,11 +13,10 @@ import json
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
-import polars as pl
 
 from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
 from candlestack.backtest_store import bar_files
-from candlestack.lake import Lake
+from candlestack.lake import Lake, read_parquet
 from candlestack.ledger import decision_key
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
@@ -34,7 +33,7 @@ def closed_bars(lake: Lake, exchange: str, strategy: StrategyConfig, today: date
     paths = [files[d] for d in (today - timedelta(days=1), today) if d in files]
     if not paths:
         return []
-    return pl.read_parquet(paths, columns=["ts"]).get_column("ts").sort().to_list()
+    return read_parquet(paths, columns=["ts"]).get_column("ts").sort().to_list()
 
 
 def bar_requests(

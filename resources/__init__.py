@@ -1,5 +1,6 @@
-"""Dagster ConfigurableResources: candle sources, the lake and the dry-run ledger."""
+"""Dagster ConfigurableResources: candle sources, the lake, the dry-run ledger and alerts."""
 
+from resources.alerts import AlertResource
 from resources.lake import LakeResource
 from resources.ledger import LedgerResource
 from resources.sources import (
@@ -11,6 +12,7 @@ from resources.sources import (
 )
 
 __all__ = [
+    "AlertResource",
     "CandleSourceResource",
     "CcxtSourceResource",
     "LakeResource",
