@@ -14,6 +14,7 @@ import polars as pl
 
 from assets.backtests import strategies_file, strategy_upstream
 from assets.markdown import md_table
+from assets.market_data import EXCHANGE_POOL
 from candlestack.drift import drift_from_lake
 from candlestack.dryrun import DryRun, latency_stats, session_summary
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
@@ -89,6 +90,7 @@ def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         group_name="dry_run",
         kinds={"python", "sql"},
         tags={"candlestack/strategy": strategy.name},
+        pool=EXCHANGE_POOL,  # it fetches the forming candle's open
         description=f"Paper trading of {strategy.name} ({strategy.strategy} on {strategy.symbol} "
         f"{strategy.timeframe}), one closed bar per run, into the ledger. No real orders.",
     )

@@ -22,6 +22,9 @@ from resources import CandleSourceResource, LakeResource
 
 GAPS_CHECK = "gaps"
 OHLC_CHECK = "ohlc_sanity"
+# Every step that calls the exchange takes a slot of this pool, so the instance's pool limit
+# (`concurrency: pools:` in dagster.yaml) caps requests to one exchange across all runs.
+EXCHANGE_POOL = f"exchange-{load_settings().exchange_id}"
 
 
 def _gap_ranges(gaps: pl.DataFrame) -> pl.DataFrame:
@@ -64,6 +67,7 @@ def _partition_metadata(outcome: PartitionOutcome, failure: str | None) -> dict:
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="market_data",
     kinds={"parquet", "polars"},
+    pool=EXCHANGE_POOL,
     check_specs=[
         dg.AssetCheckSpec(
             GAPS_CHECK,
@@ -202,6 +206,7 @@ def candles_freshness(lake: LakeResource, source: CandleSourceResource) -> dg.As
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="market_data",
     kinds={"parquet"},
+    pool=EXCHANGE_POOL,
 )
 def markets(
     context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
@@ -277,8 +282,8 @@ def catalog(lake: LakeResource) -> dg.MaterializeResult:
             "path": dg.MetadataValue.path(lake.catalog_path),
             **{f"{view}_rows": count for view, count in counts.items()},
             "try": dg.MetadataValue.md(
-                '```\n.venv/bin/python -c "import duckdb; print(duckdb.connect('
-                f"'{lake.catalog_path}', read_only=True).sql("
+                '```\n.venv/bin/python -c "from candlestack.catalog import connect; print(connect('
+                f"'{lake.catalog_path}', '{lake.root}').sql("
                 "'SELECT symbol, date, minutes, imputed FROM gaps ORDER BY minutes DESC'))\"\n```"
             ),
         }

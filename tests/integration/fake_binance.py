@@ -10,6 +10,8 @@ Serves enough of ``/api/v3`` for ``ccxt.binance`` (synchronous, 4.5.x) to run
 
 Faults (HTTP errors, slow answers, truncated or corrupt bodies) and temporarily
 missing minutes can be injected so tests can prove the client survives them.
+``delay`` slows every answer and ``max_in_flight`` records the most requests ever
+being served at once, so tests can see how many clients call concurrently.
 
 Usage::
 
@@ -159,17 +161,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake = self.server.fake
+        fake._enter()
+        try:
+            self._serve(fake)
+        finally:
+            fake._leave()
+
+    def _serve(self, fake: FakeBinance) -> None:
         split = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         fake._record_request(split.path, query)
         fault = fake._take_fault(split.path, query.get("symbol"))
         try:
+            # Event.wait, not sleep: close() wakes us so shutdown never hangs.
+            if fake.delay and fake._closing.wait(fake.delay):
+                return
             if fault is not None and fault.kind in _FAULT_STATUS:
                 body = _DEFAULT_FAULT_BODIES[fault.kind] if fault.body is None else fault.body
                 extra = {"Retry-After": "1"} if fault.kind == "429" else {}
                 self._send(_FAULT_STATUS[fault.kind], body, extra)
                 return
-            # Event.wait, not sleep: close() wakes us so shutdown never hangs.
             if (
                 fault is not None
                 and fault.kind == "timeout"
@@ -207,6 +218,8 @@ class FakeBinance:
         exchange_info: the ``exchangeInfo`` JSON to serve verbatim.
         timeout_sleep: seconds a ``"timeout"`` fault delays its (otherwise normal)
             answer; keep it above the client's timeout. May be reassigned.
+        delay: seconds every request is held before it is answered (default 0), so
+            concurrent clients overlap observably. May be reassigned.
     """
 
     def __init__(
@@ -216,13 +229,17 @@ class FakeBinance:
         now_ms: int | Callable[[], int] | None = None,
         exchange_info: Path = EXCHANGE_INFO_PATH,
         timeout_sleep: float = 3.0,
+        delay: float = 0.0,
     ) -> None:
         # Load eagerly: a bad path should fail the test setup, not a request thread.
         self._series = {mid: _load_series(Path(p)) for mid, p in markets.items()}
         self._exchange_info = Path(exchange_info).read_bytes()
         self.now_ms = now_ms
         self.timeout_sleep = timeout_sleep
+        self.delay = delay
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = 0
         self._requests: list[tuple[str, dict[str, str]]] = []
         self._faults: list[_QueuedFault] = []
         self._hides: list[_Hide] = []
@@ -360,6 +377,16 @@ class FakeBinance:
             self._requests.clear()
 
     @property
+    def max_in_flight(self) -> int:
+        """The most requests served at the same moment since the start (or the last reset)."""
+        with self._lock:
+            return self._max_in_flight
+
+    def reset_max_in_flight(self) -> None:
+        with self._lock:
+            self._max_in_flight = self._in_flight
+
+    @property
     def errors(self) -> list[str]:
         """Tracebacks of unexpected exceptions inside the fake; should stay empty."""
         with self._lock:
@@ -376,6 +403,15 @@ class FakeBinance:
     def _record_request(self, path: str, query: dict[str, str]) -> None:
         with self._lock:
             self._requests.append((path, query))
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _record_error(self, tb: str) -> None:
         with self._lock:

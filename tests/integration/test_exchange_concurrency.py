@@ -1,0 +1,105 @@
+"""Requests to one exchange are capped across concurrent runs by the instance's pool limit.
+
+Runs queued together by the real CLI and launched by a real dagster-daemon each ingest a day
+with real ccxt from the loopback Binance, which answers slowly and records the most
+requests it ever served at once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from tests.conftest import REPLAY_FILES, isolated_env
+from tests.integration.fake_binance import FakeBinance
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+POOL = "exchange-binance"
+TIMEOUT_S = 180
+
+
+def days(*dates: int) -> list[str]:
+    return [f"2021-04-{d}|{s}" for d in dates for s in ("BTC-USDT", "ETH-USDT")]
+
+
+@pytest.fixture
+def binance(shared_data):
+    markets = {"BTCUSDT": REPLAY_FILES["BTC/USDT"], "ETHUSDT": REPLAY_FILES["ETH/USDT"]}
+    # Slow answers make every run's requests last long enough to overlap with the others'.
+    with FakeBinance(markets, delay=2.0) as srv:
+        yield srv
+
+
+@pytest.fixture
+def env(tmp_path, binance, monkeypatch):
+    """The repository's run queue and pools (not its storage paths), with an exchange pool
+    limit of 1, and a daemon running on it."""
+    env = isolated_env(
+        tmp_path,
+        source="ccxt",
+        symbols="BTC/USDT,ETH/USDT",
+        start_date="2021-04-01",
+        ccxt_options=json.dumps(binance.ccxt_config()),
+    )
+    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = {k: shipped[k] for k in ("run_coordinator", "concurrency", "telemetry")}
+    config["concurrency"]["pools"]["default_limit"] = 1
+    Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    daemon = subprocess.Popen(
+        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield env
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def dagster(env, *args: str) -> None:
+    done = subprocess.run(
+        [BIN / "dagster", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def ingest_together(env, instance: dg.DagsterInstance, partitions: list[str]) -> None:
+    """Queue one run per partition at once and wait until they all succeed."""
+    dagster(
+        env,
+        "job", "backfill", "-j", "ingest_candles", "-w", "workspace.yaml",
+        "--partitions", ",".join(partitions), "--noprompt",
+    )  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        runs = [r for r in instance.get_runs() if r.tags["dagster/partition"] in partitions]
+        if len(runs) == len(partitions) and all(r.is_finished for r in runs):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"runs not finished in time: {[r.status for r in instance.get_runs()]}")
+    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(partitions)
+
+
+def test_pool_limit_caps_requests_to_the_exchange_across_runs(env, binance):
+    instance = dg.DagsterInstance.get()
+    ingest_together(env, instance, days(21, 22))
+    assert binance.max_in_flight == 1
+    # The cap is the instance's default pool limit, applied to the exchange's pool.
+    assert instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
+
+    # The control: with the exchange's own higher limit, the same load does overlap.
+    binance.reset_max_in_flight()
+    dagster(env, "instance", "concurrency", "set", POOL, "4")
+    ingest_together(env, instance, days(23, 24))
+    assert binance.max_in_flight >= 2
+    assert binance.errors == []

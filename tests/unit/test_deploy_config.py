@@ -1,0 +1,227 @@
+"""The instance and deployment files parse, pass Dagster's own config schema, and agree with
+each other: the same run queue everywhere, services and ports that reference each other.
+(Docker and Kubernetes are not run here; this is what can be checked without them.)"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster._config import Shape, validate_config
+from dagster._core.instance.config import (
+    dagster_instance_config,
+    dagster_instance_config_schema,
+    validate_concurrency_config,
+)
+from dagster_k8s import K8sRunLauncher
+from dagster_webserver.cli import DEFAULT_WEBSERVER_HOST
+
+from candlestack.config import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+# What every instance must share: the queue, the run and exchange-pool limits, monitoring.
+SHARED_SECTIONS = ("run_coordinator", "concurrency", "run_monitoring", "telemetry")
+DAGSTER_SERVICES = ("code", "daemon", "webserver")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def camel_to_snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def snake_keys(values: dict) -> dict:
+    return {camel_to_snake(k): v for k, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def local() -> dict:
+    config, _ = dagster_instance_config(str(ROOT))
+    return config
+
+
+@pytest.fixture(scope="module")
+def postgres() -> dict:
+    config, _ = dagster_instance_config(str(DEPLOY / "postgres"))
+    return config
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load(DEPLOY / "docker-compose.yaml")
+
+
+@pytest.fixture(scope="module")
+def helm() -> dict:
+    return load(DEPLOY / "helm" / "values.yaml")
+
+
+def test_sqlite_by_default_postgres_selected_by_dagster_home(local, postgres):
+    assert list(local["storage"]) == ["sqlite"]
+    assert postgres["storage"] == {"postgres": {"postgres_url": {"env": "DAGSTER_PG_URL"}}}
+    for section in SHARED_SECTIONS:
+        assert postgres[section] == local[section], section
+
+
+def test_run_queue_pools_and_monitoring(local):
+    assert local["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert local["concurrency"]["runs"]["max_concurrent_runs"] >= 1
+    pools = local["concurrency"]["pools"]
+    assert pools["default_limit"] >= 1 and pools["granularity"] == "op"
+    monitoring = local["run_monitoring"]
+    assert monitoring["enabled"] is True
+    # The local run launcher cannot resume a run; Dagster refuses resume attempts with it.
+    assert monitoring.get("max_resume_run_attempts", 0) == 0
+    assert monitoring["max_runtime_seconds"] > 0  # how a run whose worker died ends
+
+
+def test_exchange_calls_share_one_pool_per_exchange():
+    from assets.dry_run import dry_run_assets
+    from assets.market_data import EXCHANGE_POOL, candles_1m, markets
+
+    assert EXCHANGE_POOL == "exchange-synthetic"  # the settings' exchange, here the default
+    for asset in (candles_1m, markets, *dry_run_assets):
+        assert {node.pool for node in asset.node_def.iterate_op_defs()} == {EXCHANGE_POOL}
+
+
+def test_ui_binds_loopback_unless_told():
+    recipe = re.search(r"^ui:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert "dagster dev -h 127.0.0.1" in recipe
+    assert DEFAULT_WEBSERVER_HOST == "127.0.0.1"  # dagster dev and dagster-webserver without -h
+
+
+def test_compose_services_and_loopback_ui(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", *DAGSTER_SERVICES}
+    # The UI is published on loopback only; nothing else is published at all.
+    assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
+    assert [name for name, s in services.items() if "ports" in s] == ["webserver"]
+    images = {services[name]["image"] for name in DAGSTER_SERVICES}
+    assert images == {"candlestack:latest"}
+    for name in DAGSTER_SERVICES:
+        build = services[name]["build"]
+        dockerfile = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile == DEPLOY / "Dockerfile"
+
+
+def test_compose_wires_the_postgres_instance(compose, postgres):
+    services = compose["services"]
+    db = services["postgres"]["environment"]
+    (pg_env_var,) = [v["env"] for v in postgres["storage"]["postgres"].values()]
+    for name in DAGSTER_SERVICES:
+        env = services[name]["environment"]
+        url = env[pg_env_var]
+        assert url.startswith("postgresql+psycopg2://"), url
+        user, host, database = re.fullmatch(r"[^/]+//([^:]+):.*@([^:/]+):5432/(\w+)", url).groups()
+        assert (user, host, database) == (db["POSTGRES_USER"], "postgres", db["POSTGRES_DB"])
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        # Only settings candlestack knows: an unknown CANDLESTACK_* fails the code location.
+        known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+        assert {k for k in env if k.startswith(ENV_PREFIX)} <= known
+
+
+def test_dockerfile_ships_the_postgres_instance_and_workspace(compose):
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    home = re.search(r"DAGSTER_HOME=(\S+)", dockerfile).group(1)
+    copies = dict(line.split()[1:3] for line in dockerfile.splitlines() if line.startswith("COPY "))
+    assert copies["deploy/postgres/dagster.yaml"] == "${DAGSTER_HOME}/dagster.yaml"
+    assert copies["deploy/workspace.yaml"] == "./deploy/workspace.yaml"
+    for source in copies:
+        assert (ROOT / source).exists(), source
+    # Compute logs live under $DAGSTER_HOME/storage: one volume shared by all three services.
+    for name in DAGSTER_SERVICES:
+        assert f"dagster-storage:{home}/storage" in compose["services"][name]["volumes"]
+
+
+def test_workspace_points_at_the_code_server(compose):
+    (entry,) = load(DEPLOY / "workspace.yaml")["load_from"]
+    server = entry["grpc_server"]
+    services = compose["services"]
+    code = services["code"]["command"]
+    assert server["host"] == "code"
+    assert code[code.index("-p") + 1] == str(server["port"])
+    assert code[code.index("-h") + 1] == "0.0.0.0"
+    assert code[code.index("-m") + 1] == "pipelines.definitions"
+    for name in ("daemon", "webserver"):
+        command = services[name]["command"]
+        assert command[command.index("-w") + 1] == "deploy/workspace.yaml"
+    # The image's default command is the code server the workspace names.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1)) == code
+
+
+def render_helm_instance(values: dict) -> dict:
+    """The instance sections the chart renders from these values (its configmap-instance
+    template), to hold them against Dagster's schema."""
+    pg = values["postgresql"]
+    launcher = snake_keys(values["runLauncher"]["config"]["k8sRunLauncher"])
+    for key in ("env_config_maps", "env_secrets"):
+        launcher[key] = [ref["name"] for ref in launcher[key]]
+    # Filled in by the chart itself (an unset namespace is the release's).
+    launcher["job_namespace"] = launcher["job_namespace"] or "candlestack"
+    launcher |= {
+        "service_account_name": "dagster",
+        "dagster_home": {"env": "DAGSTER_HOME"},
+        "instance_config_map": {"env": "DAGSTER_K8S_INSTANCE_CONFIG_MAP"},
+        "postgres_password_secret": {"env": "DAGSTER_K8S_PG_PASSWORD_SECRET"},
+    }
+    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    concurrency = values["concurrency"]
+    return {
+        "storage": {
+            "postgres": {
+                "postgres_db": {
+                    "username": pg["postgresqlUsername"],
+                    "password": {"env": "DAGSTER_PG_PASSWORD"},
+                    "hostname": pg["postgresqlHost"] or "candlestack-postgresql",
+                    "db_name": pg["postgresqlDatabase"],
+                    "port": pg["service"]["port"],
+                    "params": pg["postgresqlParams"],
+                    "scheme": pg["postgresqlScheme"],
+                }
+            }
+        },
+        "run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher},
+        "run_coordinator": {
+            "module": "dagster.core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": snake_keys(queued),
+        },
+        "run_monitoring": snake_keys(values["dagsterDaemon"]["runMonitoring"]),
+        "concurrency": {
+            "runs": snake_keys(concurrency["runs"]),
+            "pools": snake_keys(concurrency["pools"]),
+        },
+        "telemetry": values["telemetry"],
+    }
+
+
+def test_helm_values_give_a_valid_instance(helm, local):
+    assert helm["runLauncher"]["type"] == "K8sRunLauncher"
+    assert helm["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    instance = render_helm_instance(helm)
+    validate_concurrency_config(instance)
+    result = validate_config(Shape(dagster_instance_config_schema()), instance)
+    assert result.success, [e.message for e in result.errors]
+    launcher = validate_config(K8sRunLauncher.config_type(), instance["run_launcher"]["config"])
+    assert launcher.success, [e.message for e in launcher.errors]
+    # PostgreSQL through psycopg2, as in deploy/postgres/dagster.yaml.
+    assert instance["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
+    # The same queue and pools as the local instance; on Kubernetes, a dead run pod is resumed.
+    assert instance["concurrency"] == local["concurrency"]
+    assert instance["run_monitoring"]["enabled"] is True
+    assert instance["run_monitoring"]["max_resume_run_attempts"] > 0
+
+
+def test_helm_user_code_is_the_compose_image_and_module(helm, compose):
+    (deployment,) = helm["dagster-user-deployments"]["deployments"]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "pipelines.definitions"]
+    repository = deployment["image"]["repository"]
+    assert repository.rsplit("/", 1)[-1] == compose["services"]["code"]["image"].split(":")[0]
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+    assert {e["name"] for e in deployment["env"]} <= known
+    assert helm["dagsterWebserver"]["service"]["type"] == "ClusterIP"
