@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup demo test ui bench
+.PHONY: setup demo test ui bench metrics browser
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	DAGSTER_HOME=$(CURDIR) $(BIN)/python -m pipelines.demo
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# tests/ui drives Debian's Chromium through its chromedriver (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 ui: setup
 	DAGSTER_HOME=$(CURDIR) $(BIN)/dagster dev -h 127.0.0.1 -p 3000
@@ -28,3 +35,6 @@ ui: setup
 bench: setup
 	$(BIN)/python bench/backfill.py
 	$(BIN)/python bench/backtest.py
+
+metrics: setup
+	DAGSTER_HOME=$(CURDIR) $(BIN)/python -m pipelines.metrics
