@@ -10,6 +10,10 @@ import polars as pl
 from candlestack.lake import LakePath, scan_parquet
 from candlestack.schema import DAY_MS, MINUTE_MS, day_start_ms
 
+# Day files read back per query: all of a range in one query held every candle of it in
+# memory at once (+120 MiB for a year of one symbol, growing with symbols x days).
+SANITY_BATCH_FILES = 64
+
 
 def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
     """Each OHLC sanity rule as a count of breaking rows (per group, in a group_by)."""
@@ -80,37 +84,43 @@ def gap_failures(
 def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame:
     """One row per (symbol, day, stored file) breaking an OHLC sanity rule.
 
-    Every file is read back in one scan: a year of day files is one query, not 1,095.
+    Files are read back SANITY_BATCH_FILES to a query: a year of day files is 18 queries,
+    not 1,095, and memory does not grow with the range.
     """
     files = list(files)
-    index = pl.DataFrame(
-        [
-            {
-                "symbol": symbol,
-                "date": day,
-                "path": str(path),
-                "day_start": day_start_ms(day),
-            }
-            for symbol, day, path in files
-        ],
-        schema={"symbol": pl.String, "date": pl.Date, "path": pl.String, "day_start": pl.Int64},
-    )
     schema = ["date", "symbol", "violations"]
-    if index.is_empty():
-        return pl.DataFrame(schema=schema)
     rules = _ohlc_rules(pl.col("day_start").first())
-    counts = (
-        scan_parquet([path for _, _, path in files], include_file_paths="path")
-        .join(index.lazy(), on="path", maintain_order="left")
-        .group_by("symbol", "date", maintain_order=True)
-        .agg(rules.values())
-        .collect()
-    )
     rows = []
-    for row in counts.iter_rows(named=True):
-        broken = {rule: row[rule] for rule in rules if row[rule]}
-        if broken:
-            rows.append(
-                {"date": str(row["date"]), "symbol": row["symbol"], "violations": str(broken)}
-            )
+    for first in range(0, len(files), SANITY_BATCH_FILES):
+        batch = files[first : first + SANITY_BATCH_FILES]
+        index = pl.DataFrame(
+            [
+                {
+                    "symbol": symbol,
+                    "date": day,
+                    "path": str(path),
+                    "day_start": day_start_ms(day),
+                }
+                for symbol, day, path in batch
+            ],
+            schema={
+                "symbol": pl.String,
+                "date": pl.Date,
+                "path": pl.String,
+                "day_start": pl.Int64,
+            },
+        )
+        counts = (
+            scan_parquet([path for _, _, path in batch], include_file_paths="path")
+            .join(index.lazy(), on="path", maintain_order="left")
+            .group_by("symbol", "date", maintain_order=True)
+            .agg(rules.values())
+            .collect()
+        )
+        for row in counts.iter_rows(named=True):
+            broken = {rule: row[rule] for rule in rules if row[rule]}
+            if broken:
+                rows.append(
+                    {"date": str(row["date"]), "symbol": row["symbol"], "violations": str(broken)}
+                )
     return pl.DataFrame(rows, schema=schema)

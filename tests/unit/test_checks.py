@@ -3,7 +3,9 @@
 from datetime import date, timedelta
 
 import polars as pl
+import pytest
 
+from candlestack import checks
 from candlestack.checks import ohlc_violations, sanity_failures
 from candlestack.ingest import Ingestor, day_start_ms
 from candlestack.lake import Lake, write_parquet_atomic
@@ -22,7 +24,10 @@ def test_clean_lake_passes(tmp_path):
     assert sanity_failures((o.symbol, o.day, o.path) for o in outcomes).is_empty()
 
 
-def test_a_corrupted_file_is_named_with_the_rules_it_breaks(tmp_path):
+# Files are read back in batches: the broken day is found whichever batch it falls in.
+@pytest.mark.parametrize("batch_files", [checks.SANITY_BATCH_FILES, 1, 2])
+def test_a_corrupted_file_is_named_with_the_rules_it_breaks(tmp_path, monkeypatch, batch_files):
+    monkeypatch.setattr(checks, "SANITY_BATCH_FILES", batch_files)
     outcomes = _ingest(tmp_path)
     bad = outcomes[1]
     stored = pl.read_parquet(bad.path)

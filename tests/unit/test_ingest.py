@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from candlestack import ingest
 from candlestack.checks import gap_failure, ohlc_violations, quality
 from candlestack.ingest import Ingestor, PartitionOutcome, day_start_ms
 from candlestack.lake import Lake
@@ -93,6 +94,26 @@ def test_a_day_file_does_not_depend_on_the_run_it_was_in(kind, tmp_path):
             assert other.path.read_bytes() == ref.path.read_bytes(), day
             assert other.report == ref.report, day
             assert_frame_equal(other.gaps, ref.gaps)
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_a_long_range_is_fetched_a_bounded_stream_at_a_time(kind, tmp_path, monkeypatch):
+    """Memory is bounded by the stream, not the range; the files are those of one stream."""
+    one_stream = by_day(ingestor(tmp_path / "one", kind).ingest(SYMBOL, DAYS))
+    monkeypatch.setattr(ingest, "MAX_STREAM_DAYS", 3)
+    streamed = ingestor(tmp_path / "streams", kind)
+    spans = []
+    fetch = streamed.source.fetch_candles
+    monkeypatch.setattr(
+        streamed.source,
+        "fetch_candles",
+        lambda symbol, start, end: spans.append(end - start) or fetch(symbol, start, end),
+    )
+    outcomes = by_day(streamed.ingest(SYMBOL, DAYS))
+    assert max(spans) <= 3 * DAY_MS
+    assert {d: o.path.read_bytes() for d, o in outcomes.items()} == {
+        d: o.path.read_bytes() for d, o in one_stream.items()
+    }
 
 
 def test_ingest_is_idempotent(tmp_path):
