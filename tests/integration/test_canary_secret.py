@@ -21,9 +21,11 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+import threading
 import zlib
 from contextlib import closing, suppress
 from datetime import UTC, date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -46,9 +48,44 @@ CURRENCIES_PATH = f"{SAPI_PREFIX}/capital/config/getall"
 # The last whole day of the shared Binance CSVs (2021-04-20 20:42 .. 2021-05-20 20:40); the
 # demo's 7 days end on it and skip the 2021-04-25 maintenance gap.
 LAST_FULL_DAY = date(2021, 5, 19)
-# What the demo must leave behind under tmp_path (tests/conftest.py isolated_env); everything
-# there is searched. Alert payloads: add the folder a loopback receiver writes bodies into.
-STORES = ("dagster_home", "lake", "catalog.duckdb", "ledger.sqlite", "reports")
+# What the demo and the alerts must leave behind under tmp_path (tests/conftest.py
+# isolated_env, and the receiver's folder of alert bodies); everything there is searched.
+STORES = ("dagster_home", "lake", "catalog.duckdb", "ledger.sqlite", "reports", "alerts")
+# After the demo, in its environment: a run that fails (a day before the exchange has any
+# candle fails the blocking gaps check) and a kill-switch trip, each alerted by the alert
+# sensors as the daemon would tick them (the first tick starts at the newest event).
+RAISE_ALERTS = """
+import subprocess, sys
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
+)
+from assets.partitions import candle_range
+from pipelines.alerts import alert_sensors
+from pipelines.definitions import defs
+
+instance = dg.DagsterInstance.get()
+resources = {"alerts": defs.resources["alerts"], "ledger": defs.resources["ledger"]}
+
+def tick(sensor, cursor):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    return sensor(context).cursor
+
+cursors = [tick(sensor, None) for sensor in alert_sensors]
+keys = candle_range(sys.argv[1], sys.argv[1])
+failed = defs.resolve_job_def("ingest_candles").execute_in_process(
+    instance=instance,
+    tags={ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end},
+    raise_on_error=False,
+)
+assert not failed.success
+subprocess.run(
+    [sys.executable, "-m", "candlestack.kill_switch", "trip", "--scope", "*", "--reason", "canary"],
+    check=True,
+)
+for sensor, cursor in zip(alert_sensors, cursors):
+    tick(sensor, cursor)
+"""
 EXCHANGE_FOLDER = "fake_exchange"
 DAY_MS = 86_400_000
 SQLITE_HEADER = b"SQLite format 3\0"
@@ -170,6 +207,29 @@ def fake_exchange(tmp_path, shared_data):
         yield server
 
 
+class AlertReceiver(ThreadingHTTPServer):
+    """Loopback webhook: each POSTed body is written to its own file in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                (folder / f"{len(received)}.json").write_bytes(body)
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.received = received
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 def test_search_finds_a_planted_canary(tmp_path):
     """Positive control: the canary planted once in each kind of file is found there."""
     canary = _canary("key")
@@ -209,7 +269,10 @@ def test_search_finds_a_planted_canary(tmp_path):
 
 def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypatch):
     key, secret, hook = _canary("key"), _canary("secret"), _canary("webhook")
-    first = datetime.now(UTC).date() - timedelta(days=6)
+    today = datetime.now(UTC).date()
+    receiver = AlertReceiver(tmp_path / "alerts")
+    # Before the shared candles begin (30 days before their last), in the partitions.
+    empty_day = today - timedelta(days=40)
     url = f"http://127.0.0.1:{fake_exchange.port}"
     options = fake_exchange.ccxt_config()
     options["urls"]["api"]["sapi"] = url + SAPI_PREFIX
@@ -217,13 +280,13 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         tmp_path,
         source="ccxt",
         symbols="BTC/USDT,ETH/USDT",
-        start_date=first.isoformat(),
+        start_date=empty_day.isoformat(),
         ccxt_options=json.dumps({**options, "enableRateLimit": False}),
         api_key=key,
         api_secret=secret,
-        # A webhook URL is a credential too (Slack's carry a token). Nothing fails in the
-        # demo, so nothing is posted: the URL only has to stay out of what is stored.
-        alert_webhook_url=f"{url}/hook/{hook}",
+        # A webhook URL is a credential too (Slack's carry a token): it must stay out of
+        # what is stored and of the alerts themselves.
+        alert_webhook_url=f"http://127.0.0.1:{receiver.server_port}/hook/{hook}",
     )
 
     demo = subprocess.run(
@@ -233,8 +296,24 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         capture_output=True,
         timeout=900,
     )
-    output = {"demo stdout": demo.stdout, "demo stderr": demo.stderr}
     assert demo.returncode == 0, demo.stderr.decode()[-3000:]
+    alerts = subprocess.run(
+        [sys.executable, "-c", RAISE_ALERTS, empty_day.isoformat()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    assert alerts.returncode == 0, alerts.stderr.decode()[-3000:]
+    receiver.shutdown()
+    kinds = sorted(alert["kind"] for alert in receiver.received)
+    assert kinds == ["check_failure", "kill_switch", "run_failure"], receiver.received
+    output = {
+        "demo stdout": demo.stdout,
+        "demo stderr": demo.stderr,
+        "alerts stdout": alerts.stdout,
+        "alerts stderr": alerts.stderr,
+    }
     assert b"ccxt source, 2 symbols" in demo.stdout
     assert fake_exchange.errors == []
 
