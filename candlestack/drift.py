@@ -121,6 +121,9 @@ def drift(
     first_ts, last_ts = decided.get_column("bar_ts").min(), decided.get_column("bar_ts").max()
     bar_ms = int(bars.get_column("ts").dt.epoch("ms").diff().min() or 0)
     bars = bars.filter(pl.col("ts") <= last_ts + timedelta(milliseconds=bar_ms))
+    # The newest decision may have filled at the forming bar's open: until that bar is in
+    # the lake the replay cannot fill there either, so the fill is compared on a later check.
+    fills = fills.filter(pl.col("bar_ts") <= bars.get_column("ts").max())
     ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
     entry, exit_ = config_signals(config, bars)
     first = int(np.searchsorted(ts, int(first_ts.timestamp() * 1000)))
