@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -316,14 +316,14 @@ def load_live_bars(
     return load_window(lake, exchange, config.model_copy(update=update)).bars
 
 
-def newest_candle_close_ms(lake: Lake, exchange: str, symbol: str, today: date) -> int | None:
-    """Close time of the newest stored 1-minute candle of `symbol` (today's or yesterday's file)."""
+def newest_candle_close_ms(lake: Lake, exchange: str, symbol: str) -> int | None:
+    """Close time of the newest stored 1-minute candle of `symbol`: from the newest day file
+    that holds a candle (a day the exchange had nothing for stores none)."""
     files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
-    for day in (today, today - timedelta(days=1)):
-        if day in files:
-            last = read_parquet(files[day], columns=["ts"]).get_column("ts").max()
-            if last is not None:
-                return _ms(last) + MINUTE_MS
+    for day in sorted(files, reverse=True):
+        last = read_parquet(files[day], columns=["ts"]).get_column("ts").max()
+        if last is not None:
+            return _ms(last) + MINUTE_MS
     return None
 
 
@@ -455,9 +455,7 @@ class DryRun:
         """Why the data is too stale or too imputed to trade on, or None."""
         config = self.config
         now_ms = int(self.clock() * 1000)
-        newest = newest_candle_close_ms(
-            self.lake, self.exchange, config.symbol, _utc(now_ms).date()
-        )
+        newest = newest_candle_close_ms(self.lake, self.exchange, config.symbol)
         limit = config.dry_run.stale_after_seconds
         if newest is None or (now_ms - newest) / 1000 > limit:
             age = "none stored" if newest is None else f"closed {(now_ms - newest) // 1000} s ago"

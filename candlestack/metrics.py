@@ -17,11 +17,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from candlestack.config import symbol_key
-from candlestack.dryrun import LATENCY_WINDOW, latency_stats
+from candlestack.dryrun import LATENCY_WINDOW, latency_stats, newest_candle_close_ms
 from candlestack.lake import Lake, read_parquet
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
 from candlestack.resample import TIMEFRAME_MINUTES
-from candlestack.schema import MINUTE_MS
 from candlestack.strategies.config import StrategyConfig
 
 logger = logging.getLogger(__name__)
@@ -73,15 +72,11 @@ def lake_metrics(lake: Lake, exchange: str, symbols: Sequence[str], now: datetim
     )
     since = now - IMPUTED_WINDOW
     for symbol in symbols:
+        close_ms = newest_candle_close_ms(lake, exchange, symbol)
+        if close_ms is not None:
+            lag.add_metric([symbol], now.timestamp() - close_ms / 1000)
         files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
-        if not files:
-            continue
-        days = sorted(files)
-        newest = read_parquet(files[days[-1]], columns=["ts"]).get_column("ts").max()
-        if newest is not None:
-            close = newest + timedelta(milliseconds=MINUTE_MS)
-            lag.add_metric([symbol], (now - close).total_seconds())
-        recent = [files[d] for d in days if d >= since.date()]
+        recent = [path for day, path in files.items() if day >= since.date()]
         if recent:
             window = read_parquet(recent, columns=["ts", "imputed"]).filter(pl.col("ts") >= since)
             if window.height:
