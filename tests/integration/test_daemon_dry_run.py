@@ -5,31 +5,16 @@ are killed mid-way and restarted, and every bar is still executed exactly once."
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
-from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.ledger import Ledger
-from candlestack.sources.synthetic import SyntheticSource
-from tests.conftest import isolated_env
+from tests.integration.daemon import BIN, ROOT, live_dry_run_env, start_daemon
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-STRATEGIES = """
-strategies:
-  - name: btc_scalp
-    strategy: ma_cross
-    symbol: BTC/USDT
-    timeframe: 1m
-    params: {fast: 2, slow: 5, average: ema}
-    dry_run: {enabled: true}
-"""
 PHASE_TIMEOUT_S = 240
 
 
@@ -39,14 +24,6 @@ def dagster(env, *args: str) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def start_daemon(env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
 
 
 def dry_runs(instance) -> list[dg.DagsterRun]:
@@ -64,16 +41,7 @@ def wait_for(what: str, condition) -> None:
 
 @pytest.fixture
 def live_env(tmp_path, monkeypatch):
-    now = datetime.now(UTC)
-    if now - now.replace(hour=0, minute=0, second=0, microsecond=0) < timedelta(minutes=10):
-        pytest.skip("too close to midnight UTC: today has too few minutes to warm up on")
-    strategies = tmp_path / "strategies.yaml"
-    strategies.write_text(STRATEGIES)
-    env = isolated_env(tmp_path, symbols="BTC/USDT", strategies=str(strategies))
-    # Today's market rules, as the daily markets schedule leaves them.
-    lake = Lake(env["CANDLESTACK_LAKE"])
-    rules = SyntheticSource(symbols=["BTC/USDT"]).load_markets()
-    write_parquet_atomic(lake.markets_path("synthetic", now.date()), rules.to_arrow(), {})
+    env = live_dry_run_env(tmp_path)
     dagster(env, "schedule", "start", "keep_open_day_current")
     dagster(env, "sensor", "start", "dry_run_bars")
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])

@@ -1,20 +1,15 @@
 """A real dagster-daemon runs the minutely schedule: every tick appends the closed minutes."""
 
 import itertools
-import os
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from tests.conftest import isolated_env
+from tests.integration.daemon import BIN, ROOT, running_daemon
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 TIMEOUT_S = 260
 
 
@@ -26,17 +21,9 @@ def daemon_home(tmp_path, monkeypatch):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr[-2000:]
-    daemon = subprocess.Popen(
-        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    try:
+    with running_daemon(env):
         yield dg.DagsterInstance.get()
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=30)
 
 
 def test_open_day_schedule_appends_each_minute(daemon_home):

@@ -5,10 +5,7 @@ with real ccxt from the loopback Binance, which answers slowly and records the m
 requests it ever served at once."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPLAY_FILES, isolated_env
+from tests.integration.daemon import BIN, ROOT, running_daemon
 from tests.integration.fake_binance import FakeBinance
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 POOL = "exchange-binance"
 TIMEOUT_S = 180
 
@@ -53,16 +49,8 @@ def env(tmp_path, binance, monkeypatch):
     config["concurrency"]["pools"]["default_limit"] = 1
     Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    daemon = subprocess.Popen(
-        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+    with running_daemon(env):
         yield env
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=30)
 
 
 def dagster(env, *args: str) -> None:

@@ -2,11 +2,8 @@
 backfill, a schedule tick and a sensor-requested dry-run, all run by the real dagster CLI and
 daemon, land their runs, events and tick state in PostgreSQL and nothing in SQLite."""
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,23 +14,10 @@ import pytest
 from dagster._core.scheduler.instigation import InstigatorState, TickData
 from dagster._serdes import deserialize_value
 
-from candlestack.lake import Lake, write_parquet_atomic
-from candlestack.sources.synthetic import SyntheticSource
-from tests.conftest import isolated_env
+from tests.integration.daemon import BIN, ROOT, live_dry_run_env, running_daemon
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 DRIVER = "postgresql+psycopg2"  # as deploy/postgres/dagster.yaml asks
-STRATEGIES = """
-strategies:
-  - name: btc_scalp
-    strategy: ma_cross
-    symbol: BTC/USDT
-    timeframe: 1m
-    params: {fast: 2, slow: 5, average: ema}
-    dry_run: {enabled: true}
-"""
 TIMEOUT_S = 180
 
 
@@ -52,19 +36,10 @@ def database():
 
 @pytest.fixture
 def pg_env(tmp_path, database):
-    now = datetime.now(UTC)
-    if now - now.replace(hour=0, minute=0, second=0, microsecond=0) < timedelta(minutes=10):
-        pytest.skip("too close to midnight UTC: today has too few minutes to warm up on")
-    strategies = tmp_path / "strategies.yaml"
-    strategies.write_text(STRATEGIES)
-    env = isolated_env(tmp_path, symbols="BTC/USDT", strategies=str(strategies))
+    env = live_dry_run_env(tmp_path)
     # The instance file as shipped, selected by DAGSTER_HOME and pointed at the database.
     shutil.copy(ROOT / "deploy" / "postgres" / "dagster.yaml", env["DAGSTER_HOME"])
     env["DAGSTER_PG_URL"] = f"{DRIVER}://postgres@127.0.0.1:5432/{database}"
-    # Today's market rules, as the daily markets schedule leaves them, for the dry-run.
-    rules = SyntheticSource(symbols=["BTC/USDT"]).load_markets()
-    lake = Lake(env["CANDLESTACK_LAKE"])
-    write_parquet_atomic(lake.markets_path("synthetic", now.date()), rules.to_arrow(), {})
     return env
 
 
@@ -110,12 +85,7 @@ def test_backfill_schedule_and_sensor_runs_live_in_postgres(pg_env, database):
     for kind, name in (("schedule", "keep_open_day_current"), ("sensor", "dry_run_bars")):
         started = dagster(env, kind, "start", name, "-w", "workspace.yaml")
         assert started.returncode == 0, started.stderr[-2000:]
-    daemon = subprocess.Popen(
-        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+    with running_daemon(env):
         # The backfill runs in the CLI's own process while the daemon waits for its tick.
         yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
         backfill = dagster(
@@ -139,9 +109,6 @@ def test_backfill_schedule_and_sensor_runs_live_in_postgres(pg_env, database):
             time.sleep(3)
         else:
             pytest.fail(f"no successful scheduled and dry-run runs in time: {scheduled}, {dry_run}")
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=30)
 
     # Runs and their event logs: the backfill's, the schedule's and the sensor's.
     (backfill_run,) = query(
