@@ -5,7 +5,7 @@ import polars as pl
 
 from assets.markdown import md_table
 from assets.market_data import candles_1m
-from assets.partitions import candle_partitions, symbol_days
+from assets.partitions import candle_partitions, symbol_months
 from candlestack.bars import BarBuilder, outcomes_frame
 from candlestack.config import load_settings
 from candlestack.resample import BAR_TIMEFRAMES, SOURCE_TIMEFRAME
@@ -32,8 +32,9 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
         group_name="bars",
         kinds={"parquet", "polars"},
         description=f"{timeframe} OHLCV bars from {source}: UTC-aligned, labelled by open "
-        "time, closed periods only; exact volume; n_source, n_imputed, complete. A day whose "
-        "1-minute candles fail the gaps or OHLC rules gets no bars.",
+        "time, closed periods only; exact volume; n_source, n_imputed, complete; one file per "
+        "symbol-month. A day whose 1-minute candles fail the gaps or OHLC rules gets no bars; "
+        "the other days of its month do.",
         check_specs=[
             dg.AssetCheckSpec(
                 RECONCILE_CHECK,
@@ -54,21 +55,27 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         builder = BarBuilder(lake.lake, source.open().exchange, load_settings().imputed_max_share)
         outcomes, mismatches = [], []
-        for symbol_key, days in symbol_days(context.partition_keys).items():
-            for day, partition_key in sorted(days.items()):
-                outcome = builder.build(timeframe, symbol_key, day)
-                outcomes.append(outcome)
-                mismatch = builder.reconcile(outcome)
-                if mismatch:
-                    mismatches.append({"date": str(day), "symbol": symbol_key, "why": mismatch})
+        for symbol_key, months in symbol_months(context.partition_keys).items():
+            for month, partition_key in sorted(months.items()):
+                month_outcomes = builder.build(timeframe, symbol_key, month)
+                outcomes += month_outcomes
+                mismatches += [
+                    {"date": str(o.day), "symbol": symbol_key, "why": o.mismatch}
+                    for o in month_outcomes
+                    if o.mismatch
+                ]
+                table = outcomes_frame(month_outcomes)
                 context.add_asset_metadata(
                     {
-                        "bars": outcome.bars,
-                        "expected": outcome.expected,
-                        "complete": outcome.complete,
-                        "imputed_minutes": outcome.imputed_minutes,
-                        "content_hash": outcome.content_hash or "",
-                        "skipped": outcome.skipped or "",
+                        "bars": int(table["bars"].sum()),
+                        "expected": int(table["expected"].sum()),
+                        "complete": int(table["complete"].sum()),
+                        "imputed_minutes": sum(o.imputed_minutes for o in month_outcomes),
+                        "days_skipped": table.filter(pl.col("skipped") != "").height,
+                        "path": dg.MetadataValue.path(str(month_outcomes[0].path))
+                        if month_outcomes
+                        else "",
+                        "per_day": dg.MetadataValue.md(md_table(table.drop("symbol"))),
                     },
                     partition_key=partition_key,
                 )
@@ -84,8 +91,8 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
                     passed=not mismatches,
                     severity=dg.AssetCheckSeverity.ERROR,
                     metadata={
-                        "partitions_checked": len(outcomes),
-                        "partitions_failed": len(mismatches),
+                        "days_checked": len(outcomes),
+                        "days_failed": len(mismatches),
                         "failures": dg.MetadataValue.md(md_table(pl.DataFrame(mismatches))),
                     },
                 ),

@@ -6,9 +6,9 @@ import polars as pl
 from assets.bars import bars_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
-from assets.partitions import candle_partitions, symbol_days
+from assets.partitions import candle_partitions, symbol_months
 from candlestack.config import load_settings
-from candlestack.feature_store import FeatureBuilder, load_feature_set
+from candlestack.feature_store import FeatureBuilder, FeatureOutcome, load_feature_set
 from candlestack.features import feature_columns, warmup_bars
 from resources import CandleSourceResource, LakeResource
 
@@ -16,6 +16,23 @@ WARMUP_CHECK = "no_null_after_warmup"
 
 # Loaded with the code location: a wrong feature set fails here, not in a run at night.
 feature_set = load_feature_set(load_settings().features)
+
+
+def _days_table(outcomes: list[FeatureOutcome]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "date": str(o.day),
+                "symbol": o.symbol_key,
+                "rows": o.rows,
+                "warm": o.warm,
+                "nulls": o.nulls_after_warmup,
+                "skipped": o.skipped or "",
+            }
+            for o in outcomes
+        ],
+        schema=["date", "symbol", "rows", "warm", "nulls", "skipped"],
+    )
 
 
 def _features_asset(timeframe: str) -> dg.AssetsDefinition:
@@ -49,32 +66,21 @@ def _features_asset(timeframe: str) -> dg.AssetsDefinition:
             lake.lake, source.open().exchange, feature_set, settings.imputed_max_share
         )
         outcomes = []
-        for symbol_key, days in symbol_days(context.partition_keys).items():
-            for outcome in builder.build(timeframe, symbol_key, sorted(days)):
-                outcomes.append(outcome)
+        for symbol_key, months in symbol_months(context.partition_keys).items():
+            for month, partition_key in sorted(months.items()):
+                month_outcomes = builder.build(timeframe, symbol_key, month)
+                outcomes += month_outcomes
                 context.add_asset_metadata(
                     {
-                        "rows": outcome.rows,
-                        "warm": outcome.warm,
-                        "nulls_after_warmup": outcome.nulls_after_warmup,
-                        "content_hash": outcome.content_hash or "",
-                        "skipped": outcome.skipped or "",
+                        "rows": sum(o.rows for o in month_outcomes),
+                        "days_warm": sum(o.warm for o in month_outcomes),
+                        "nulls_after_warmup": sum(o.nulls_after_warmup for o in month_outcomes),
+                        "days_skipped": sum(o.skipped is not None for o in month_outcomes),
+                        "per_day": dg.MetadataValue.md(md_table(_days_table(month_outcomes))),
                     },
-                    partition_key=days[outcome.day],
+                    partition_key=partition_key,
                 )
-        table = pl.DataFrame(
-            [
-                {
-                    "date": str(o.day),
-                    "symbol": o.symbol_key,
-                    "warm": o.warm,
-                    "nulls": o.nulls_after_warmup,
-                    "skipped": o.skipped or "",
-                }
-                for o in outcomes
-            ],
-            schema=["date", "symbol", "warm", "nulls", "skipped"],
-        )
+        table = _days_table(outcomes)
         failing = table.filter(pl.col("nulls") > 0)
         return dg.MaterializeResult(
             metadata={

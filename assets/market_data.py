@@ -7,14 +7,14 @@ import dagster as dg
 import polars as pl
 
 from assets.markdown import md_table
-from assets.partitions import candle_partitions, daily_partitions, symbol_days
+from assets.partitions import candle_partitions, daily_partitions, symbol_months
 from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
 from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor, PartitionOutcome
-from candlestack.lake import write_parquet_atomic
+from candlestack.lake import month_days, write_parquet_atomic
 from candlestack.resample import BAR_TIMEFRAMES
 from candlestack.schema import MINUTE_MS
 from candlestack.validate import describe_rejections
@@ -38,27 +38,56 @@ def _gap_ranges(gaps: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _partition_metadata(outcome: PartitionOutcome, failure: str | None) -> dict:
-    report = outcome.report
-    metadata = {
-        "rows": report["rows"],
-        "missing_found": report["missing_found"],
-        "refetched": report["refetched"],
-        "imputed": report["imputed"],
-        "missing": report["missing"],
-        "rejected_rows": report["rejected"],
-        "first_ts": str(report["first_ts"]),
-        "last_ts": str(report["last_ts"]),
-        "content_hash": report["content_hash"],
-        "source": report["source"],
-        "quality": quality(report),
-        "gaps_check": f"failed: {failure}" if failure else "passed",
-        "path": dg.MetadataValue.path(str(outcome.path)),
+def _days_table(outcomes: list[PartitionOutcome], failures: dict[date, str | None]) -> str:
+    rows = [
+        {
+            "date": str(o.day),
+            "rows": o.report["rows"],
+            "missing found": o.report["missing_found"],
+            "re-fetched": o.report["refetched"],
+            "imputed": o.report["imputed"],
+            "still missing": o.report["missing"],
+            "rejected": o.report["rejected"],
+            "quality": "open" if not o.report["day_closed"] else quality(o.report),
+            "gaps check": f"failed: {failures[o.day]}" if failures[o.day] else "passed",
+        }
+        for o in outcomes
+    ]
+    return md_table(pl.DataFrame(rows))
+
+
+def _month_metadata(outcomes: list[PartitionOutcome], imputed_max_share: float) -> dict:
+    """A month partition's figures, with its per-day table and the gap ranges of its days."""
+    failures = {o.day: gap_failure(o.report, imputed_max_share) for o in outcomes}
+    failed = [f"{day}: {why}" for day, why in failures.items() if why]
+    qualities = [quality(o.report) for o in outcomes]
+    total = {
+        field: sum(o.report[field] for o in outcomes)
+        for field in ("rows", "missing_found", "refetched", "imputed", "missing", "rejected")
     }
-    if outcome.gaps.height:
-        metadata["gap_ranges"] = dg.MetadataValue.md(md_table(_gap_ranges(outcome.gaps)))
-    if outcome.rejected.height:
-        metadata["rejected_examples"] = describe_rejections(outcome.rejected)
+    firsts = [str(o.report["first_ts"]) for o in outcomes if o.report["first_ts"] is not None]
+    lasts = [str(o.report["last_ts"]) for o in outcomes if o.report["last_ts"] is not None]
+    metadata = {
+        "days": len(outcomes),
+        **{k: v for k, v in total.items() if k != "rejected"},
+        "rejected_rows": total["rejected"],
+        "first_ts": min(firsts, default="None"),
+        "last_ts": max(lasts, default="None"),
+        "content_hash": outcomes[0].write.content_hash if len(outcomes) == 1 else "per day",
+        "source": outcomes[0].report["source"],
+        # The month's worst day: missing over imputed over complete.
+        "quality": next((q for q in ("missing", "imputed") if q in qualities), "complete"),
+        "gaps_check": f"failed: {'; '.join(failed)}" if failed else "passed",
+        "days_failed": len(failed),
+        "path": dg.MetadataValue.path(str(outcomes[0].path)),
+        "per_day": dg.MetadataValue.md(_days_table(outcomes, failures)),
+    }
+    gaps = pl.concat([o.gaps for o in outcomes])
+    if gaps.height:
+        metadata["gap_ranges"] = dg.MetadataValue.md(md_table(_gap_ranges(gaps)))
+    rejected = pl.concat([o.rejected for o in outcomes])
+    if rejected.height:
+        metadata["rejected_examples"] = describe_rejections(rejected)
     return metadata
 
 
@@ -80,42 +109,45 @@ def _partition_metadata(outcome: PartitionOutcome, failure: str | None) -> dict:
             asset="candles_1m",
             blocking=True,
             description="low <= open, close <= high; volume >= 0; unique, increasing, "
-            "minute-aligned timestamps inside the day (read back from the lake).",
+            "minute-aligned timestamps inside the month, per day (read back from the lake).",
         ),
     ],
 )
 def candles_1m(
     context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
 ) -> dg.MaterializeResult:
-    """Closed 1-minute OHLCV candles per UTC day and symbol, gaps re-requested and imputed
-    (flat at the previous close, volume 0, `imputed = true`). A range backfill is one run."""
+    """Closed 1-minute OHLCV candles per UTC month and symbol (one file each), gaps
+    re-requested and imputed (flat at the previous close, volume 0, `imputed = true`), with a
+    per-day table. A range backfill is one run."""
     settings = load_settings()
-    keys_by_symbol_day = {
-        settings.symbol_by_key[symbol_key]: days
-        for symbol_key, days in symbol_days(context.partition_keys).items()
-    }
-
     started = time.perf_counter()
     ingestor = Ingestor(source.open(), lake.lake, source.refetch_attempts)
     outcomes: list[PartitionOutcome] = []
-    for symbol, keys_by_day in keys_by_symbol_day.items():
-        try:
-            outcomes.extend(ingestor.ingest(symbol, sorted(keys_by_day)))
-        except SourceError as exc:
-            raise dg.Failure(
-                f"{symbol} {min(keys_by_day)}..{max(keys_by_day)}: {exc}. Days written "
-                "before the failure are kept; re-running the range is safe."
-            ) from exc
-
-    for outcome in outcomes:
-        failure = gap_failure(outcome.report, settings.imputed_max_share)
-        key = keys_by_symbol_day[outcome.symbol][outcome.day]
-        context.add_asset_metadata(_partition_metadata(outcome, failure), partition_key=key)
+    months_read_back = []
+    for key, months in symbol_months(context.partition_keys).items():
+        symbol = settings.symbol_by_key[key]
+        for month, partition_key in sorted(months.items()):
+            days = ingestor.started_days(month_days(month))
+            if not days:
+                raise dg.Failure(f"{partition_key}: the month has no closed minute yet")
+            try:
+                month_outcomes = ingestor.ingest(symbol, days)
+            except SourceError as exc:
+                raise dg.Failure(
+                    f"{symbol} {month:%Y-%m}: {exc}. Months written before the failure are "
+                    "kept; re-running the range is safe."
+                ) from exc
+            outcomes.extend(month_outcomes)
+            months_read_back.append((key, month, month_outcomes[0].path))
+            context.add_asset_metadata(
+                _month_metadata(month_outcomes, settings.imputed_max_share),
+                partition_key=partition_key,
+            )
     gaps_failed = gap_failures(
         ((o.symbol, o.day, o.report, o.gaps) for o in outcomes), settings.imputed_max_share
     )
     # Sanity is checked on what the lake holds, read back, not on what was meant to be written.
-    sanity_failed = sanity_failures((o.symbol, o.day, o.path) for o in outcomes)
+    sanity_failed = sanity_failures(months_read_back)
     elapsed = time.perf_counter() - started
     rows = sum(o.report["rows"] for o in outcomes)
     context.log.info(
@@ -153,8 +185,8 @@ def _blocking_result(
         passed=failures.is_empty(),
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
-            "partitions_checked": checked,
-            "partitions_failed": failures.height,
+            "days_checked": checked,
+            "days_failed": failures.height,
             **figures,
             "failures": dg.MetadataValue.md(md_table(failures)),
         },
@@ -173,9 +205,7 @@ def candles_freshness(lake: LakeResource, source: CandleSourceResource) -> dg.As
     exchange = source.open().exchange
     rows = []
     for symbol in settings.symbols:
-        stored = lake.lake.read_report(
-            lake.lake.candles_path(exchange, "1m", symbol_key(symbol), today)
-        )
+        stored = lake.lake.read_day_report(exchange, symbol_key(symbol), today)
         newest = stored[0]["last_ts"] if stored else None
         lag = (
             (now_ms - int(datetime.fromisoformat(newest).timestamp() * 1000)) / MINUTE_MS - 1

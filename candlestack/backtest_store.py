@@ -1,7 +1,6 @@
 """Backtests against the lake: load bars and market rules, run, hash, store.
 
-Layout: {lake}/backtests/strategy=<name>/run=<run id>/{trades,equity,rejections,metrics}.parquet
-and {lake}/sweeps/sweep=<name>/run=<run id>/results.parquet. The run id is the start of the
+One folder per run (Lake.backtest_folder, Lake.sweep_path). The run id is the start of the
 inputs hash (bar content hashes, market rules, config, code version), so a rerun on the same
 inputs is recognised and writes nothing, and a changed input never overwrites an old result.
 """
@@ -26,7 +25,7 @@ from candlestack.config import symbol_key
 from candlestack.errors import LakeError
 from candlestack.execution import RuleBook
 from candlestack.features import warmup_bars
-from candlestack.lake import Lake, LakePath, content_hash, read_parquet, write_parquet_atomic
+from candlestack.lake import Lake, LakePath, content_hash, write_parquet_atomic
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from candlestack.sweep import sweep
@@ -62,24 +61,24 @@ class BarWindow:
     bars: pl.DataFrame  # warm-up history included
     start: date  # first traded day
     end: date  # last traded day
-    day_hashes: dict[str, str]  # ISO day -> content hash of that day's bar file
+    day_hashes: dict[str, str]  # ISO day -> content hash of that day's stored bars
 
 
-def bar_files(lake: Lake, exchange: str, config: StrategyConfig) -> dict[date, LakePath]:
-    """The day files of the config's bars: 1-minute candles for 1m, else the bars dataset."""
-    dataset = "ohlcv" if config.timeframe == "1m" else "bars"
-    return lake.day_files(dataset, exchange, config.timeframe, symbol_key(config.symbol))
+def bar_dataset(config: StrategyConfig) -> str:
+    """Where the config's bars are: 1-minute candles for 1m, else the bars dataset."""
+    return "ohlcv" if config.timeframe == "1m" else "bars"
 
 
 def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     """The config's bars from the lake: its window plus enough earlier days to warm up."""
-    files = bar_files(lake, exchange, config)
-    if not files:
+    dataset, key = bar_dataset(config), symbol_key(config.symbol)
+    reports = lake.day_reports(dataset, exchange, config.timeframe, key)
+    if not reports:
         raise LakeError(
             f"no {config.timeframe} bars of {config.symbol} on {exchange} in {lake.root}; "
             f"materialize them first (strategy {config.name!r})"
         )
-    days = sorted(files)
+    days = sorted(reports)
     start = max(config.start or days[0], days[0])
     end = min(config.end or days[-1], days[-1])
     if end < start:
@@ -92,24 +91,18 @@ def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     first_load = start - timedelta(days=math.ceil(warmup_minutes / 1440) + 1)
     chosen = [d for d in days if first_load <= d <= end]
     columns = BAR_COLUMNS_1M if config.timeframe == "1m" else BAR_COLUMNS
-    try:
-        bars = read_parquet([files[d] for d in chosen], columns=columns).sort("ts")
-    except Exception as exc:
-        raise LakeError(f"cannot read {config.timeframe} bars of {config.symbol}: {exc}") from exc
-    hashes = {d.isoformat(): lake.read_report(files[d])[0]["content_hash"] for d in chosen}
+    bars = lake.read_days(dataset, exchange, config.timeframe, key, chosen[0], end, columns)
+    hashes = {d.isoformat(): reports[d]["content_hash"] for d in chosen}
     return BarWindow(bars=bars, start=start, end=end, day_hashes=hashes)
 
 
 def load_rules(lake: Lake, exchange: str, symbol: str) -> RuleBook:
-    files = sorted(lake.root.glob(f"markets/exchange={exchange}/date=*/*.parquet"))
-    if not files:
+    snapshots = lake.read_markets(exchange)
+    if snapshots is None:
         raise LakeError(
             f"no market rules for {exchange} in {lake.root}: materialize the markets asset "
             "(lot and tick sizes and min notional come from it)"
         )
-    snapshots = read_parquet(files, hive_partitioning=True).with_columns(
-        pl.col("date").cast(pl.Date)
-    )
     try:
         return RuleBook.from_snapshots(snapshots, symbol)
     except KeyError as exc:
@@ -150,7 +143,7 @@ def run_backtest(lake: Lake, exchange: str, config: StrategyConfig) -> StoredBac
     digest = inputs_hash(config, window, rules)
     trades_digest = content_hash(result.trades)
     run_id = digest[:16]
-    folder = lake.root / "backtests" / f"strategy={config.name}" / f"run={run_id}"
+    folder = lake.backtest_folder(config.name, run_id)
     metrics = metrics_row(config, exchange, window, result, digest, trades_digest)
     written = _store(
         folder,
@@ -220,7 +213,7 @@ def run_sweep(
         (inputs_hash(config, window, rules) + json.dumps([grid, rank_by], sort_keys=True)).encode()
     ).hexdigest()
     run_id = digest[:16]
-    path = lake.root / "sweeps" / f"sweep={name}" / f"run={run_id}" / "results.parquet"
+    path = lake.sweep_path(name, run_id)
     written = not path.exists()
     if written:
         table = results.with_columns(

@@ -28,9 +28,9 @@ def _hive(column: str) -> str:
 
 
 _REPORT_JSON = (
-    '{"expected":"BIGINT","rows":"BIGINT","missing_found":"BIGINT","refetched":"BIGINT",'
+    '[{"date":"DATE","expected":"BIGINT","rows":"BIGINT","missing_found":"BIGINT","refetched":"BIGINT",'
     '"imputed":"BIGINT","missing":"BIGINT","rejected":"BIGINT","first_ts":"TIMESTAMPTZ",'
-    '"last_ts":"TIMESTAMPTZ","content_hash":"VARCHAR","source":"VARCHAR","day_closed":"BOOLEAN"}'
+    '"last_ts":"TIMESTAMPTZ","content_hash":"VARCHAR","source":"VARCHAR","day_closed":"BOOLEAN"}]'
 )
 _GAPS_JSON = (
     '[{"gap_start":"TIMESTAMPTZ","gap_end":"TIMESTAMPTZ","minutes":"BIGINT",'
@@ -49,8 +49,8 @@ EMPTY_VIEWS = {
     "NULL::BOOLEAN complete WHERE false",
     "features": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR timeframe, NULL::VARCHAR symbol, "
     "NULL::DATE date, NULL::TIMESTAMPTZ ts WHERE false",
-    "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
-    f"unnest(json_transform('{{}}', '{_REPORT_JSON}')) WHERE false",
+    "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, "
+    f"unnest(json_transform('[]', '{_REPORT_JSON}'), recursive := true) WHERE false",
     "gaps": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
     "NULL::TIMESTAMPTZ gap_start, NULL::TIMESTAMPTZ gap_end, NULL::BIGINT AS minutes, "
     "NULL::BIGINT refetched, NULL::BIGINT imputed, NULL::BIGINT missing WHERE false",
@@ -85,37 +85,46 @@ def connect(
     return con
 
 
+def _utc_date(column: str) -> str:
+    # The UTC day without DuckDB's session time zone (a TIMESTAMPTZ cast to DATE uses it).
+    return f"(DATE '1970-01-01' + CAST(epoch_ms({column}) // 86400000 AS INTEGER))"
+
+
 def view_sql(lake: Lake) -> dict[str, str]:
     """The SQL of each view, over whatever the lake holds now."""
     root = lake.location
+    # One file per dataset/exchange/timeframe/symbol/month (candlestack.lake).
     candles = f"{root}/ohlcv/*/*/*/*/{FILE_NAME}"
     markets = f"{root}/markets/*/*/{FILE_NAME}"
     views = dict(EMPTY_VIEWS)
     if any(lake.root.glob(f"ohlcv/*/*/*/*/{FILE_NAME}")):
         footer = (
             f"SELECT {_hive('exchange')} exchange, {_hive('symbol')} symbol, "
-            f"{_hive('date')}::DATE date, decode(key) k, decode(value) v "
+            "decode(key) k, decode(value) v "
             f"FROM parquet_kv_metadata({_literal(candles)})"
         )
         views["ohlcv"] = (
-            "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
-            f"imputed FROM read_parquet({_literal(candles)}, hive_partitioning = true)"
+            f"SELECT exchange, timeframe, symbol, {_utc_date('ts')} date, ts, open, high, low, "
+            f"close, volume, imputed FROM read_parquet({_literal(candles)}, "
+            "hive_partitioning = true)"
         )
+        # One row per stored symbol-day, from the per-day reports in each month's footer.
         views["partitions"] = (
-            f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_REPORT_JSON}')) "
-            f"FROM ({footer}) WHERE k = '{REPORT_KEY.decode()}'"
+            "SELECT exchange, symbol, unnest(r) FROM ("
+            f"SELECT exchange, symbol, unnest(json_transform(v, '{_REPORT_JSON}')) r "
+            f"FROM ({footer}) WHERE k = '{REPORT_KEY.decode()}')"
         )
         views["gaps"] = (
-            "SELECT exchange, symbol, date, unnest(g) FROM ("
-            f"SELECT exchange, symbol, date, unnest(json_transform(v, '{_GAPS_JSON}')) g "
+            f"SELECT exchange, symbol, {_utc_date('g.gap_start')} date, unnest(g) FROM ("
+            f"SELECT exchange, symbol, unnest(json_transform(v, '{_GAPS_JSON}')) g "
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
         )
     bars = f"{root}/bars/*/*/*/*/{FILE_NAME}"
     if any(lake.root.glob(f"bars/*/*/*/*/{FILE_NAME}")):
         # One view for every timeframe, told apart by its `timeframe` column.
         views["bars"] = (
-            "SELECT exchange, timeframe, symbol, date, ts, open, high, low, close, volume, "
-            "volume_exact, n_source, n_imputed, complete "
+            f"SELECT exchange, timeframe, symbol, {_utc_date('ts')} date, ts, open, high, low, "
+            "close, volume, volume_exact, n_source, n_imputed, complete "
             f"FROM read_parquet({_literal(bars)}, hive_partitioning = true)"
         )
     features = f"{root}/features/*/*/*/*/{FILE_NAME}"
@@ -123,7 +132,9 @@ def view_sql(lake: Lake) -> dict[str, str]:
         # One view: feature columns are the union over timeframes (null where a timeframe
         # does not compute that feature).
         views["features"] = (
-            f"SELECT * FROM read_parquet({_literal(features)}, hive_partitioning = true, "
+            f"SELECT exchange, timeframe, symbol, {_utc_date('ts')} date, * "
+            "EXCLUDE (exchange, timeframe, symbol, month) "
+            f"FROM read_parquet({_literal(features)}, hive_partitioning = true, "
             "union_by_name = true)"
         )
     if any(lake.root.glob(f"markets/*/*/{FILE_NAME}")):

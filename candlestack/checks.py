@@ -8,11 +8,11 @@ from datetime import date
 import polars as pl
 
 from candlestack.lake import LakePath, scan_parquet
-from candlestack.schema import DAY_MS, MINUTE_MS, day_start_ms
+from candlestack.schema import DAY_MS, MINUTE_MS
 
-# Day files read back per query: all of a range in one query held every candle of it in
+# Month files read back per query: all of a range in one query held every candle of it in
 # memory at once (+120 MiB for a year of one symbol, growing with symbols x days).
-SANITY_BATCH_FILES = 64
+SANITY_BATCH_FILES = 4
 
 
 def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
@@ -82,38 +82,34 @@ def gap_failures(
 
 
 def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame:
-    """One row per (symbol, day, stored file) breaking an OHLC sanity rule.
+    """One row per (symbol, day) of the stored month files (symbol, month, path) breaking
+    an OHLC sanity rule, or holding rows outside the file's month.
 
-    Files are read back SANITY_BATCH_FILES to a query: a year of day files is 18 queries,
-    not 1,095, and memory does not grow with the range.
+    A few month files are read back per query: memory does not grow with the range.
     """
-    files = list(files)
     schema = ["date", "symbol", "violations"]
-    rules = _ohlc_rules(pl.col("day_start").first())
+    day = pl.col("ts").dt.date()
+    rules = _ohlc_rules(day.cast(pl.Datetime("ms")).dt.epoch("ms").first())
+    rules["outside_month"] = (
+        (pl.col("ts").dt.truncate("1mo").dt.date() != pl.col("month").first())
+        .sum()
+        .alias("outside_month")
+    )
+    files = list(files)
     rows = []
     for first in range(0, len(files), SANITY_BATCH_FILES):
         batch = files[first : first + SANITY_BATCH_FILES]
         index = pl.DataFrame(
             [
-                {
-                    "symbol": symbol,
-                    "date": day,
-                    "path": str(path),
-                    "day_start": day_start_ms(day),
-                }
-                for symbol, day, path in batch
+                {"symbol": symbol, "month": month, "path": str(path)}
+                for symbol, month, path in batch
             ],
-            schema={
-                "symbol": pl.String,
-                "date": pl.Date,
-                "path": pl.String,
-                "day_start": pl.Int64,
-            },
+            schema={"symbol": pl.String, "month": pl.Date, "path": pl.String},
         )
         counts = (
             scan_parquet([path for _, _, path in batch], include_file_paths="path")
             .join(index.lazy(), on="path", maintain_order="left")
-            .group_by("symbol", "date", maintain_order=True)
+            .group_by("symbol", day.alias("date"), maintain_order=True)
             .agg(rules.values())
             .collect()
         )

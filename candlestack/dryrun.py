@@ -28,7 +28,7 @@ from candlestack.backtest import config_signals, rules_row, untradable
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.config import symbol_key
 from candlestack.errors import CandlestackError
-from candlestack.lake import Lake, read_parquet
+from candlestack.lake import Lake
 from candlestack.ledger import (
     AUDIT_ERROR,
     SKIPPED_PREFIX,
@@ -317,14 +317,10 @@ def load_live_bars(
 
 
 def newest_candle_close_ms(lake: Lake, exchange: str, symbol: str) -> int | None:
-    """Close time of the newest stored 1-minute candle of `symbol`: from the newest day file
+    """Close time of the newest stored 1-minute candle of `symbol`: from the newest month
     that holds a candle (a day the exchange had nothing for stores none)."""
-    files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
-    for day in sorted(files, reverse=True):
-        last = read_parquet(files[day], columns=["ts"]).get_column("ts").max()
-        if last is not None:
-            return _ms(last) + MINUTE_MS
-    return None
+    last = lake.newest_ts("ohlcv", exchange, "1m", symbol_key(symbol))
+    return None if last is None else _ms(last) + MINUTE_MS
 
 
 class DryRun:

@@ -1,9 +1,9 @@
-"""Features of symbol-days from the bars in the lake, into the lake."""
+"""Features of symbol-months from the bars in the lake, into the lake."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -16,13 +16,12 @@ from candlestack.bars import usable_minutes
 from candlestack.errors import ConfigError
 from candlestack.features import (
     FeatureSet,
-    compute_periods,
+    compute,
     default_features,
     warmup_bars,
     window_start,
 )
-from candlestack.ingest import contiguous_runs
-from candlestack.lake import Lake, LakePath
+from candlestack.lake import DayData, Lake, LakePath, month_days, month_of, split_days
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +31,13 @@ class FeatureOutcome:
     symbol_key: str
     day: date
     timeframe: str
-    path: LakePath
+    path: LakePath  # the month file
     rows: int
     warm: bool  # the lake held the whole warm-up before the day
     nulls_after_warmup: int  # must be 0 on a warm day
     content_hash: str | None
     skipped: str | None
+    data: DayData | None = field(default=None, repr=False, compare=False)  # what is stored
 
 
 DEFAULT_FEATURE_TIMEFRAMES = ("1m", "15m", "1h")
@@ -65,10 +65,13 @@ def load_feature_set(path: Path | None) -> FeatureSet:
 
 
 class FeatureBuilder:
-    """Features of one timeframe for symbol-days, computed from the bars the lake holds.
+    """Features of one timeframe for symbol-months, computed from the bars the lake holds.
 
-    A day's history is the unbroken run of days with bars before it: indicators are never
-    computed across a day without bars, and rows without their full warm-up are null.
+    A month is computed on its own, from its bars and the warm-up history before it (read
+    from the month or months before): so it is bit-identical computed alone, after the
+    month before or inside a range, and memory does not grow with the days of a range.
+    History is the unbroken run of days with bars: indicators are never computed across a
+    day without bars, and rows without their full warm-up are null.
     """
 
     def __init__(
@@ -79,74 +82,98 @@ class FeatureBuilder:
         self.features = features
         self.imputed_max_share = imputed_max_share
 
-    def _bars(self, timeframe: str, symbol_key: str, day: date) -> pl.DataFrame | None:
-        """The day's bars, or None when it has none a strategy may use."""
+    def _bars(
+        self, timeframe: str, symbol_key: str, first: date, last: date
+    ) -> dict[date, pl.DataFrame]:
+        """Bars a strategy may use of the days first..last, by day."""
         if timeframe != "1m":
-            return self.lake.read(self.lake.bars_path(self.exchange, timeframe, symbol_key, day))
-        usable = usable_minutes(self.lake, self.exchange, symbol_key, day, self.imputed_max_share)
-        return None if isinstance(usable, str) else usable[1]
+            frame = self.lake.read_days("bars", self.exchange, timeframe, symbol_key, first, last)
+            return split_days(frame) if frame is not None else {}
+        days: dict[date, pl.DataFrame] = {}
+        month = month_of(first)
+        while month <= last:
+            usable = usable_minutes(
+                self.lake, self.exchange, symbol_key, month, self.imputed_max_share
+            )
+            days.update(split_days(usable.minutes))
+            month = month_of(month + timedelta(days=31))
+        return {day: frame for day, frame in days.items() if first <= day <= last}
 
-    def build(self, timeframe: str, symbol_key: str, days: list[date]) -> list[FeatureOutcome]:
+    def build(self, timeframe: str, symbol_key: str, month: date) -> list[FeatureOutcome]:
+        """Compute and store one month of features: one write of its file."""
         specs = self.features.for_timeframe(timeframe)
+        days_of_month = month_days(month)
+        first = window_start(_midnight(days_of_month[0]), specs, timeframe).date()
+        bars = self._bars(timeframe, symbol_key, first, days_of_month[-1])
+        last = max((d for d in bars if d >= days_of_month[0]), default=datetime.now(UTC).date())
+        targets = [d for d in days_of_month if d <= last]
+        path = self.lake.month_path("features", self.exchange, timeframe, symbol_key, month)
+        stored: dict[date, DayData | None] = {}
         outcomes = []
-        for run in contiguous_runs(days):
-            segment: dict[date, pl.DataFrame] = {}
-            day = window_start(_midnight(run[0]), specs, timeframe).date()
-            while day <= run[-1]:
-                bars = self._bars(timeframe, symbol_key, day)
-                if bars is not None and bars.height:
-                    segment[day] = bars
-                else:
-                    # History never spans a day without bars: it restarts after it.
-                    outcomes += self._write(timeframe, symbol_key, run, segment, specs)
-                    segment = {}
-                    if day in run:
-                        outcomes.append(self._skip(timeframe, symbol_key, day))
-                day += timedelta(days=1)
-            outcomes += self._write(timeframe, symbol_key, run, segment, specs)
-        return sorted(outcomes, key=lambda o: o.day)
+        segment: dict[date, pl.DataFrame] = {}
+        day = first
+        while targets and day <= targets[-1]:
+            if day in bars and bars[day].height:
+                segment[day] = bars[day]
+            else:
+                # History never spans a day without bars: it restarts after it.
+                outcomes += self._segment(path, timeframe, symbol_key, targets, segment, specs)
+                segment = {}
+                if day in targets:
+                    why = f"no usable {timeframe} bars"
+                    log.warning("%s %s %s: no features, %s", symbol_key, day, timeframe, why)
+                    outcomes.append(
+                        FeatureOutcome(symbol_key, day, timeframe, path, 0, False, 0, None, why)
+                    )
+            day += timedelta(days=1)
+        outcomes += self._segment(path, timeframe, symbol_key, targets, segment, specs)
+        for outcome in outcomes:
+            stored[outcome.day] = outcome.data
+        writes = self.lake.write_month(
+            "features", self.exchange, timeframe, symbol_key, month, stored
+        )
+        return sorted(
+            (
+                replace(o, content_hash=writes[o.day].content_hash) if o.data else o
+                for o in outcomes
+            ),
+            key=lambda o: o.day,
+        )
 
-    def _skip(self, timeframe: str, symbol_key: str, day: date) -> FeatureOutcome:
-        path = self.lake.features_path(self.exchange, timeframe, symbol_key, day)
-        path.unlink(missing_ok=True)
-        why = f"no usable {timeframe} bars"
-        log.warning("%s %s %s: no features, %s", symbol_key, day, timeframe, why)
-        return FeatureOutcome(symbol_key, day, timeframe, path, 0, False, 0, None, why)
-
-    def _write(self, timeframe, symbol_key, run, segment, specs) -> list[FeatureOutcome]:
+    def _segment(
+        self, path, timeframe, symbol_key, targets, segment, specs
+    ) -> list[FeatureOutcome]:
         """Features of the target days in one unbroken segment of days with bars."""
-        targets = [day for day in run if day in segment]
-        if not targets:
+        days = [day for day in targets if day in segment]
+        if not days:
             return []
         warmup = warmup_bars(specs)
-        days = sorted(segment)
-        computed = compute_periods(
-            pl.concat([segment[d] for d in days]), specs, first_output_ts=_midnight(targets[0])
+        history_days = sorted(segment)
+        computed = compute(
+            pl.concat([segment[d] for d in history_days]), specs, first_output_ts=_midnight(days[0])
         )
+        by_day = split_days(computed)
         outcomes = []
-        for day in targets:
-            path = self.lake.features_path(self.exchange, timeframe, symbol_key, day)
-            start = _midnight(day)
-            frame = computed.filter(
-                pl.col("ts").is_between(start, start + timedelta(days=1), closed="left")
-            )
-            history = sum(segment[d].height for d in days if d < day)
+        history = sum(segment[d].height for d in history_days if d < days[0])
+        for day in days:
+            frame = by_day.get(day, computed.clear())
             nulls = int(frame.drop("ts").null_count().sum_horizontal()[0])
+            warm = history >= warmup
             report = {
                 "timeframe": timeframe,
                 "rows": frame.height,
                 "warmup_bars": warmup,
                 "history_bars": history,
-                "warm": history >= warmup,
+                "warm": warm,
                 "nulls": nulls,
             }
-            write = self.lake.write_partition(path, frame, report)
             outcomes.append(
                 FeatureOutcome(
-                    symbol_key, day, timeframe, path, frame.height, history >= warmup,
-                    nulls if history >= warmup else 0, write.content_hash, None,
+                    symbol_key, day, timeframe, path, frame.height, warm, nulls if warm else 0,
+                    None, None, DayData(frame, report),
                 )
             )  # fmt: skip
+            history += segment[day].height
         return outcomes
 
 

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 
 import polars as pl
 
@@ -18,7 +17,7 @@ from candlestack.gaps import (
     missing_runs,
     request_windows,
 )
-from candlestack.lake import Lake, WriteResult
+from candlestack.lake import DayData, Lake, LakePath, StoredMonth, WriteResult, month_of
 from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED, day_start_ms
 from candlestack.sources.base import CandleSource
 from candlestack.validate import describe_rejections, validate
@@ -36,7 +35,7 @@ MAX_STREAM_DAYS = 31
 class PartitionOutcome:
     symbol: str
     day: date
-    path: Path
+    path: LakePath  # the month file holding the day
     report: dict
     gaps: pl.DataFrame
     rejected: pl.DataFrame
@@ -57,13 +56,21 @@ def _in(frame: pl.DataFrame, start_ms: int, end_ms: int) -> pl.DataFrame:
     return frame.filter(pl.col("ts").is_between(start_ms, end_ms, closed="left"))
 
 
+def is_final(report: dict) -> bool:
+    """A closed day stored with every minute real: the exchange's history of it cannot change,
+    so it is never fetched again. Open days and days with imputed or missing minutes are
+    re-requested by every run of their month."""
+    return bool(report["day_closed"]) and not report["missing"] and not report["imputed"]
+
+
 class Ingestor:
-    """Ingests one symbol's days from a source into the lake.
+    """Ingests one symbol's days from a source into the lake, a month file at a time.
 
     A contiguous run of days is fetched as paginated streams of up to MAX_STREAM_DAYS
     (a year is ~540 requests at 1,000 candles a page, not 365 x 2); then each day is
-    checked, repaired and written on its own, so every day's file depends only on the
-    source, never on which other days were in the same run.
+    checked and repaired on its own, so every day's rows and report depend only on the
+    source, never on which other days were in the same run; each month's days are then
+    written in one atomic write of its file.
     """
 
     def __init__(self, source: CandleSource, lake: Lake, refetch_attempts: int = 2) -> None:
@@ -71,34 +78,70 @@ class Ingestor:
         self.lake = lake
         self.refetch_attempts = refetch_attempts
 
-    def path(self, symbol: str, day: date) -> Path:
-        return self.lake.candles_path(self.source.exchange, "1m", symbol_key(symbol), day)
+    def path(self, symbol: str, day: date) -> LakePath:
+        return self.lake.month_path("ohlcv", self.source.exchange, "1m", symbol_key(symbol), day)
+
+    def started_days(self, days: Sequence[date]) -> list[date]:
+        """The days that have a closed minute by the source's clock."""
+        closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
+        return [day for day in days if day_start_ms(day) < closed_end]
 
     def ingest(self, symbol: str, days: Sequence[date]) -> list[PartitionOutcome]:
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
         not_started = sorted(d for d in days if day_start_ms(d) >= closed_end)
         if not_started:
             raise ValueError(f"{symbol} {not_started[0]}: the day has no closed minute yet")
+        by_month: dict[date, list[date]] = {}
+        for day in sorted(set(days)):
+            by_month.setdefault(month_of(day), []).append(day)
         outcomes = []
-        for run in contiguous_runs(days):
+        for month, month_days in by_month.items():
+            outcomes.extend(self._ingest_month(symbol, month, month_days, closed_end))
+        return outcomes
+
+    def _ingest_month(
+        self, symbol: str, month: date, days: list[date], closed_end: int
+    ) -> list[PartitionOutcome]:
+        exchange, key = self.source.exchange, symbol_key(symbol)
+        stored = self.lake.read_month("ohlcv", exchange, "1m", key, month)
+        stored_reports = stored.reports if stored else {}
+        final = [d for d in days if d in stored_reports and is_final(stored_reports[d])]
+        finished: list[tuple[date, DayData, pl.DataFrame]] = []
+        for run in contiguous_runs(set(days) - set(final)):
             for first in range(0, len(run), MAX_STREAM_DAYS):
                 stream = run[first : first + MAX_STREAM_DAYS]
-                outcomes.extend(self._ingest_run(symbol, stream, closed_end))
-        return outcomes
+                finished.extend(self._ingest_run(symbol, stream, closed_end, stored))
+        writes = self.lake.write_month(
+            "ohlcv", exchange, "1m", key, month, {day: data for day, data, _ in finished}
+        )
+        outcomes = [
+            self._outcome(symbol, day, data, rejected, writes[day])
+            for day, data, rejected in finished
+        ]
+        path = self.path(symbol, month)
+        for day in final:
+            report = stored_reports[day]
+            write = WriteResult(path, path.stat().st_size, report["content_hash"], written=False)
+            gaps = stored.gaps.filter(pl.col("gap_start").dt.date() == day)
+            kept = DayData(pl.DataFrame(), report, gaps)
+            outcomes.append(self._outcome(symbol, day, kept, pl.DataFrame(schema=REJECTED), write))
+        return sorted(outcomes, key=lambda o: o.day)
 
     def _fetch(self, symbol: str, start_ms: int, end_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
         if start_ms >= end_ms:
             return pl.DataFrame(schema=RAW_CANDLES), pl.DataFrame(schema=REJECTED)
         return validate(self.source.fetch_candles(symbol, start_ms, end_ms), start_ms, end_ms)
 
-    def _stored_real(self, symbol: str, day: date) -> pl.DataFrame:
-        stored = self.lake.read(self.path(symbol, day))
-        if stored is None:
+    @staticmethod
+    def _stored_real(stored: StoredMonth | None, day: date) -> pl.DataFrame:
+        if stored is None or day not in stored.reports:
             return pl.DataFrame(schema=RAW_CANDLES)
-        real = stored.filter(~pl.col("imputed")).drop("imputed")
+        real = stored.day(day).filter(~pl.col("imputed")).drop("imputed")
         return real.with_columns(pl.col("ts").dt.epoch("ms")).cast(RAW_CANDLES)
 
-    def _ingest_run(self, symbol: str, run: list[date], closed_end: int) -> list[PartitionOutcome]:
+    def _ingest_run(
+        self, symbol: str, run: list[date], closed_end: int, stored: StoredMonth | None
+    ) -> list[tuple[date, DayData, pl.DataFrame]]:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
         if run_end < day_start_ms(run[-1]) + DAY_MS:
@@ -107,7 +150,7 @@ class Ingestor:
             # asked for again, so a candle stored while still forming (a clock ahead of the
             # exchange's) is replaced by its final values.
             open_start = day_start_ms(run[-1])
-            kept = self._stored_real(symbol, run[-1])
+            kept = self._stored_real(stored, run[-1])
             fetch_from_open_day = int(kept["ts"].max()) if kept.height else open_start
             closed_part = self._fetch(symbol, run_start, open_start)
             open_part = self._fetch(symbol, fetch_from_open_day, run_end)
@@ -124,12 +167,12 @@ class Ingestor:
             _day=pl.col("ts").fill_null(run_start).clip(run_start, run_end - 1) // DAY_MS
         )
 
-        outcomes = []
+        finished = []
         previous: pl.DataFrame | None = None
         for day in run:
             start = day_start_ms(day)
             end = min(start + DAY_MS, closed_end)
-            outcome, real = self._finish_day(
+            data, rejected_rows, real = self._finish_day(
                 symbol,
                 day,
                 start,
@@ -139,8 +182,8 @@ class Ingestor:
                 previous,
             )
             previous = real
-            outcomes.append(outcome)
-        return outcomes
+            finished.append((day, data, rejected_rows))
+        return finished
 
     def _previous_close(
         self, symbol: str, start: int, previous_day_real: pl.DataFrame | None
@@ -174,7 +217,8 @@ class Ingestor:
         clean: pl.DataFrame,
         rejected: pl.DataFrame,
         previous_day_real: pl.DataFrame | None,
-    ) -> tuple[PartitionOutcome, pl.DataFrame]:
+    ) -> tuple[DayData, pl.DataFrame, pl.DataFrame]:
+        """The day's candles, report and gaps, its rejected rows, and its real candles."""
         first_pass = missing_runs(clean["ts"].to_numpy(), start, end)
         runs = first_pass
         for _ in range(self.refetch_attempts):
@@ -210,9 +254,13 @@ class Ingestor:
             "source": self.source.kind,
             "day_closed": end == start + DAY_MS,
         }
-        path = self.path(symbol, day)
-        write = self.lake.write_partition(path, candles, report, gaps)
-        report["content_hash"] = write.content_hash
+        return DayData(candles, report, gaps), rejected, clean
+
+    def _outcome(
+        self, symbol: str, day: date, data: DayData, rejected: pl.DataFrame, write: WriteResult
+    ) -> PartitionOutcome:
+        report = {**data.report, "content_hash": write.content_hash}
+        missing_found = report["missing_found"]
         log.info(
             "%s %s: %d rows, %d missing found, %d re-fetched, %d imputed, %d missing, "
             "%d rejected%s",
@@ -226,5 +274,4 @@ class Ingestor:
             report["rejected"],
             f" ({describe_rejections(rejected, limit=3)})" if rejected.height else "",
         )
-        outcome = PartitionOutcome(symbol, day, path, report, gaps, rejected, write)
-        return outcome, clean
+        return PartitionOutcome(symbol, day, write.path, report, data.gaps, rejected, write)

@@ -1,10 +1,15 @@
-"""The Parquet lake: hive-partitioned files, atomic and idempotent writes.
+"""The Parquet lake: hive-partitioned files, atomic and idempotent writes, and the one
+reader of them: nothing outside this module knows the path layout.
 
-One file per exchange/timeframe/symbol/UTC day, in a local folder or under an
-s3://bucket/prefix (the same layout and code: paths are pathlib.Path locally and
-UPath on the object store). Each candle file carries its partition report and gap
-table in the Parquet footer (key-value metadata), so the figures can never disagree
-with the data they describe: both land in one atomic write (a rename, or one PUT).
+One file per dataset/exchange/timeframe/symbol/UTC month
+(`ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/month=2021-04/data.parquet`), in a
+local folder or under an s3://bucket/prefix (the same layout and code: paths are
+pathlib.Path locally and UPath on the object store). Monthly files, not daily: one file a
+symbol-day wrote 2.4-7x and scanned 2-2.6x slower. Each file carries every stored day's
+report (with that day's content hash) and the gap table in its Parquet footer (key-value
+metadata), so the figures can never disagree with the data they describe: both land in
+one atomic write (a rename, or one PUT). The open month's file is rewritten whole at each
+top-up, atomically: a reader sees the month before the write or after it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -36,6 +41,7 @@ REPORT_KEY = b"candlestack.report"
 GAPS_KEY = b"candlestack.gaps"
 STALE_TEMP_SECONDS = 3600
 S3_SCHEME = "s3://"
+GAP_TABLE = {**GAPS, "gap_start": TS, "gap_end": TS}
 
 # A file of the lake: a local file, or an object under s3:// (UPath on S3Store).
 LakePath = Path | UPath
@@ -167,6 +173,26 @@ def read_parquet(paths: LakePath | Sequence[LakePath], **kwargs) -> pl.DataFrame
 
 
 @dataclass(frozen=True)
+class DayData:
+    """What one day of a month file is replaced with: its rows, report and gap ranges."""
+
+    frame: pl.DataFrame
+    report: dict
+    gaps: pl.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class StoredMonth:
+    path: LakePath
+    frame: pl.DataFrame  # every stored day's rows, in time order
+    reports: dict[date, dict]  # day -> its report, in day order
+    gaps: pl.DataFrame | None  # gap ranges of every day (candle files only)
+
+    def day(self, day: date) -> pl.DataFrame:
+        return self.frame.filter(pl.col("ts").dt.date() == day)
+
+
+@dataclass(frozen=True)
 class WriteResult:
     path: LakePath
     bytes: int
@@ -286,9 +312,6 @@ class Lake:
         """The root as DuckDB and polars address it: an absolute folder, or the s3:// URL."""
         return str(self.root) if isinstance(self.root, UPath) else str(self.root.resolve())
 
-    def candles_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> LakePath:
-        return self._partition_path("ohlcv", exchange, timeframe, symbol_key, day)
-
     def markets_path(self, exchange: str, day: date) -> LakePath:
         return (
             self.root / "markets" / f"exchange={exchange}" / f"date={day.isoformat()}" / FILE_NAME
@@ -305,46 +328,155 @@ class Lake:
             / f"symbol={symbol_key}"
         )
 
-    def _partition_path(
-        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, day: date
+    def month_path(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, month: date
     ) -> LakePath:
+        """The file of one dataset ("ohlcv", "bars", "features"), exchange, timeframe, symbol
+        and UTC month (any day of it)."""
         folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
-        return folder / f"date={day.isoformat()}" / FILE_NAME
+        return folder / f"month={month:%Y-%m}" / FILE_NAME
 
-    def day_files(
+    def month_files(
         self, dataset: str, exchange: str, timeframe: str, symbol_key: str
     ) -> dict[date, LakePath]:
-        """Every stored day of one dataset ("ohlcv", "bars", "features"), exchange, timeframe
-        and symbol: day -> file, in day order."""
+        """Every stored month: first day of the month -> file, in month order."""
         folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
         return {
-            date.fromisoformat(path.parent.name.removeprefix("date=")): path
-            for path in sorted(folder.glob(f"date=*/{FILE_NAME}"))
+            month_of(path.parent.name.removeprefix("month=")): path
+            for path in sorted(folder.glob(f"month=*/{FILE_NAME}"))
         }
 
-    def bars_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> LakePath:
-        return self._partition_path("bars", exchange, timeframe, symbol_key, day)
+    def symbol_keys(self, dataset: str, exchange: str, timeframe: str) -> list[str]:
+        base = self.root / dataset / f"exchange={exchange}" / f"timeframe={timeframe}"
+        return sorted(p.name.removeprefix("symbol=") for p in base.glob("symbol=*"))
 
-    def features_path(self, exchange: str, timeframe: str, symbol_key: str, day: date) -> LakePath:
-        return self._partition_path("features", exchange, timeframe, symbol_key, day)
+    def read_month(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, month: date
+    ) -> StoredMonth | None:
+        """A month file: its rows, per-day reports and gap table; None when not stored."""
+        path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
+        footer = self._month_footer(path)
+        if footer is None:
+            return None
+        return StoredMonth(path, self.read(path), *footer)
 
-    def write_partition(
+    def write_month(
         self,
-        path: LakePath,
-        candles: pl.DataFrame,
-        report: dict,
-        gaps: pl.DataFrame | None = None,
-    ) -> WriteResult:
-        """Write a partition's frame with its report (and gap table) in the footer."""
-        digest = content_hash(candles)
-        report = {**report, "content_hash": digest}
-        key_value = {REPORT_KEY: json.dumps(report, sort_keys=True, default=str).encode()}
-        if gaps is not None:
-            key_value[GAPS_KEY] = gaps.write_json().encode()
-        if path.exists() and self._footer(path) == key_value:
-            return WriteResult(path, path.stat().st_size, digest, written=False)
-        size = write_parquet_atomic(path, candles.to_arrow(), key_value)
-        return WriteResult(path, size, digest, written=True)
+        dataset: str,
+        exchange: str,
+        timeframe: str,
+        symbol_key: str,
+        month: date,
+        days: dict[date, DayData | None],
+    ) -> dict[date, WriteResult]:
+        """Replace the given days of a month file (None removes a day), keeping its other
+        days, in one atomic write; nothing is written when the file already holds exactly
+        this. Returns each given stored day's result."""
+        path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
+        stored = self.read_month(dataset, exchange, timeframe, symbol_key, month)
+        wrong = [d for d in days if month_of(d) != month_of(month)]
+        if wrong:
+            raise LakeError(f"{path}: day {wrong[0]} is not in the month {month:%Y-%m}")
+        reports = {d: r for d, r in (stored.reports if stored else {}).items() if d not in days}
+        frames, gaps = [], []
+        if stored is not None:
+            frames.append(_outside_days(stored.frame, "ts", days))
+            if stored.gaps is not None:
+                gaps.append(_outside_days(stored.gaps, "gap_start", days))
+        for day, data in days.items():
+            if data is None:
+                continue
+            reports[day] = {**data.report, "content_hash": content_hash(data.frame)}
+            frames.append(data.frame)
+            if data.gaps is not None:
+                gaps.append(data.gaps)
+        if not reports:
+            path.unlink(missing_ok=True)
+            return {}
+        frame = pl.concat(frames).sort("ts")
+        gap_table = pl.concat(gaps).sort("gap_start") if gaps else None
+        key_value = _month_key_value(reports, gap_table)
+        written = stored is None or self._footer(path) != key_value
+        size = write_parquet_atomic(path, frame.to_arrow(), key_value) if written else None
+        size = size if size is not None else path.stat().st_size
+        return {
+            day: WriteResult(path, size, reports[day]["content_hash"], written)
+            for day, data in days.items()
+            if data is not None
+        }
+
+    def day_reports(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str
+    ) -> dict[date, dict]:
+        """Every stored day's report, from the month files' footers alone, in day order."""
+        reports: dict[date, dict] = {}
+        for path in self.month_files(dataset, exchange, timeframe, symbol_key).values():
+            footer = self._month_footer(path)
+            if footer is not None:
+                reports.update(footer[0])
+        return reports
+
+    def read_days(
+        self,
+        dataset: str,
+        exchange: str,
+        timeframe: str,
+        symbol_key: str,
+        first: date,
+        last: date,
+        columns: Sequence[str] | None = None,
+    ) -> pl.DataFrame | None:
+        """Rows of the days first..last (inclusive), read from the month files that hold
+        them, in time order; None when no month of the range is stored."""
+        months = self.month_files(dataset, exchange, timeframe, symbol_key)
+        paths = [p for m, p in months.items() if month_of(first) <= m <= last]
+        if not paths:
+            return None
+        start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+        end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+        try:
+            scan = scan_parquet(paths).filter(pl.col("ts").is_between(start, end, closed="left"))
+            return (scan.select(columns) if columns else scan).collect().sort("ts")
+        except Exception as exc:
+            raise LakeError(f"cannot read {paths[0].parent.parent}: {exc}") from exc
+
+    def newest_ts(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str
+    ) -> datetime | None:
+        """Open time of the newest stored row, looking back past months without rows."""
+        months = self.month_files(dataset, exchange, timeframe, symbol_key)
+        for path in reversed(months.values()):
+            last = read_parquet(path, columns=["ts"]).get_column("ts").max()
+            if last is not None:
+                return last
+        return None
+
+    def read_markets(self, exchange: str) -> pl.DataFrame | None:
+        """Every daily market-rules snapshot of an exchange, with its `date`."""
+        files = sorted(self.root.glob(f"markets/exchange={exchange}/date=*/{FILE_NAME}"))
+        if not files:
+            return None
+        snapshots = read_parquet(files, hive_partitioning=True)
+        return snapshots.with_columns(pl.col("date").cast(pl.Date))
+
+    def backtest_folder(self, strategy: str, run_id: str) -> LakePath:
+        return self.root / "backtests" / f"strategy={strategy}" / f"run={run_id}"
+
+    def sweep_path(self, sweep: str, run_id: str) -> LakePath:
+        return self.root / "sweeps" / f"sweep={sweep}" / f"run={run_id}" / "results.parquet"
+
+    def _month_footer(self, path: LakePath) -> tuple[dict[date, dict], pl.DataFrame] | None:
+        if not path.exists():
+            return None
+        footer = self._footer(path)
+        if REPORT_KEY not in footer:
+            raise LakeError(f"{path} has no candlestack report in its footer")
+        reports = {
+            date.fromisoformat(r["date"]): {k: v for k, v in r.items() if k != "date"}
+            for r in json.loads(footer[REPORT_KEY])
+        }
+        gaps = pl.read_json(footer[GAPS_KEY], schema=GAP_TABLE) if GAPS_KEY in footer else None
+        return reports, gaps
 
     def read(self, path: LakePath) -> pl.DataFrame | None:
         if not path.exists():
@@ -364,35 +496,22 @@ class Lake:
             raise LakeError(f"cannot read the footer of {path}: {exc}") from exc
         return {k: v for k, v in metadata.items() if k in (REPORT_KEY, GAPS_KEY)}
 
-    def read_report(self, path: LakePath) -> tuple[dict, pl.DataFrame] | None:
-        """The partition report and gap table stored with a candle file."""
-        if not path.exists():
+    def read_day_report(
+        self, exchange: str, symbol_key: str, day: date
+    ) -> tuple[dict, pl.DataFrame] | None:
+        """One day's 1-minute candle report and its gap ranges; None when not stored."""
+        stored = self._month_footer(self.month_path("ohlcv", exchange, "1m", symbol_key, day))
+        if stored is None or day not in stored[0]:
             return None
-        footer = self._footer(path)
-        if REPORT_KEY not in footer:
-            raise LakeError(f"{path} has no candlestack report in its footer")
-        report = json.loads(footer[REPORT_KEY])
-        schema = {**GAPS, "gap_start": TS, "gap_end": TS}
-        gaps = pl.read_json(footer[GAPS_KEY], schema=schema) if GAPS_KEY in footer else None
-        return report, gaps if gaps is not None else pl.DataFrame(schema=schema)
-
-    def candle_files(
-        self, exchange: str, timeframe: str = "1m"
-    ) -> Iterator[tuple[str, date, LakePath]]:
-        """(symbol key, day, path) of every candle file of an exchange and timeframe."""
-        base = self.root / "ohlcv" / f"exchange={exchange}" / f"timeframe={timeframe}"
-        for path in sorted(base.glob(f"symbol=*/date=*/{FILE_NAME}")):
-            symbol = path.parent.parent.name.removeprefix("symbol=")
-            day = date.fromisoformat(path.parent.name.removeprefix("date="))
-            yield symbol, day, path
+        gaps = stored[1] if stored[1] is not None else pl.DataFrame(schema=GAP_TABLE)
+        return stored[0][day], gaps.filter(pl.col("gap_start").dt.date() == day)
 
     def reports(self, exchange: str) -> pl.DataFrame:
-        """One row per 1m partition in the lake: symbol, date and its report."""
+        """One row per stored 1m symbol-day: symbol, date and its report."""
         rows = []
-        for symbol, day, path in self.candle_files(exchange):
-            stored = self.read_report(path)
-            if stored is not None:
-                rows.append({"symbol": symbol, "date": day, **stored[0]})
+        for symbol in self.symbol_keys("ohlcv", exchange, "1m"):
+            for day, report in self.day_reports("ohlcv", exchange, "1m", symbol).items():
+                rows.append({"symbol": symbol, "date": day, **report})
         schema = {"symbol": pl.String, "date": pl.Date, **PARTITION_REPORT}
         if not rows:
             return pl.DataFrame(schema=schema)
@@ -401,3 +520,36 @@ class Lake:
         return frame.with_columns(
             pl.col("first_ts", "last_ts").str.to_datetime(time_zone="UTC").cast(TS)
         ).select(schema.keys())
+
+
+def month_of(day: date | str) -> date:
+    """The first day of the UTC month of `day` (a date, or ISO text: 2021-04 or 2021-04-25)."""
+    if isinstance(day, str):
+        day = date.fromisoformat(day if len(day) > 7 else f"{day}-01")
+    return day.replace(day=1)
+
+
+def month_days(month: date) -> list[date]:
+    """Every day of the month of `month`."""
+    first = month_of(month)
+    following = (first + timedelta(days=32)).replace(day=1)
+    return [first + timedelta(days=i) for i in range((following - first).days)]
+
+
+def split_days(frame: pl.DataFrame) -> dict[date, pl.DataFrame]:
+    """A frame's rows by UTC day of `ts`, in day order."""
+    parts = frame.with_columns(_day=pl.col("ts").dt.date()).partition_by("_day", as_dict=True)
+    return {key[0]: part.drop("_day") for key, part in sorted(parts.items())}
+
+
+def _outside_days(frame: pl.DataFrame, column: str, days: Iterable[date]) -> pl.DataFrame:
+    return frame.filter(~pl.col(column).dt.date().is_in(list(days)))
+
+
+def _month_key_value(reports: dict[date, dict], gaps: pl.DataFrame | None) -> dict[bytes, bytes]:
+    rows = [{"date": day.isoformat(), **reports[day]} for day in sorted(reports)]
+    key_value = {REPORT_KEY: json.dumps(rows, sort_keys=True, default=str).encode()}
+    if gaps is not None:
+        key_value[GAPS_KEY] = gaps.write_json().encode()
+    return key_value
+

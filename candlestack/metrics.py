@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from candlestack.config import symbol_key
 from candlestack.dryrun import LATENCY_WINDOW, latency_stats, newest_candle_close_ms
-from candlestack.lake import Lake, read_parquet
+from candlestack.lake import Lake
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
@@ -75,10 +75,11 @@ def lake_metrics(lake: Lake, exchange: str, symbols: Sequence[str], now: datetim
         close_ms = newest_candle_close_ms(lake, exchange, symbol)
         if close_ms is not None:
             lag.add_metric([symbol], now.timestamp() - close_ms / 1000)
-        files = lake.day_files("ohlcv", exchange, "1m", symbol_key(symbol))
-        recent = [path for day, path in files.items() if day >= since.date()]
-        if recent:
-            window = read_parquet(recent, columns=["ts", "imputed"]).filter(pl.col("ts") >= since)
+        window = lake.read_days(
+            "ohlcv", exchange, "1m", symbol_key(symbol), since.date(), now.date(), ["ts", "imputed"]
+        )
+        if window is not None:
+            window = window.filter(pl.col("ts") >= since)
             if window.height:
                 imputed.add_metric([symbol], window.get_column("imputed").sum() / window.height)
     return [lag, imputed]

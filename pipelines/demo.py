@@ -23,6 +23,8 @@ from assets.partitions import candle_range
 from candlestack.catalog import connect
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
+from candlestack.feature_store import load_feature_set
+from candlestack.lake import month_of
 from candlestack.resample import TIMEFRAME_MINUTES
 
 DAYS = 7
@@ -48,12 +50,14 @@ def _bars_summary(catalog: Path, lake, first: str) -> pl.DataFrame:
         ).pl()
 
 
-def _features_summary(lake, first: str) -> pl.DataFrame:
-    rows = []
-    for path in sorted(lake.root.glob("features/*/timeframe=*/symbol=*/date=*/*.parquet")):
-        if path.parent.name.removeprefix("date=") >= first:
-            report, _ = lake.read_report(path)
-            rows.append(report)
+def _features_summary(lake, exchange: str, timeframes, first: str) -> pl.DataFrame:
+    rows = [
+        report
+        for timeframe in timeframes
+        for symbol in lake.symbol_keys("features", exchange, timeframe)
+        for day, report in lake.day_reports("features", exchange, timeframe, symbol).items()
+        if day.isoformat() >= first
+    ]
     if not rows:
         return pl.DataFrame()
     return (
@@ -225,13 +229,13 @@ def main() -> int:
     reports = lake.reports(exchange).filter(pl.col("date") >= datetime.fromisoformat(first).date())
     stored = []
     for report in reports.iter_rows(named=True):
-        path = lake.candles_path(exchange, "1m", report["symbol"], report["date"])
-        gaps = lake.read_report(path)[1]
-        stored.append((report["symbol"], report["date"], report, gaps, path))
-    gaps_failed = gap_failures(
-        ((s, d, r, g) for s, d, r, g, _ in stored), settings.imputed_max_share
+        gaps = lake.read_day_report(exchange, report["symbol"], report["date"])[1]
+        stored.append((report["symbol"], report["date"], report, gaps))
+    gaps_failed = gap_failures(stored, settings.imputed_max_share)
+    months = {(s, month_of(d)) for s, d, _, _ in stored}
+    sanity_failed = sanity_failures(
+        (s, m, lake.month_path("ohlcv", exchange, "1m", s, m)) for s, m in sorted(months)
     )
-    sanity_failed = sanity_failures((s, d, p) for s, d, _, _, p in stored)
     failed = [*gaps_failed["symbol"], *sanity_failed["symbol"]]
     rows = []
     for symbol in settings.symbols:
@@ -262,7 +266,8 @@ def main() -> int:
         print("\nbars per timeframe (all symbols, the same days):")
         print(_bars_summary(settings.catalog, lake, first))
         print("\nfeatures per timeframe (a day is warm once its whole warm-up is in the lake):")
-        print(_features_summary(lake, first))
+        timeframes = load_feature_set(settings.features).timeframes
+        print(_features_summary(lake, exchange, timeframes, first))
 
     print("\nbacktests (fills at the next open with slippage, fees, lot/tick/min-notional rules):")
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_cols=-1,

@@ -15,8 +15,9 @@ from datetime import UTC, date, datetime, timedelta
 import dagster as dg
 
 from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
-from candlestack.backtest_store import bar_files
-from candlestack.lake import Lake, read_parquet
+from candlestack.backtest_store import bar_dataset
+from candlestack.config import symbol_key
+from candlestack.lake import Lake
 from candlestack.ledger import decision_key
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
@@ -29,11 +30,16 @@ INTERVAL_SECONDS = 5
 def closed_bars(lake: Lake, exchange: str, strategy: StrategyConfig, today: date) -> list[datetime]:
     """Open times of the strategy's stored (closed) bars of yesterday and today, oldest first.
     Bar files only ever hold closed periods (candlestack.resample)."""
-    files = bar_files(lake, exchange, strategy)
-    paths = [files[d] for d in (today - timedelta(days=1), today) if d in files]
-    if not paths:
-        return []
-    return read_parquet(paths, columns=["ts"]).get_column("ts").sort().to_list()
+    bars = lake.read_days(
+        bar_dataset(strategy),
+        exchange,
+        strategy.timeframe,
+        symbol_key(strategy.symbol),
+        today - timedelta(days=1),
+        today,
+        ["ts"],
+    )
+    return [] if bars is None else bars.get_column("ts").to_list()
 
 
 def bar_requests(
