@@ -127,9 +127,14 @@ def candles_1m(
     for key, months in symbol_months(context.partition_keys).items():
         symbol = settings.symbol_by_key[key]
         for month, partition_key in sorted(months.items()):
-            days = ingestor.started_days(month_days(month))
+            wanted = [d for d in month_days(month) if d >= settings.start_date]
+            days = ingestor.days_to_ingest(symbol, wanted)
             if not days:
-                raise dg.Failure(f"{partition_key}: the month has no closed minute yet")
+                raise dg.Failure(
+                    f"{partition_key}: no day of the month to ingest (none has a closed minute "
+                    f"yet, is on or after CANDLESTACK_START_DATE {settings.start_date}, or is "
+                    "in the source's recording)"
+                )
             try:
                 month_outcomes = ingestor.ingest(symbol, days)
             except SourceError as exc:

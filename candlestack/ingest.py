@@ -81,10 +81,18 @@ class Ingestor:
     def path(self, symbol: str, day: date) -> LakePath:
         return self.lake.month_path("ohlcv", self.source.exchange, "1m", symbol_key(symbol), day)
 
-    def started_days(self, days: Sequence[date]) -> list[date]:
-        """The days that have a closed minute by the source's clock."""
+    def days_to_ingest(self, symbol: str, days: Sequence[date]) -> list[date]:
+        """Of `days`, those the source can have: started by its clock (a closed minute), and
+        inside a recording's whole days (a replay source's `covered_days`)."""
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
-        return [day for day in days if day_start_ms(day) < closed_end]
+        covered = getattr(self.source, "covered_days", None)
+        first, last = covered(symbol) or (None, None) if covered else (None, None)
+        return [
+            day
+            for day in days
+            if day_start_ms(day) < closed_end
+            and (first is None or first <= day <= last)
+        ]
 
     def ingest(self, symbol: str, days: Sequence[date]) -> list[PartitionOutcome]:
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS

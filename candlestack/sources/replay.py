@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from datetime import date, timedelta
 from pathlib import Path
 
 import ccxt
 import polars as pl
 
 from candlestack.errors import SourceError, SourceFormatError
-from candlestack.schema import MARKETS, RAW_CANDLES
+from candlestack.schema import DAY_MS, MARKETS, MINUTE_MS, RAW_CANDLES
 from candlestack.sources.markets import markets_frame
 
 _OHLCV = ("open", "high", "low", "close", "volume")
@@ -143,6 +144,17 @@ class ReplaySource:
 
     def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
         return self._candles(symbol).filter(pl.col("ts").is_between(start_ms, end_ms, "left"))
+
+    def covered_days(self, symbol: str) -> tuple[date, date] | None:
+        """The first and last whole UTC days of the recording: a day the recording starts or
+        ends in the middle of was not missing minutes on the exchange, so it is left out."""
+        ts = self._candles(symbol).get_column("ts")
+        if ts.is_empty():
+            return None
+        first = -(-int(ts.min()) // DAY_MS)  # days since the epoch, rounded up
+        end = (int(ts.max()) + MINUTE_MS) // DAY_MS  # the day the recording ends in
+        epoch = date(1970, 1, 1)
+        return epoch + timedelta(days=first), epoch + timedelta(days=end - 1)
 
     def open_at(self, symbol: str, ts_ms: int) -> float | None:
         row = self._candles(symbol).filter(pl.col("ts") == ts_ms)
