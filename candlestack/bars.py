@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 
 import polars as pl
 
 from candlestack.checks import gap_failure, ohlc_violations
-from candlestack.lake import DayData, Lake, LakePath, month_days, split_days
+from candlestack.lake import DayData, Lake, LakePath, split_days
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
     TIMEFRAME_MINUTES,
@@ -43,7 +43,7 @@ class UsableMinutes:
 
     minutes: pl.DataFrame  # minute_bars of the usable days only
     reports: dict[date, dict]  # usable day -> its candle report
-    unusable: dict[date, str]  # day of the month -> why nothing may be built on it
+    unusable: dict[date, str]  # stored day -> why nothing may be built on it
 
     def closed_end_ms(self, day: date) -> int:
         return day_start_ms(day) + self.reports[day]["expected"] * MINUTE_MS
@@ -52,30 +52,26 @@ class UsableMinutes:
 def usable_minutes(
     lake: Lake, exchange: str, symbol_key: str, month: date, imputed_max_share: float
 ) -> UsableMinutes:
-    """A month's 1-minute candles as bars, for the days that pass the blocking rules (gaps,
-    OHLC sanity), and why each other day of the month (up to its last stored day, or today)
-    may not be built on."""
+    """A month's 1-minute candles as bars, for the stored days that pass the blocking rules
+    (gaps, OHLC sanity), and why each other stored day may not be built on."""
     stored = lake.read_month("ohlcv", exchange, "1m", symbol_key, month)
     reports = stored.reports if stored else {}
-    last = max(reports) if reports else datetime.now(UTC).date()
+    frames = split_days(stored.frame) if stored else {}
     unusable: dict[date, str] = {}
     usable: dict[date, dict] = {}
-    frames = split_days(stored.frame) if stored else {}
-    for day in (d for d in month_days(month) if d <= last):
-        report = reports.get(day)
-        why = gap_failure(report, imputed_max_share) if report else None
-        if report is None:
-            unusable[day] = "no 1-minute candles"
-        elif why:
-            unusable[day] = f"1m candles fail gaps: {why}"
-        elif day in frames:
+    for day, report in reports.items():
+        why = gap_failure(report, imputed_max_share)
+        broken = {}
+        if day in frames:
             broken = {k: v for k, v in ohlc_violations(frames[day], day_start_ms(day)).items() if v}
-            if broken:
-                unusable[day] = f"1m candles fail {broken}"
-            else:
-                usable[day] = report
-        else:
+        if why:
+            unusable[day] = f"1m candles fail gaps: {why}"
+        elif broken:
+            unusable[day] = f"1m candles fail {broken}"
+        elif day not in frames:
             unusable[day] = "no 1-minute candles"
+        else:
+            usable[day] = report
     days = [frames[d] for d in usable]
     minutes = minute_bars(pl.concat(days) if days else pl.DataFrame(schema=CANDLES_1M))
     return UsableMinutes(minutes, usable, unusable)

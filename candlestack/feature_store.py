@@ -105,8 +105,8 @@ class FeatureBuilder:
         days_of_month = month_days(month)
         first = window_start(_midnight(days_of_month[0]), specs, timeframe).date()
         bars = self._bars(timeframe, symbol_key, first, days_of_month[-1])
-        last = max((d for d in bars if d >= days_of_month[0]), default=datetime.now(UTC).date())
-        targets = [d for d in days_of_month if d <= last]
+        # The month's days with 1-minute candles: each gets features, or why not.
+        targets = sorted(self.lake.month_reports("ohlcv", self.exchange, "1m", symbol_key, month))
         path = self.lake.month_path("features", self.exchange, timeframe, symbol_key, month)
         stored: dict[date, DayData | None] = {}
         outcomes = []

@@ -405,6 +405,15 @@ class Lake:
             if data is not None
         }
 
+    def month_reports(
+        self, dataset: str, exchange: str, timeframe: str, symbol_key: str, month: date
+    ) -> dict[date, dict]:
+        """The stored days of one month file and their reports, from its footer alone."""
+        footer = self._month_footer(
+            self.month_path(dataset, exchange, timeframe, symbol_key, month)
+        )
+        return footer[0] if footer else {}
+
     def day_reports(
         self, dataset: str, exchange: str, timeframe: str, symbol_key: str
     ) -> dict[date, dict]:
@@ -552,4 +561,3 @@ def _month_key_value(reports: dict[date, dict], gaps: pl.DataFrame | None) -> di
     if gaps is not None:
         key_value[GAPS_KEY] = gaps.write_json().encode()
     return key_value
-

@@ -22,12 +22,13 @@ def resources(tmp_path, shared_data):
     }
 
 
-def ingest_day_by_day(resources, instance, days, symbol_key: str = "BTC-USDT") -> None:
-    """One run a day, so a day failing its blocking checks does not stop the others."""
-    for day in days:
+def ingest_months(resources, instance, months, symbol_key: str = "BTC-USDT") -> None:
+    """One run a month (of the replay's whole days: 2021-04-21..2021-05-19); a month whose
+    2021-04-25 fails its blocking checks is still stored."""
+    for month in months:
         dg.materialize(
             [candles_1m],
-            partition_key=f"{day}|{symbol_key}",
+            partition_key=f"{month}-01|{symbol_key}",
             resources=resources,
             instance=instance,
             raise_on_error=False,

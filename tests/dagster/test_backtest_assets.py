@@ -2,6 +2,7 @@
 
 import base64
 import re
+from datetime import date
 
 import dagster as dg
 import duckdb
@@ -16,10 +17,11 @@ import assets.backtests
 from assets.backtests import _backtest_asset, _sweep_asset
 from assets.bars import bar_assets
 from assets.market_data import catalog, markets
+from candlestack.lake import DayData
 from candlestack.strategies.config import StrategyConfig, SweepConfig
-from tests.dagster.conftest import ingest_day_by_day
+from tests.dagster.conftest import ingest_months
 
-DAYS = [f"2021-04-{d}" for d in range(21, 28)]
+APRIL = "2021-04-01|BTC-USDT"  # the recording's whole days: 2021-04-21..30
 BARS_15M = next(a for a in bar_assets if a.key.to_user_string() == "bars_15m")
 MEAN_REVERSION = StrategyConfig(
     name="btc_mr",
@@ -34,16 +36,12 @@ MEAN_REVERSION = StrategyConfig(
 @pytest.fixture
 def lake_with_bars(resources):
     instance = dg.DagsterInstance.ephemeral()
-    ingest_day_by_day(resources, instance, DAYS)
+    ingest_months(resources, instance, ("2021-04",))
     dg.materialize(
         [BARS_15M],
         resources=resources,
         instance=instance,
-        tags={
-            ASSET_PARTITION_RANGE_START_TAG: f"{DAYS[0]}|BTC-USDT",
-            ASSET_PARTITION_RANGE_END_TAG: f"{DAYS[-1]}|BTC-USDT",
-        },
-        raise_on_error=False,
+        tags={ASSET_PARTITION_RANGE_START_TAG: APRIL, ASSET_PARTITION_RANGE_END_TAG: APRIL},
     )
     dg.materialize([markets], partition_key="2021-04-21", resources=resources, instance=instance)
     return resources, instance
@@ -71,7 +69,7 @@ def test_backtest_asset_shows_metrics_picture_report_and_passes_lookahead(lake_w
     assert base64.b64decode(png.group(1)).startswith(b"\x89PNG")
     report = tmp_path / "reports" / "backtest_btc_mr.html"
     assert meta["report"] == str(report) and "total return" in report.read_text()
-    assert meta["window"] == "2021-04-21 to 2021-04-27"
+    assert meta["window"] == "2021-04-21 to 2021-04-30"
 
     # The lake holds the run under its inputs hash; the catalog's views read it.
     dg.materialize([catalog], resources=resources, instance=instance)
@@ -105,8 +103,8 @@ def test_a_window_chosen_at_launch_changes_the_run(lake_with_bars):
         ),
         "backtest_btc_mr",
     )
-    assert short["window"] == "2021-04-26 to 2021-04-27"
-    assert short["run_id"] != full["run_id"] and short["bars"] == 2 * 96
+    assert short["window"] == "2021-04-26 to 2021-04-30"
+    assert short["run_id"] != full["run_id"] and short["bars"] == 5 * 96
 
 
 def test_a_strategy_that_peeks_fails_the_blocking_lookahead_check(
@@ -163,10 +161,10 @@ def test_changed_bars_make_a_new_run_and_keep_the_old_one(lake_with_bars, tmp_pa
         dg.materialize([asset], resources=resources, instance=instance), "backtest_btc_mr"
     )
     lake = resources["lake"].lake
-    path = next((tmp_path / "lake").glob("bars/*/timeframe=15m/*/date=2021-04-27/*.parquet"))
-    report, _ = lake.read_report(path)
-    bars = pl.read_parquet(path)
-    lake.write_partition(path, bars.with_columns(pl.col("close") * 1.0001), report)
+    day, key = date(2021, 4, 27), ("bars", "binance", "15m", "BTC-USDT", date(2021, 4, 1))
+    month = lake.read_month(*key)
+    changed = month.day(day).with_columns(pl.col("close") * 1.0001)
+    lake.write_month(*key, {day: DayData(changed, month.reports[day])})
     second = _metadata(
         dg.materialize([asset], resources=resources, instance=instance), "backtest_btc_mr"
     )

@@ -1,10 +1,12 @@
 """Assets materialized in process with a temporary lake, on the real recorded candles."""
 
+from datetime import date
+
 import dagster as dg
 import duckdb
 
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
-from tests.dagster.conftest import ingest_day_by_day
+from tests.dagster.conftest import ingest_months
 
 
 def _checks(result):
@@ -13,35 +15,45 @@ def _checks(result):
 
 def test_gap_day_is_imputed_and_blocks_with_the_gap_range_in_metadata(resources):
     """2021-04-25 lost 284 minutes to exchange maintenance: stored as flagged flat candles,
-    and the blocking gaps check fails naming the range, since 19.7 % > the 1 % threshold."""
-    result = dg.materialize(
-        [candles_1m],
-        partition_key="2021-04-25|BTC-USDT",
-        resources=resources,
-        raise_on_error=False,
-    )
+    and the blocking gaps check fails naming that day and the range, since 19.7 % > the 1 %
+    threshold; the month's other days (of the recording, 04-21..04-30) pass."""
+    result = dg.materialize([candles_1m], partition_key="2021-04-01|BTC-USDT", resources=resources)
+    # The failing day does not fail the run: it is blocked per day, downstream.
+    assert result.success
     (materialization,) = result.asset_materializations_for_node("candles_1m")
     meta = {k: v.value for k, v in materialization.metadata.items()}
-    assert meta["rows"] == 1440
+    assert meta["days"] == 10
+    assert meta["rows"] == 10 * 1440
     assert meta["imputed"] == 284
     assert meta["quality"] == "imputed"
-    assert meta["gaps_check"].startswith("failed: imputed share 19.72%")
+    assert meta["gaps_check"].startswith("failed: 2021-04-25: imputed share 19.72%")
+    assert meta["days_failed"] == 1
+    per_day = meta["per_day"]
+    assert (
+        "| 2021-04-25 | 1440 | 284 | 0 | 284 | 0 | 0 | imputed | failed: imputed share" in per_day
+    )
+    assert "| 2021-04-24 | 1440 | 0 | 0 | 0 | 0 | 0 | complete | passed |" in per_day
+    assert "04:01" in meta["gap_ranges"]
     checks = _checks(result)
     assert not checks["gaps"].passed
-    assert "04:01-08:44 (284)" in checks["gaps"].metadata["failures"].value
+    assert checks["gaps"].metadata["days_failed"].value == 1
+    failures = checks["gaps"].metadata["failures"].value
+    assert "| 2021-04-25 | BTC/USDT |" in failures
+    assert "04:01-08:44 (284)" in failures
+    assert "2021-04-24" not in failures
     assert checks["ohlc_sanity"].passed
 
 
 def test_clean_days_pass_and_feed_coverage_and_catalog(resources, tmp_path):
     """Complete days pass both blocking checks; the coverage grid and the catalog show them."""
-    keys = dg.PartitionKeyRange("2021-04-24|BTC-USDT", "2021-04-25|BTC-USDT")
     instance = dg.DagsterInstance.ephemeral()
-    ingest_day_by_day(resources, instance, ("2021-04-24", "2021-04-25"))
-    assert keys.start in instance.get_materialized_partitions(dg.AssetKey("candles_1m"))
+    ingest_months(resources, instance, ("2021-04",))
+    materialized = instance.get_materialized_partitions(dg.AssetKey("candles_1m"))
+    assert materialized == {"2021-04-01|BTC-USDT"}
 
     coverage = dg.materialize([candle_coverage], resources=resources, instance=instance)
     meta = coverage.asset_materializations_for_node("candle_coverage")[0].metadata
-    assert meta["partitions_complete"].value == 1
+    assert meta["partitions_complete"].value == 9
     assert meta["partitions_imputed"].value == 1
     grid = meta["recent_days"].value
     assert "| 2021-04-25 | 🟨 imputed (284 min)" in grid
@@ -49,8 +61,19 @@ def test_clean_days_pass_and_feed_coverage_and_catalog(resources, tmp_path):
 
     dg.materialize([catalog], resources=resources, instance=instance, selection=[catalog])
     with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM ohlcv").fetchone()[0] == 2 * 1440
-        assert con.execute("SELECT minutes, imputed FROM gaps").fetchall() == [(284, 284)]
+        assert con.execute("SELECT count(*) FROM ohlcv").fetchone()[0] == 10 * 1440
+        assert (
+            con.execute("SELECT count(*) FROM ohlcv WHERE date = DATE '2021-04-25'").fetchone()[0]
+            == 1440
+        )
+        assert con.execute("SELECT date, minutes, imputed FROM gaps").fetchall() == [
+            (date(2021, 4, 25), 284, 284)
+        ]
+        partitions = con.execute(
+            "SELECT date, imputed, content_hash FROM partitions ORDER BY date"
+        ).fetchall()
+        assert [p[0] for p in partitions] == [date(2021, 4, d) for d in range(21, 31)]
+        assert partitions[4][1] == 284
 
 
 def test_markets_snapshot_keeps_past_days(resources, tmp_path):

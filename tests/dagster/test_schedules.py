@@ -1,4 +1,4 @@
-"""Schedules request one run per day for every symbol, with stable run keys."""
+"""Schedules request one run per month for every symbol, with stable run keys."""
 
 from datetime import UTC, datetime
 
@@ -33,7 +33,7 @@ def _keys(request: dg.RunRequest) -> list[str]:
 def test_open_day_schedule_targets_today_for_every_symbol_once_a_minute():
     at = datetime(2026, 3, 4, 12, 31, tzinfo=UTC)
     request = _request(keep_open_day_current, at)
-    assert _keys(request) == ["2026-03-04|BTC-USDT", "2026-03-04|ETH-USDT", "2026-03-04|SOL-USDT"]
+    assert _keys(request) == ["2026-03-01|BTC-USDT", "2026-03-01|ETH-USDT", "2026-03-01|SOL-USDT"]
     assert request.run_key == "open-day-2026-03-04T12:31"
     # A repeated tick for the same minute asks for the same run key: Dagster dedupes it.
     assert _request(keep_open_day_current, at).run_key == request.run_key
@@ -41,8 +41,11 @@ def test_open_day_schedule_targets_today_for_every_symbol_once_a_minute():
 
 def test_daily_schedule_finalises_yesterday():
     request = _request(finalise_yesterday, datetime(2026, 3, 5, 0, 10, tzinfo=UTC))
-    assert {k.split("|")[0] for k in _keys(request)} == {"2026-03-04"}
+    assert {k.split("|")[0] for k in _keys(request)} == {"2026-03-01"}
     assert request.run_key == "finalise-2026-03-04"
+    # On the first of a month, yesterday is in the month before.
+    request = _request(finalise_yesterday, datetime(2026, 4, 1, 0, 10, tzinfo=UTC))
+    assert {k.split("|")[0] for k in _keys(request)} == {"2026-03-01"}
 
 
 def test_definitions_load_with_every_schedule_on_a_job():
