@@ -15,7 +15,6 @@ import dagster as dg
 import polars as pl
 
 from assets.bars import bars_key
-from assets.features import feature_set
 from assets.markdown import md_table
 from assets.market_data import candles_1m, markets
 from candlestack.backtest import METRICS
@@ -72,11 +71,11 @@ class BacktestWindow(dg.Config):
 
 
 def strategy_upstream(config: StrategyConfig) -> list[dg.AssetKey]:
+    """What a strategy reads: its bars and the market rules. Not the stored features: a
+    strategy computes its own indicators from the bars (with its own parameters, which a
+    sweep varies), so the lineage shows no edge from features_<tf>."""
     bars = candles_1m.key if config.timeframe == "1m" else bars_key(config.timeframe)
-    keys = [bars, markets.key]
-    if config.timeframe in feature_set.timeframes:
-        keys.append(dg.AssetKey(f"features_{config.timeframe}"))
-    return keys
+    return [bars, markets.key]
 
 
 def _numeric(metrics: dict) -> dict[str, float]:

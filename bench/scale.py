@@ -7,7 +7,7 @@ Run from the repository root:
 
 For each size, a temporary DAGSTER_HOME (sqlite storage, telemetry off), lake, catalog,
 ledger and reports folder are created and the README's commands run one after the other,
-each a single run over the whole day x symbol range (synthetic source):
+each a single run over the whole month x symbol range (synthetic source):
 
     ingest    dagster asset materialize --select candles_1m --partition-range ...
     markets   dagster asset materialize --select markets --partition-range ...
@@ -51,10 +51,8 @@ TARGET = "target: < 5 min for 365 days x 20 symbols, memory flat in the number o
 POLL_SECONDS = 0.2
 STDERR_TAIL_LINES = 40
 NAMED = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
-# (symbols, days). Symbols grow at 30 days: at 365 days, 5 and 20 symbols take ~15 and ~70
-# minutes of CPU here, so the full size is left to a run of its own.
-SYMBOL_GRID = ((1, 30), (5, 30), (20, 30))
-DAY_GRID = ((1, 90), (1, 365))  # (1, 30) is in SYMBOL_GRID
+# (symbols, days): growth in symbols at 30 days, in days at one symbol, and the target size.
+GRID = ((1, 30), (20, 30), (1, 365), (20, 365))
 STAGES = ("ingest", "markets", "bars", "features", "backtests", "catalog")
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -74,6 +72,7 @@ class Stage:
     runs: int = 0
     files: int = 0
     size: int = 0
+    dagster_share: float = 0.0  # of the wall time: all but the steps' own compute
     ok: bool = True
 
 
@@ -160,11 +159,25 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _instance_runs(home: Path) -> int:
+def _instance_runs(home: Path) -> tuple[int, float]:
+    """Runs in the instance, and the seconds their steps spent in candlestack's own code:
+    from each step's start to its first materialization (the asset function has returned;
+    what follows is Dagster writing the events), summed over every run."""
+    from dagster import DagsterEventType as Kind
     from dagster import DagsterInstance
 
+    compute = 0.0
     with DagsterInstance.from_config(str(home)) as instance:
-        return instance.get_runs_count()
+        runs = instance.get_runs()
+        for run in runs:
+            started: dict[str, float] = {}
+            for entry in instance.all_logs(run.run_id, of_type={Kind.STEP_START, Kind.ASSET_MATERIALIZATION}):
+                kind = entry.dagster_event.event_type
+                if kind == Kind.STEP_START:
+                    started[entry.step_key] = entry.timestamp
+                elif entry.step_key in started:
+                    compute += entry.timestamp - started.pop(entry.step_key)
+        return len(runs), compute
 
 
 def _written(roots: list[Path]) -> tuple[int, int]:
@@ -212,7 +225,9 @@ def run_size(
     keys = [symbol_key(s) for s in names]
     last = datetime.now(UTC).date() - timedelta(days=1)
     first: date = last - timedelta(days=days - 1)
-    candle_range = (f"{first}|{keys[0]}", f"{last}|{keys[-1]}")
+    # Month x symbol partitions: the months of first..last (CANDLESTACK_START_DATE=first keeps
+    # the first month to the days asked for; the current month includes today's minutes).
+    candle_range = (f"{first:%Y-%m}-01|{keys[0]}", f"{last:%Y-%m}-01|{keys[-1]}")
     tags = json.dumps({RANGE_START: candle_range[0], RANGE_END: candle_range[1]})
 
     tmp = Path(tempfile.mkdtemp(prefix="candlestack-scale-"))
@@ -241,9 +256,11 @@ def run_size(
         ("catalog", [*execute, "refresh_catalog"]),
     ]
     result = Result(n_symbols, days)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"\n== {days} days ({first}..{last}) x {n_symbols} symbols; temp dir {tmp}")
+    log(f"   load average before: {load}")
     try:
-        runs_before, written_before = 0, (0, 0)
+        runs_before, compute_before, written_before = 0, 0.0, (0, 0)
         for name, command in (c for c in commands if c[0] in stages):
             started = time.perf_counter()
             cpu_before = _children_cpu()
@@ -261,9 +278,11 @@ def run_size(
             stage = Stage(name, wall=time.perf_counter() - started, ok=proc.returncode == 0)
             stage.cpu = _children_cpu() - cpu_before
             stage.tree_peak, stage.single_peak = memory.tree_peak, memory.single_peak
-            runs = _instance_runs(home)
+            runs, compute = _instance_runs(home)
             written = _written(outputs)
             stage.runs = runs - runs_before
+            stage.dagster_share = max(0.0, 1 - (compute - compute_before) / stage.wall)
+            compute_before = compute
             stage.files = written[0] - written_before[0]
             stage.size = written[1] - written_before[1]
             runs_before, written_before = runs, written
@@ -272,7 +291,8 @@ def run_size(
                 f"   {name:<10} {stage.wall:7.1f} s  cpu {stage.cpu:6.1f} s  "
                 f"tree {fmt_bytes(stage.tree_peak):>10}  "
                 f"largest {fmt_bytes(stage.single_peak):>10}  runs {stage.runs}  "
-                f"files {stage.files:+,}  {'ok' if stage.ok else 'FAILED'}"
+                f"files {stage.files:+,}  dagster {stage.dagster_share:.0%}  "
+                f"{'ok' if stage.ok else 'FAILED'}"
             )
             if not stage.ok:
                 tail = (err or out).splitlines()[-STDERR_TAIL_LINES:]
@@ -290,12 +310,13 @@ def print_result(result: Result) -> None:
     print(f"\n{result.days} days x {result.n_symbols} symbols, stage by stage:")
     print(
         f"{'stage':<10} {'wall':>8} {'cpu':>8} {'tree peak':>11} {'largest':>11} {'runs':>5} "
-        f"{'files':>7} {'bytes':>11}"
+        f"{'files':>7} {'bytes':>11} {'dagster':>8}"
     )
     for s in result.stages:
         print(
             f"{s.name:<10} {s.wall:>6.1f} s {s.cpu:>6.1f} s {fmt_bytes(s.tree_peak):>11} "
-            f"{fmt_bytes(s.single_peak):>11} {s.runs:>5} {s.files:>7,} {fmt_bytes(s.size):>11}"
+            f"{fmt_bytes(s.single_peak):>11} {s.runs:>5} {s.files:>7,} {fmt_bytes(s.size):>11} "
+            f"{s.dagster_share:>7.0%}"
         )
     stages = result.stages
     print(
@@ -346,7 +367,7 @@ def main() -> int:
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or set(args.stages) - set(STAGES):
         parser.error(f"--stages takes some of {', '.join(STAGES)}")
-    sizes = [*SYMBOL_GRID, *DAY_GRID] if args.grid else [(args.symbols, args.days)]
+    sizes = list(GRID) if args.grid else [(args.symbols, args.days)]
     print(f"stages: {', '.join(args.stages)}; storage: {args.postgres or 'sqlite'}")
     dagster_env = {
         k: v for k, v in os.environ.items() if k.startswith("DAGSTER_") and "HOME" not in k

@@ -8,7 +8,7 @@ from datetime import date
 
 import polars as pl
 
-from candlestack.checks import gap_failure, ohlc_violations
+from candlestack.checks import gap_failure, ohlc_violations_by_day
 from candlestack.lake import DayData, Lake, LakePath, split_days
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
@@ -55,25 +55,25 @@ def usable_minutes(
     """A month's 1-minute candles as bars, for the stored days that pass the blocking rules
     (gaps, OHLC sanity), and why each other stored day may not be built on."""
     stored = lake.read_month("ohlcv", exchange, "1m", symbol_key, month)
-    reports = stored.reports if stored else {}
-    frames = split_days(stored.frame) if stored else {}
+    if stored is None:
+        return UsableMinutes(minute_bars(pl.DataFrame(schema=CANDLES_1M)), {}, {})
+    violations = ohlc_violations_by_day(stored.frame)
     unusable: dict[date, str] = {}
     usable: dict[date, dict] = {}
-    for day, report in reports.items():
+    for day, report in stored.reports.items():
         why = gap_failure(report, imputed_max_share)
-        broken = {}
-        if day in frames:
-            broken = {k: v for k, v in ohlc_violations(frames[day], day_start_ms(day)).items() if v}
         if why:
             unusable[day] = f"1m candles fail gaps: {why}"
-        elif broken:
-            unusable[day] = f"1m candles fail {broken}"
-        elif day not in frames:
+        elif violations.get(day):
+            unusable[day] = f"1m candles fail {violations[day]}"
+        elif day not in violations:
             unusable[day] = "no 1-minute candles"
         else:
             usable[day] = report
-    days = [frames[d] for d in usable]
-    minutes = minute_bars(pl.concat(days) if days else pl.DataFrame(schema=CANDLES_1M))
+    frame = stored.frame
+    if unusable:
+        frame = frame.filter(pl.col("ts").dt.date().is_in(list(usable)))
+    minutes = minute_bars(frame)
     return UsableMinutes(minutes, usable, unusable)
 
 
@@ -168,6 +168,8 @@ class BarBuilder:
         against a fresh resample of the minutes: no resample is done twice (measured in
         bench/resample.py)."""
         stored = self.lake.read(path)
+        if stored is not None and stored.equals(direct):
+            return {}
         stored_days = split_days(stored) if stored is not None else {}
         direct_days = split_days(direct)
         why = {}

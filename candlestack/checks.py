@@ -36,6 +36,18 @@ def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
     return {name: rule.fill_null(False).sum().alias(name) for name, rule in rules.items()}
 
 
+def ohlc_violations_by_day(candles: pl.DataFrame) -> dict[date, dict[str, int]]:
+    """The rules each UTC day of a month's stored candles breaks, and how often: one query,
+    not one per day."""
+    day = pl.col("ts").dt.date()
+    rules = _ohlc_rules(day.cast(pl.Datetime("ms")).dt.epoch("ms").first())
+    counts = candles.group_by(day.alias("date")).agg(rules.values())
+    return {
+        row.pop("date"): {rule: count for rule, count in row.items() if count}
+        for row in counts.iter_rows(named=True)
+    }
+
+
 def ohlc_violations(candles: pl.DataFrame, day_start_ms: int) -> dict[str, int]:
     """Count of rows breaking each OHLC sanity rule in one day's stored candles."""
     counts = candles.select(_ohlc_rules(pl.lit(day_start_ms)).values())
@@ -109,7 +121,9 @@ def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame
         counts = (
             scan_parquet([path for _, _, path in batch], include_file_paths="path")
             .join(index.lazy(), on="path", maintain_order="left")
-            .group_by("symbol", day.alias("date"), maintain_order=True)
+            # Per file: a stray row of another month is charged to its own file, never
+            # merged with the day of the file that rightly holds it.
+            .group_by("path", "symbol", day.alias("date"), maintain_order=True)
             .agg(rules.values())
             .collect()
         )

@@ -153,11 +153,16 @@ class FeatureBuilder:
             pl.concat([segment[d] for d in history_days]), specs, first_output_ts=_midnight(days[0])
         )
         by_day = split_days(computed)
+        nulls_by_day = dict(
+            computed.group_by(pl.col("ts").dt.date().alias("_day"))
+            .agg(pl.sum_horizontal(pl.exclude("ts", "_day").null_count()))
+            .iter_rows()
+        )
         outcomes = []
         history = sum(segment[d].height for d in history_days if d < days[0])
         for day in days:
             frame = by_day.get(day, computed.clear())
-            nulls = int(frame.drop("ts").null_count().sum_horizontal()[0])
+            nulls = int(nulls_by_day.get(day, 0))
             warm = history >= warmup
             report = {
                 "timeframe": timeframe,

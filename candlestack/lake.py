@@ -218,6 +218,34 @@ def content_hash(frame: pl.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def day_hashes(frame: pl.DataFrame) -> dict[date, str]:
+    """content_hash of each UTC day's rows of a frame sorted by ts, bit for bit, in one pass
+    over each column: a month of 31 days hashed day by day cost 31 conversions per column."""
+    days = frame.get_column("ts").dt.date().rle()
+    ends = days.struct.field("len").cum_sum().to_list()
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+    digests = [hashlib.sha256() for _ in bounds]
+    for name, series in frame.to_dict().items():
+        if isinstance(series.dtype, pl.Decimal):
+            texts = series.cast(pl.String).to_list()
+            parts = ["\n".join(texts[lo:hi]).encode() for lo, hi in bounds]
+        elif series.dtype == pl.String:
+            texts = series.to_list()
+            parts = [json.dumps(texts[lo:hi]).encode() for lo, hi in bounds]
+        elif series.null_count() and not series.dtype.is_float():
+            # numpy turns a null integer column into floats: a day without nulls would not.
+            return {day: content_hash(part) for day, part in split_days(frame).items()}
+        else:
+            values = series.to_physical() if series.dtype != pl.Boolean else series.cast(pl.UInt8)
+            array = values.to_numpy()
+            parts = [array[lo:hi].tobytes() for lo, hi in bounds]
+        for digest, (lo, hi), part in zip(digests, bounds, parts, strict=True):
+            digest.update(f"{name}:{series.dtype}:{hi - lo}".encode())
+            digest.update(part)
+    values = days.struct.field("value").to_list()
+    return {day: digest.hexdigest() for day, digest in zip(values, digests, strict=True)}
+
+
 def _encodings(schema: pa.Schema) -> dict[str, str]:
     # Measured: no dictionary, delta-packed timestamps and byte-stream-split floats
     # made these files 30-41 % smaller and 3-4x faster to write.
@@ -383,10 +411,13 @@ class Lake:
             frames.append(_outside_days(stored.frame, "ts", days))
             if stored.gaps is not None:
                 gaps.append(_outside_days(stored.gaps, "gap_start", days))
+        given = [data.frame for data in days.values() if data is not None and data.frame.height]
+        hashes = day_hashes(pl.concat(given).sort("ts")) if given else {}
         for day, data in days.items():
             if data is None:
                 continue
-            reports[day] = {**data.report, "content_hash": content_hash(data.frame)}
+            digest = hashes[day] if day in hashes else content_hash(data.frame)
+            reports[day] = {**data.report, "content_hash": digest}
             frames.append(data.frame)
             if data.gaps is not None:
                 gaps.append(data.gaps)
@@ -546,9 +577,13 @@ def month_days(month: date) -> list[date]:
 
 
 def split_days(frame: pl.DataFrame) -> dict[date, pl.DataFrame]:
-    """A frame's rows by UTC day of `ts`, in day order."""
-    parts = frame.with_columns(_day=pl.col("ts").dt.date()).partition_by("_day", as_dict=True)
-    return {key[0]: part.drop("_day") for key, part in sorted(parts.items())}
+    """A frame's rows by UTC day of `ts` (zero-copy slices of a frame sorted by ts)."""
+    days = frame.get_column("ts").dt.date().rle()
+    parts, start = {}, 0
+    for length, day in days.struct.unnest().iter_rows():
+        parts[day] = frame.slice(start, length)
+        start += length
+    return parts
 
 
 def _outside_days(frame: pl.DataFrame, column: str, days: Iterable[date]) -> pl.DataFrame:

@@ -24,7 +24,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from candlestack.lake import Lake
+from candlestack.lake import Lake, month_of
 from tests.conftest import isolated_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,29 +45,29 @@ CHROMIUM_FLAGS = (
 WAIT_S = 60
 SYMBOLS = ("BTC-USDT", "ETH-USDT", "SOL-USDT")
 TRIP_REASON = "ui test: tripped by hand"
-# After the demo, in one process: ingest the first day (argv[1]), trip one strategy's kill
-# switch with the job a person would launch, and snapshot the ledger so its metadata shows the
-# new state.
+# After the demo, in one process: store one more day's candles (argv[1], two days before the
+# demo's first, straight into its month file: a month partition cannot name a day), refresh
+# the coverage grid, trip one strategy's kill switch with the job a person would launch, and
+# snapshot the ledger so its metadata shows the new state.
 AFTER_DEMO = f"""
 import sys
+from datetime import date
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
-)
-from assets.partitions import candle_range
-from pipelines.definitions import defs
+from candlestack.ingest import Ingestor
+from pipelines.definitions import defs, settings
 
-keys = candle_range(sys.argv[1], sys.argv[1])
-ingest = {{ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end}}
+source, lake = defs.resources["source"].open(), defs.resources["lake"].lake
+for symbol in settings.symbols:
+    Ingestor(source, lake).ingest(symbol, [date.fromisoformat(sys.argv[1])])
 trip = {{"action": "trip", "scope": "btc_scalp", "reason": {TRIP_REASON!r}}}
-for job, config, tags in (
-    ("ingest_candles", {{}}, ingest),
-    ("kill_switch", {{"ops": {{"change_kill_switch": {{"config": trip}}}}}}, {{}}),
-    ("dry_run_checks", {{}}, {{}}),
+for job, config in (
+    ("refresh_catalog", {{}}),
+    ("kill_switch", {{"ops": {{"change_kill_switch": {{"config": trip}}}}}}),
+    ("dry_run_checks", {{}}),
 ):
     result = defs.resolve_job_def(job).execute_in_process(
-        instance=dg.DagsterInstance.get(), run_config=config, tags=tags
+        instance=dg.DagsterInstance.get(), run_config=config
     )
     assert result.success, job
 """
@@ -120,28 +120,34 @@ def serves_assets(url: str) -> bool:
 @dataclass(frozen=True)
 class DemoUI:
     url: str
-    days: list[date]  # the partitions' days: the first, the gap day, then the demo's
+    days: list[date]  # the stored days: the first, then the demo's
     gap_day: date  # no candles at all, between days that have them
+    months: list[date]  # the month partitions: from two months before the demo's first
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     """One demo lake and one `dagster dev` for every view."""
     tmp = tmp_path_factory.mktemp("ui")
-    env = isolated_env(tmp, start_date=(datetime.now(UTC).date() - timedelta(days=10)).isoformat())
+    # Partitions from two months before the demo's: those months stay missing (grey).
+    month = (datetime.now(UTC).date() - timedelta(days=7)).replace(day=1)
+    start = (month - timedelta(days=40)).replace(day=1)
+    env = isolated_env(tmp, start_date=start.isoformat())
     # The first visit's newsletter dialog would cover the page.
     (Path(env["DAGSTER_HOME"]) / ".nux").mkdir()
     (Path(env["DAGSTER_HOME"]) / ".nux" / "nux.yaml").write_text("seen: 1\n")
     run(env, BIN / "python", "-m", "pipelines.demo")
     # The days come from what the demo wrote, not from the clock: a run across midnight UTC
-    # moves nothing. Two days before the demo's first, one is ingested and the other left
-    # empty: the gap day. The partitions then start at the first.
+    # moves nothing. Two days before the demo's first, one is stored and the other left
+    # empty: the gap day.
     demo_days = sorted(
-        Lake(env["CANDLESTACK_LAKE"]).day_files("ohlcv", "synthetic", "1m", "BTC-USDT")
+        Lake(env["CANDLESTACK_LAKE"]).day_reports("ohlcv", "synthetic", "1m", "BTC-USDT")
     )
     first, gap_day = demo_days[0] - timedelta(days=2), demo_days[0] - timedelta(days=1)
-    env["CANDLESTACK_START_DATE"] = first.isoformat()
     run(env, BIN / "python", "-c", AFTER_DEMO, first.isoformat())
+    months = sorted(
+        {start, (start + timedelta(days=32)).replace(day=1), *(month_of(d) for d in demo_days)}
+    )
 
     port = str(free_port())
     url = f"http://127.0.0.1:{port}"
@@ -161,7 +167,7 @@ def ui(tmp_path_factory):
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"dagster dev serves no assets:\n{log.read_text()[-3000:]}")
             time.sleep(1)
-        yield DemoUI(url, [first, gap_day, *demo_days], gap_day)
+        yield DemoUI(url, [first, *demo_days], gap_day, months)
     finally:
         # This server's process group only: other dagster processes may share the machine.
         os.killpg(server.pid, signal.SIGTERM)
@@ -267,51 +273,55 @@ def test_asset_graph_shows_lineage_from_candles_to_backtests_and_dry_run(browser
     assert {(name, "ledger") for name in dry_runs} <= drawn, drawn
 
 
-def partition_url(url: str, day, symbol: str) -> str:
-    return f"{url}/assets/candles_1m?view=partitions&partition={day.isoformat()}%7C{symbol}"
+def partition_url(url: str, month: date, symbol: str) -> str:
+    return f"{url}/assets/candles_1m?view=partitions&partition={month.isoformat()}%7C{symbol}"
 
 
 def status_dot(driver, label: str) -> str:
-    """The style of the status dot beside a date or symbol in the partitions lists."""
+    """The style of the status dot beside a month or symbol in the partitions lists."""
     dot = driver.find_element(By.XPATH, f"//div[@data-tooltip='{label}']/following-sibling::div[1]")
     return dot.get_attribute("style")
 
 
-def test_candle_partitions_show_the_gap_day_apart_from_complete_days(browser, ui):
+def test_candle_partitions_are_months_by_symbol_with_a_per_day_table(browser, ui):
     complete = ui.days[-2]  # the demo's last closed day
+    demo_months = sorted({month_of(d) for d in ui.days})
+    month = month_of(complete)
     text = view(
         browser,
-        partition_url(ui.url, complete, "BTC-USDT"),
-        "partitions_complete_day.png",
-        f"{complete.isoformat()}|BTC-USDT",
+        partition_url(ui.url, month, "BTC-USDT"),
+        "partitions_month.png",
+        f"{month.isoformat()}|BTC-USDT",
         "Materialized",
         "gaps_check",
+        "per_day",
         focus="first_ts",
+        ready=lambda d: "accent" in status_dot(d, month.isoformat()),
     )
-    # The partition's own figures, as the asset recorded them for that day and symbol.
+    # The month partition's own figures, as the asset recorded them for that month and symbol.
     assert re.search(r"\ngaps_check\npassed\n", text), text
     assert re.search(r"\nquality\n(complete|imputed)\n", text), text
     assert re.search(r"\nmissing\n0\n", text), text
+    # Every month of the partitions: the demo's are materialized, the ones before are not.
+    assert all("accent-green" in status_dot(browser, m.isoformat()) for m in demo_months)
+    missing = [m for m in ui.months if m not in demo_months]
+    assert missing and all("accent-gray" in status_dot(browser, m.isoformat()) for m in missing)
+    assert f"Materialized ({len(SYMBOLS) * len(demo_months)})" in text
+    assert f"Missing ({len(SYMBOLS) * len(missing)})" in text
+    assert "Failed (0)" in text
 
-    gap, others = ui.gap_day.isoformat(), [d.isoformat() for d in ui.days if d != ui.gap_day]
-    # Days after the demo's newest (the clock passed midnight UTC) are missing too.
-    new_days = (datetime.now(UTC).date() - ui.days[-1]).days
+
+def test_the_coverage_grid_shows_each_day_and_the_gap_day(browser, ui):
     text = view(
         browser,
-        partition_url(ui.url, ui.gap_day, "BTC-USDT"),
-        "partitions_gap_day.png",
-        f"{gap}|BTC-USDT",
-        f"Materialized ({len(SYMBOLS) * len(others)})",
-        f"Missing ({len(SYMBOLS) * (1 + new_days)})",
-        ready=lambda d: "accent" in status_dot(d, gap),
+        f"{ui.url}/assets/candle_coverage",
+        "coverage_days.png",
+        "recent_days",
+        ui.gap_day.isoformat(),
     )
-    assert "Failed (0)" in text
-    assert "accent-gray" in status_dot(browser, gap)
-    assert all("accent-green" in status_dot(browser, day) for day in others)
-    # The gap day's symbols, listed beside it, are all without candles too.
-    assert all("accent-gray" in status_dot(browser, symbol) for symbol in SYMBOLS)
-    assert re.search(r"Latest materialization\n\S*\s*None", text), text
-    assert "No metadata entries" in text
+    for day in ui.days[:-1]:  # every closed stored day; the newest is today's, open
+        assert re.search(rf"{day.isoformat()}\s+✅ complete", text), (day, text)
+    assert re.search(rf"{ui.gap_day.isoformat()}\s+· absent", text), text
 
 
 def check_url(url: str, asset: str, check: str) -> str:
@@ -323,14 +333,13 @@ def test_check_results_show_gaps_drift_and_audit_with_their_metadata(browser, ui
         browser,
         check_url(ui.url, "candles_1m", "gaps"),
         "check_gaps.png",
-        "This is a blocking asset check.",
-        "partitions_checked",
+        "days_checked",
         "imputed_max_share",
     )
     assert re.search(r"Evaluation result\nPassed", text), text
-    for figure in ("missing_minutes 0", "partitions_failed 0", "imputed_max_share 0.01"):
+    for figure in ("missing_minutes 0", "days_failed 0", "imputed_max_share 0.01"):
         assert figure in text
-    assert re.search(r"partitions_checked \d+", text), text
+    assert re.search(r"days_checked \d+", text), text
 
     text = view(
         browser,
