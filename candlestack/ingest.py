@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 
 import polars as pl
 
@@ -90,8 +90,7 @@ class Ingestor:
         return [
             day
             for day in days
-            if day_start_ms(day) < closed_end
-            and (first is None or first <= day <= last)
+            if day_start_ms(day) < closed_end and (first is None or first <= day <= last)
         ]
 
     def ingest(self, symbol: str, days: Sequence[date]) -> list[PartitionOutcome]:
@@ -128,7 +127,15 @@ class Ingestor:
         ]
         path = self.path(symbol, month)
         for day in final:
-            report = stored_reports[day]
+            # As a fetched day reports it: the footer's JSON keeps the times as text.
+            report = {
+                **stored_reports[day],
+                **{
+                    k: datetime.fromisoformat(v)
+                    for k in ("first_ts", "last_ts")
+                    if isinstance(v := stored_reports[day][k], str)
+                },
+            }
             write = WriteResult(path, path.stat().st_size, report["content_hash"], written=False)
             gaps = stored.gaps.filter(pl.col("gap_start").dt.date() == day)
             kept = DayData(pl.DataFrame(), report, gaps)

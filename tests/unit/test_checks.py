@@ -1,4 +1,4 @@
-"""The OHLC sanity check reads the stored files back and names the broken day and rule."""
+"""The OHLC sanity check reads the stored month files back and names the broken day and rule."""
 
 from datetime import date, timedelta
 
@@ -8,10 +8,12 @@ import pytest
 from candlestack import checks
 from candlestack.checks import ohlc_violations, sanity_failures
 from candlestack.ingest import Ingestor, day_start_ms
-from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.lake import Lake, month_of, write_parquet_atomic
 from candlestack.sources.synthetic import SyntheticSource
 
-DAYS = [date(2024, 2, 1) + timedelta(days=i) for i in range(3)]
+# Two days at the end of January and two at the start of February: two month files.
+DAYS = [date(2024, 1, 30) + timedelta(days=i) for i in range(4)]
+JAN, FEB = date(2024, 1, 1), date(2024, 2, 1)
 
 
 def _ingest(tmp_path):
@@ -19,36 +21,67 @@ def _ingest(tmp_path):
     return Ingestor(source, Lake(tmp_path)).ingest("BTC/USDT", DAYS)
 
 
+def _months(outcomes):
+    """The (symbol, month, file) triples of the month files the outcomes were written to."""
+    return sorted({(o.symbol, month_of(o.day), o.path) for o in outcomes})
+
+
 def test_clean_lake_passes(tmp_path):
     outcomes = _ingest(tmp_path)
-    assert sanity_failures((o.symbol, o.day, o.path) for o in outcomes).is_empty()
+    months = _months(outcomes)
+    assert [m for _, m, _ in months] == [JAN, FEB]
+    assert sanity_failures(months).is_empty()
 
 
-# Files are read back in batches: the broken day is found whichever batch it falls in.
+def _corrupt_january(outcomes):
+    """Break the last January day of its month file: a high under the body, a minute stored
+    twice, and a row of the next month at the end."""
+    jan_file = next(o.path for o in outcomes if o.day.month == 1)
+    stored = pl.read_parquet(jan_file)
+    bad_day = date(2024, 1, 31)
+    day_rows = stored.filter(pl.col("ts").dt.date() == bad_day)
+    row_of_bad_day = stored.height - day_rows.height + 10
+    corrupted = pl.concat(
+        [
+            stored.with_columns(
+                high=pl.when(pl.int_range(pl.len()) == row_of_bad_day).then(0.0).otherwise("high")
+            ),
+            day_rows.head(1),  # the same minute twice
+            day_rows.tail(1).with_columns(pl.col("ts") + pl.duration(minutes=1)),  # February
+        ]
+    )
+    write_parquet_atomic(jan_file, corrupted.to_arrow(), {})
+    return bad_day, corrupted
+
+
+# Files are read back in batches: the broken day is found whichever batch it falls in, and
+# the result is the same whichever files share a batch.
 @pytest.mark.parametrize("batch_files", [checks.SANITY_BATCH_FILES, 1, 2])
 def test_a_corrupted_file_is_named_with_the_rules_it_breaks(tmp_path, monkeypatch, batch_files):
     monkeypatch.setattr(checks, "SANITY_BATCH_FILES", batch_files)
     outcomes = _ingest(tmp_path)
-    bad = outcomes[1]
-    stored = pl.read_parquet(bad.path)
-    corrupted = pl.concat(
-        [
-            stored.with_columns(
-                high=pl.when(pl.int_range(pl.len()) == 10).then(0.0).otherwise("high")
-            ),
-            stored.head(1),  # the same minute twice
-            stored.tail(1).with_columns(pl.col("ts") + pl.duration(minutes=1)),  # next day
-        ]
-    )
-    write_parquet_atomic(bad.path, corrupted.to_arrow(), {})
+    bad_day, corrupted = _corrupt_january(outcomes)
 
-    failures = sanity_failures((o.symbol, o.day, o.path) for o in outcomes)
+    failures = sanity_failures(_months(outcomes))
 
-    assert failures["date"].to_list() == [str(bad.day)]
+    # January 31 breaks the OHLC rules; the stray row is a February minute in January's file.
+    assert failures["date"].to_list() == [str(bad_day), "2024-02-01"]
+    assert failures["symbol"].to_list() == ["BTC/USDT"] * 2
     violations = failures["violations"][0]
-    for rule in ("high_below_body", "duplicate_ts", "not_increasing", "outside_day"):
+    for rule in ("high_below_body", "duplicate_ts", "not_increasing"):
         assert rule in violations, rule
     assert "negative_volume" not in violations
-    # The one-scan check and the single-frame rules agree.
-    single = ohlc_violations(corrupted, day_start_ms(bad.day))
+    assert "outside_month" not in violations
+    assert failures["violations"][1] == str({"outside_month": 1})
+    # The one-scan check and the single-frame rules agree on the broken day.
+    day_rows = corrupted.filter(pl.col("ts").dt.date() == bad_day)
+    single = ohlc_violations(day_rows, day_start_ms(bad_day))
     assert str({k: v for k, v in single.items() if v}) == violations
+
+
+def test_the_untouched_month_and_days_pass(tmp_path):
+    outcomes = _ingest(tmp_path)
+    _corrupt_january(outcomes)
+    february = [m for m in _months(outcomes) if m[1] == FEB]
+
+    assert sanity_failures(february).is_empty()

@@ -20,7 +20,7 @@ from candlestack.drift import IMPUTED, REVISED, drift, drift_from_lake
 from candlestack.dryrun import SKIPPED_NOTE, DryRun, DryRunError
 from candlestack.execution import EXIT_REASONS
 from candlestack.ingest import Ingestor
-from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.lake import DayData, Lake, write_parquet_atomic
 from candlestack.ledger import Ledger, decision_key
 from candlestack.sources.synthetic import SyntheticSource
 from candlestack.strategies.config import StrategyConfig
@@ -193,15 +193,26 @@ def test_a_fill_whose_bar_is_not_stored_yet_is_compared_later(session: Session):
     assert report.metrics["fill_price_diff_bps_max"] == 0.0
 
 
+def edit_stored_day(session: Session, day: date, *changes: pl.Expr) -> None:
+    """Store one day of the month file with `changes` applied, its report and gaps kept."""
+    lake = session.lake
+    stored = lake.read_month("ohlcv", "synthetic", "1m", "BTC-USDT", day)
+    gaps = stored.gaps.filter(pl.col("gap_start").dt.date() == day)
+    candles = stored.day(day).with_columns(*changes)
+    data = DayData(candles, stored.reports[day], gaps)
+    lake.write_month("ohlcv", "synthetic", "1m", "BTC-USDT", day, {day: data})
+
+
 def revise_candle(session: Session, ts: datetime, factor: float) -> None:
     """The exchange revised one stored candle: every price of that minute moves by `factor`."""
-    path = session.lake.candles_path("synthetic", "1m", "BTC-USDT", ts.date())
-    report, gaps = session.lake.read_report(path)
-    candles = session.lake.read(path).with_columns(
-        pl.when(pl.col("ts") == ts).then(pl.col(c) * factor).otherwise(pl.col(c)).alias(c)
-        for c in ("open", "high", "low", "close")
+    edit_stored_day(
+        session,
+        ts.date(),
+        *(
+            pl.when(pl.col("ts") == ts).then(pl.col(c) * factor).otherwise(pl.col(c)).alias(c)
+            for c in ("open", "high", "low", "close")
+        ),
     )
-    session.lake.write_partition(path, candles, report, gaps)
 
 
 def test_a_revised_candle_is_reported_and_attributed(session: Session):
@@ -222,12 +233,11 @@ def test_an_imputed_fill_bar_is_attributed(session: Session):
     """The live dry-run filled at a forming candle that the lake later holds as imputed."""
     config = strategy()
     buy = session.ledger.fills(config.name).filter(pl.col("side") == "buy").row(0, named=True)
-    path = session.lake.candles_path("synthetic", "1m", "BTC-USDT", buy["bar_ts"].date())
-    report, gaps = session.lake.read_report(path)
-    candles = session.lake.read(path).with_columns(
-        (pl.col("imputed") | (pl.col("ts") == buy["bar_ts"])).alias("imputed")
+    edit_stored_day(
+        session,
+        buy["bar_ts"].date(),
+        (pl.col("imputed") | (pl.col("ts") == buy["bar_ts"])).alias("imputed"),
     )
-    session.lake.write_partition(path, candles, report, gaps)
     drifted = drift_from_lake(session.lake, "synthetic", session.ledger, config, session.clock.now)
     causes = drifted.attributions.filter(pl.col("bar_ts") == buy["bar_ts"] - MINUTE)
     assert IMPUTED in causes.get_column("cause").to_list()

@@ -1,4 +1,5 @@
-"""Features: configuration errors at load time, TA-Lib's values, warm-up, partition invariance.
+"""Features: configuration errors at load time, TA-Lib's values, warm-up, partition invariance
+(of the computation, and of the month files the feature store writes).
 
 Real 1-minute BTC/USDT candles from Binance (2021-04-20 to 2021-05-20, the 19 May crash
 included), gaps forward-filled onto the full minute grid.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import pickle
-from datetime import UTC, datetime, timedelta
+import shutil
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -19,6 +22,8 @@ from pydantic import ValidationError
 from talib import abstract
 
 import candlestack.features as features
+from candlestack.bars import BarBuilder
+from candlestack.feature_store import FeatureBuilder
 from candlestack.features import (
     DEFAULT_FEATURES,
     FeatureInputError,
@@ -34,7 +39,11 @@ from candlestack.features import (
     warmup_bars,
     window_start,
 )
+from candlestack.ingest import Ingestor
+from candlestack.lake import Lake, month_of
+from candlestack.resample import bars_per_day
 from candlestack.schema import MINUTE_MS
+from candlestack.sources.synthetic import SyntheticSource
 from tests.conftest import OHLCV
 
 BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
@@ -389,6 +398,97 @@ def test_extra_history_does_not_change_a_single_bit(btc):
     for extra in (1, 7, 500, 10_000 - 2_272):
         more = compute(btc.slice(10_000 - 2_272 - extra), DEFAULT_FEATURES, first_output_ts=first)
         assert bits(more) == bits(exact)
+
+
+# --- month files: features of a month alone, after the month before, inside a range --------
+
+MONTH_DAYS = [date(2023, 12, 20) + timedelta(days=i) for i in range(76)]  # to 2024-03-04
+MONTHS = [date(2023, 12, 1), date(2024, 1, 1), date(2024, 2, 1), date(2024, 3, 1)]
+# EMA(50) needs 568 bars: 24 days of 1h bars, so each month's warm-up reaches back into the
+# month before (and from the 1st to the 8th of February, into January's file).
+MONTH_FEATURES = FeatureSet.model_validate(
+    {
+        "features": [
+            {"name": name, "function": function, "params": params, "timeframe": tf}
+            for tf in ("15m", "1h")
+            for name, function, params in (
+                ("sma_20", "SMA", {"timeperiod": 20}),
+                ("ema_50", "EMA", {"timeperiod": 50}),
+                ("rsi_14", "RSI", {"timeperiod": 14}),
+            )
+        ]
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def bar_lake(tmp_path_factory) -> Path:
+    """A lake of synthetic 1m candles and their 15m and 1h bars, December to March."""
+    root = tmp_path_factory.mktemp("bars") / "lake"
+    lake = Lake(root)
+    source = SyntheticSource(seed=7, symbols=["BTC/USDT"], clock=lambda: 1.8e9)
+    Ingestor(source, lake).ingest("BTC/USDT", MONTH_DAYS)
+    builder = BarBuilder(lake, "synthetic", 0.01)
+    for month in MONTHS:
+        for timeframe in ("15m", "1h"):
+            assert all(o.skipped is None for o in builder.build(timeframe, "BTC-USDT", month))
+    return root
+
+
+def month_features(root: Path, into: Path, timeframe: str, months: list[date]) -> Lake:
+    """Features built for `months`, in that order, on a copy of the bar lake."""
+    copy = into / "-".join(f"{m:%Y%m}" for m in months)
+    shutil.copytree(root, copy)
+    lake = Lake(copy)
+    builder = FeatureBuilder(lake, "synthetic", MONTH_FEATURES, 0.01)
+    for month in months:
+        builder.build(timeframe, "BTC-USDT", month)
+    return lake
+
+
+@pytest.mark.parametrize("timeframe", ["15m", "1h"])
+@pytest.mark.parametrize("month", MONTHS[1:3], ids=["january", "february"])
+def test_a_month_file_is_bit_identical_alone_after_the_month_before_and_in_a_range(
+    bar_lake, tmp_path, timeframe, month
+):
+    before = month_of(month - timedelta(days=1))
+    alone = month_features(bar_lake, tmp_path, timeframe, [month])
+    after = month_features(bar_lake, tmp_path, timeframe, [before, month])
+    in_range = month_features(bar_lake, tmp_path, timeframe, MONTHS)
+    backwards = month_features(bar_lake, tmp_path, timeframe, MONTHS[::-1])
+
+    def stored(lake: Lake):
+        return lake.read_month("features", "synthetic", timeframe, "BTC-USDT", month)
+
+    reference = stored(alone)
+    days = [d for d in MONTH_DAYS if month_of(d) == month]
+    assert list(reference.reports) == days
+    assert reference.frame.height == len(days) * bars_per_day(timeframe)
+    warm = [r["warm"] for r in reference.reports.values()]
+    if month == MONTHS[2] or timeframe == "15m":
+        # The whole warm-up was there before the month's first day: no nulls in the month.
+        assert all(warm) and not any(r["nulls"] for r in reference.reports.values())
+    else:
+        # January's first 1h days have 12 days of history, under the 568 bars: null rows
+        # until the warm-up is there, in the same rows however the month was computed.
+        assert not warm[0] and warm[-1]
+        assert reference.frame["ema_50"].null_count() > 0
+    for lake in (after, in_range, backwards):
+        other = stored(lake)
+        assert other.path.read_bytes() == reference.path.read_bytes()
+        assert other.reports == reference.reports
+        for day in days:
+            assert bits(other.day(day)) == bits(reference.day(day)), day
+    # And what compute gives on the bars from the warm-up on, or on every bar there is.
+    bars = alone.read_days(
+        "bars", "synthetic", timeframe, "BTC-USDT", MONTH_DAYS[0], MONTH_DAYS[-1]
+    )
+    specs = MONTH_FEATURES.for_timeframe(timeframe)
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    end = datetime(month.year, month.month + 1, 1, tzinfo=UTC)
+    for history in (between(bars, window_start(start, specs, timeframe), end), bars):
+        direct = between(compute(history, specs, first_output_ts=start), start, end)
+        assert bits(direct) == bits(reference.frame)
 
 
 def test_every_talib_function_agrees_with_the_full_history(btc):

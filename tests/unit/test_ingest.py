@@ -20,6 +20,7 @@ from tests.conftest import OHLCV
 
 SYMBOL = "BTC/USDT"
 DAYS = [date(2024, 1, 1) + timedelta(days=i) for i in range(10)]
+SPAN = [date(2023, 12, 28) + timedelta(days=i) for i in range(7)]  # across a month boundary
 NOW_S = day_start_ms(date(2024, 3, 1)) / 1000
 BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
 
@@ -75,25 +76,67 @@ def ten_days(tmp_path_factory) -> dict[date, PartitionOutcome]:
     return by_day(ingestor(tmp_path_factory.mktemp("range")).ingest(SYMBOL, DAYS))
 
 
+def stored_days(lake: Lake) -> dict[date, tuple[pl.DataFrame, dict, pl.DataFrame]]:
+    """Every stored day of the symbol: its rows, its footer report and its gap ranges."""
+    days = {}
+    for month in lake.month_files("ohlcv", "synthetic", "1m", "BTC-USDT"):
+        stored = lake.read_month("ohlcv", "synthetic", "1m", "BTC-USDT", month)
+        for day, report in stored.reports.items():
+            gaps = stored.gaps.filter(pl.col("gap_start").dt.date() == day)
+            days[day] = (stored.day(day), report, gaps)
+    return days
+
+
+def month_bytes(lake: Lake) -> dict[date, bytes]:
+    return {
+        m: p.read_bytes()
+        for m, p in lake.month_files("ohlcv", "synthetic", "1m", "BTC-USDT").items()
+    }
+
+
 @pytest.mark.parametrize("kind", SOURCES)
-def test_a_day_file_does_not_depend_on_the_run_it_was_in(kind, tmp_path):
-    in_range = by_day(ingestor(tmp_path / "range", kind).ingest(SYMBOL, DAYS))
-    alone = {d: ingestor(tmp_path / f"alone-{d}", kind).ingest(SYMBOL, [d])[0] for d in DAYS}
+def test_a_day_does_not_depend_on_the_run_it_was_in(kind, tmp_path):
+    """Each day's rows, report and gaps are the same whether it was ingested alone, in a
+    range (across a month boundary), after the day before or split across runs; and a month
+    file holding the same days is the same file, byte for byte."""
+    in_range_ing = ingestor(tmp_path / "range", kind)
+    in_range = by_day(in_range_ing.ingest(SYMBOL, SPAN))
+    alone = {d: ingestor(tmp_path / f"alone-{d}", kind) for d in SPAN}
+    alone_outcomes = {d: ing.ingest(SYMBOL, [d])[0] for d, ing in alone.items()}
     sequential = ingestor(tmp_path / "sequential", kind)
-    after_previous = {d: sequential.ingest(SYMBOL, [d])[0] for d in DAYS}
+    after_previous = {d: sequential.ingest(SYMBOL, [d])[0] for d in SPAN}
     split = ingestor(tmp_path / "split", kind)
-    in_two_runs = by_day(split.ingest(SYMBOL, DAYS[:4]) + split.ingest(SYMBOL, DAYS[4:]))
+    # Split inside a month, not at its boundary: both runs write to December's file.
+    in_two_runs = by_day(split.ingest(SYMBOL, SPAN[:2]) + split.ingest(SYMBOL, SPAN[2:]))
 
     if kind.startswith("midnight-outage"):
         # The outage days really were filled from the previous day's close.
         assert sum(o.report["imputed"] >= 3 for o in in_range.values()) >= 4
-    for day in DAYS:
+    reference = stored_days(in_range_ing.lake)
+    assert list(reference) == SPAN
+    for day in SPAN:
         ref = in_range[day]
-        for other in (alone[day], after_previous[day], in_two_runs[day]):
+        for other in (alone_outcomes[day], after_previous[day], in_two_runs[day]):
             assert other.report["content_hash"] == ref.report["content_hash"], day
-            assert other.path.read_bytes() == ref.path.read_bytes(), day
             assert other.report == ref.report, day
             assert_frame_equal(other.gaps, ref.gaps)
+        rows, report, gaps = reference[day]
+        assert report == {
+            **ref.report,
+            "first_ts": str(ref.report["first_ts"]),
+            "last_ts": str(ref.report["last_ts"]),
+        }, day
+        assert_frame_equal(gaps, ref.gaps)
+        for lake in (alone[day].lake, sequential.lake, split.lake):
+            other_rows, other_report, other_gaps = stored_days(lake)[day]
+            assert_frame_equal(other_rows, rows, check_exact=True)
+            assert other_report == report, day
+            assert_frame_equal(other_gaps, gaps)
+    # The same days in a month: the same month files.
+    files = month_bytes(in_range_ing.lake)
+    assert list(files) == [date(2023, 12, 1), date(2024, 1, 1)]
+    assert month_bytes(sequential.lake) == files
+    assert month_bytes(split.lake) == files
 
 
 @pytest.mark.parametrize("kind", SOURCES)
@@ -119,7 +162,8 @@ def test_a_long_range_is_fetched_a_bounded_stream_at_a_time(kind, tmp_path, monk
 def test_ingest_is_idempotent(tmp_path):
     ing = ingestor(tmp_path)
     first = ing.ingest(SYMBOL, DAYS[:3])
-    mtimes = [o.path.stat().st_mtime_ns for o in first]
+    path = first[0].path
+    assert {o.path for o in first} == {path}  # one month file
 
     second = ing.ingest(SYMBOL, DAYS[:3])
 
@@ -129,12 +173,43 @@ def test_ingest_is_idempotent(tmp_path):
         assert b.report["rows"] == a.report["rows"]
         assert b.report["imputed"] == a.report["imputed"]
         assert b.report["refetched"] == 0
-        if a.report["refetched"] == 0:
-            assert b.write.written is False
-    assert any(o.write.written is False for o in second)
-    for outcome, mtime in zip(second, mtimes, strict=True):
-        if not outcome.write.written:
-            assert outcome.path.stat().st_mtime_ns == mtime
+    # A third pass finds exactly what the second stored: the file is not touched.
+    before = (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes())
+    third = ing.ingest(SYMBOL, DAYS[:3])
+    assert [o.report for o in third] == [o.report for o in second]
+    assert not any(o.write.written for o in third)
+    assert (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes()) == before
+
+
+def test_a_final_day_is_never_fetched_again(tmp_path, monkeypatch):
+    ing = ingestor(tmp_path)
+    first = by_day(ing.ingest(SYMBOL, DAYS[:4]))
+    final = [d for d, o in first.items() if ingest.is_final(o.report)]
+    redone = [d for d in first if d not in final]
+    assert final and redone, "the synthetic days should include both kinds"
+    asked = []
+    fetch = ing.source.fetch_candles
+    monkeypatch.setattr(
+        ing.source,
+        "fetch_candles",
+        lambda symbol, start, end: asked.append((start, end)) or fetch(symbol, start, end),
+    )
+
+    second = by_day(ing.ingest(SYMBOL, DAYS[:4]))
+
+    for day in final:
+        start = day_start_ms(day)
+        # No request for any minute of the day (a lookback for the next day's first close
+        # aside: only its last minutes could be asked for, and no day here needs it).
+        assert not [(a, b) for a, b in asked if a < start + DAY_MS and b > start], day
+        assert second[day].write.written is False
+        assert second[day].report == first[day].report
+        assert second[day].path == first[day].path
+        assert_frame_equal(second[day].gaps, first[day].gaps)
+    for day in redone:
+        start = day_start_ms(day)
+        assert [(a, b) for a, b in asked if a < start + DAY_MS and b > start], day
+        assert second[day].report["content_hash"] == first[day].report["content_hash"]
 
 
 def test_imputed_share_stays_under_one_percent(ten_days):
@@ -154,8 +229,14 @@ def test_imputed_share_stays_under_one_percent(ten_days):
 
 
 def test_stored_days_are_complete_and_consistent(ten_days):
+    (path,) = {o.path for o in ten_days.values()}
+    month = pl.read_parquet(path)
+    # The month file holds the ten days and nothing else, in time order.
+    assert month["ts"].dt.date().unique(maintain_order=True).to_list() == DAYS
+    assert month["ts"].is_sorted()
+    assert month.height == sum(o.report["rows"] for o in ten_days.values())
     for day, outcome in ten_days.items():
-        stored = pl.read_parquet(outcome.path)
+        stored = month.filter(pl.col("ts").dt.date() == day)
         start = day_start_ms(day)
         assert stored["ts"].dt.epoch("ms").to_list() == list(
             range(start, start + DAY_MS, MINUTE_MS)
@@ -176,7 +257,8 @@ def test_leading_minutes_before_the_recording_stay_missing(tmp_path):
 
     start = day_start_ms(date(2021, 4, 20))
     recording_starts = start + (20 * 60 + 42) * MINUTE_MS
-    stored = pl.read_parquet(first.path)
+    assert first.path == second.path
+    stored = pl.read_parquet(first.path).filter(pl.col("ts").dt.date() == date(2021, 4, 20))
     assert stored["ts"].dt.epoch("ms").min() == recording_starts
     assert stored.height == first.report["rows"] == 198
     assert not stored["imputed"].any()
@@ -236,3 +318,62 @@ def test_today_is_ingested_up_to_the_last_closed_minute_and_topped_up(tmp_path):
     fresh = ingestor(tmp_path / "fresh", now_s=clock[0]).ingest(SYMBOL, [day])[0]
     assert evening.report["expected"] == evening.report["rows"] == 1080
     assert evening.report["content_hash"] == fresh.report["content_hash"]
+
+
+def test_an_open_month_is_topped_up_and_the_closed_month_left_alone(tmp_path):
+    """January is closed; February is open up to 06:00 on the 3rd. A minute later the open
+    month's file gains exactly the minute that closed, and January's file is not touched,
+    whether the run asks for the open month alone or for the whole range again."""
+    january = [date(2024, 1, 29)]  # stored with every minute real: final
+    february = [date(2024, 2, 1), date(2024, 2, 2), date(2024, 2, 3)]
+    today = day_start_ms(february[-1])
+    clock = [today / 1000 + 6 * 3600 + 30]  # 06:00:30: 05:59 is the last closed minute
+    source = SyntheticSource(seed=7, symbols=[SYMBOL], clock=lambda: clock[0])
+    ing = Ingestor(source, Lake(tmp_path / "lake"))
+    first = by_day(ing.ingest(SYMBOL, january + february))
+    jan_file, feb_file = first[january[0]].path, first[february[0]].path
+    assert jan_file != feb_file
+    assert ingest.is_final(first[january[0]].report)
+    assert first[february[-1]].report["day_closed"] is False
+    assert first[february[-1]].report["expected"] == first[february[-1]].report["rows"] == 360
+    jan_before = (jan_file.stat().st_mtime_ns, jan_file.stat().st_ino, jan_file.read_bytes())
+    feb_before = ing.lake.read_month("ohlcv", "synthetic", "1m", "BTC-USDT", february[0])
+
+    clock[0] += 60  # 06:01:30: the 06:00 minute has closed
+    second = by_day(ing.ingest(SYMBOL, february))
+    feb_after = ing.lake.read_month("ohlcv", "synthetic", "1m", "BTC-USDT", february[0])
+
+    assert (jan_file.stat().st_mtime_ns, jan_file.stat().st_ino, jan_file.read_bytes()) == (
+        jan_before
+    )
+    assert set(second) == set(february)
+    assert feb_after.frame.height == feb_before.frame.height + 1
+    new = feb_after.frame.join(feb_before.frame, on="ts", how="anti")
+    assert new["ts"].dt.epoch("ms").to_list() == [today + 360 * MINUTE_MS]
+    # Every minute stored before is stored unchanged.
+    assert_frame_equal(
+        feb_after.frame.filter(pl.col("ts").is_in(feb_before.frame["ts"].implode())),
+        feb_before.frame,
+        check_exact=True,
+    )
+    for day in february[:2]:
+        assert feb_after.reports[day]["content_hash"] == feb_before.reports[day]["content_hash"]
+    open_day = second[february[-1]].report
+    assert open_day["expected"] == open_day["rows"] == 361
+    assert open_day["day_closed"] is False
+    # The topped-up month is what a first ingest at this minute gives.
+    fresh = ingestor(tmp_path / "fresh", now_s=clock[0])
+    fresh_days = by_day(fresh.ingest(SYMBOL, february))
+    fresh_month = fresh.lake.read_month("ohlcv", "synthetic", "1m", "BTC-USDT", february[0])
+    assert_frame_equal(feb_after.frame, fresh_month.frame, check_exact=True)
+    for day in february:
+        assert second[day].report["content_hash"] == fresh_days[day].report["content_hash"]
+
+    # The whole range again, a minute later still: January is neither fetched nor written.
+    clock[0] += 60
+    third = by_day(ing.ingest(SYMBOL, january + february))
+    assert third[january[0]].write.written is False
+    assert (jan_file.stat().st_mtime_ns, jan_file.stat().st_ino, jan_file.read_bytes()) == (
+        jan_before
+    )
+    assert third[february[-1]].report["rows"] == 362

@@ -1,4 +1,5 @@
-"""The Parquet lake: idempotent, atomic writes, footer reports and file encodings."""
+"""The Parquet lake: month files of many days, idempotent atomic writes, footer reports
+and file encodings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -23,7 +24,15 @@ from candlestack.catalog import build_catalog
 from candlestack.errors import LakeError
 from candlestack.gaps import fill, gap_report, missing_runs
 from candlestack.ingest import day_start_ms
-from candlestack.lake import Lake, content_hash, write_parquet_atomic
+from candlestack.lake import (
+    DayData,
+    Lake,
+    content_hash,
+    month_days,
+    month_of,
+    split_days,
+    write_parquet_atomic,
+)
 from candlestack.schema import CANDLES_1M, DAY_MS, GAPS
 from candlestack.sources.replay import read_candle_file
 from candlestack.validate import validate
@@ -64,8 +73,28 @@ def lake(tmp_path) -> Lake:
     return Lake(tmp_path / "lake")
 
 
-def path_of(lake: Lake, day: date = DAY) -> Path:
-    return lake.candles_path("binance", "1m", "BTC-USDT", day)
+def path_of(lake: Lake, month: date = DAY) -> Path:
+    return lake.month_path("ohlcv", "binance", "1m", "BTC-USDT", month)
+
+
+def write(lake: Lake, days: dict[date, DayData | None], month: date = DAY) -> dict:
+    return lake.write_month("ohlcv", "binance", "1m", "BTC-USDT", month, days)
+
+
+def shifted(data: tuple[pl.DataFrame, dict, pl.DataFrame], days: int) -> DayData:
+    """The fixture day moved `days` days on: same values, another day of the lake."""
+    candles, report, gaps = data
+    by = pl.duration(days=days)
+    moved = {
+        **report,
+        "first_ts": report["first_ts"] + timedelta(days=days),
+        "last_ts": report["last_ts"] + timedelta(days=days),
+    }
+    return DayData(
+        candles.with_columns(pl.col("ts") + by),
+        moved,
+        gaps.with_columns(pl.col("gap_start", "gap_end") + by),
+    )
 
 
 def sha(path: Path) -> str:
@@ -92,16 +121,29 @@ def test_second_identical_write_does_not_touch_the_file(lake, day_data):
     candles, report, gaps = day_data
     path = path_of(lake)
 
-    first = lake.write_partition(path, candles, report, gaps)
+    first = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
     before = (path.stat().st_mtime_ns, path.stat().st_ino, sha(path))
-    second = lake.write_partition(path, candles.clone(), dict(report), gaps.clone())
+    second = write(lake, {DAY: DayData(candles.clone(), dict(report), gaps.clone())})[DAY]
 
     assert first.written is True
     assert second.written is False
+    assert first.path == second.path == path
     assert second.content_hash == first.content_hash
     assert second.bytes == first.bytes == path.stat().st_size
     assert (path.stat().st_mtime_ns, path.stat().st_ino, sha(path)) == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.parquet"]
+
+
+def test_rewriting_one_day_unchanged_among_several_does_not_touch_the_file(lake, day_data):
+    days = {DAY: DayData(*day_data), DAY + timedelta(days=1): shifted(day_data, 1)}
+    path = path_of(lake)
+    write(lake, days)
+    before = (path.stat().st_mtime_ns, path.stat().st_ino, sha(path))
+
+    again = write(lake, {DAY + timedelta(days=1): shifted(day_data, 1)})
+
+    assert again[DAY + timedelta(days=1)].written is False
+    assert (path.stat().st_mtime_ns, path.stat().st_ino, sha(path)) == before
 
 
 def test_content_hash_changes_when_one_value_changes(day_data):
@@ -115,55 +157,176 @@ def test_content_hash_changes_when_one_value_changes(day_data):
         pl.when(pl.int_range(pl.len()) == 5).then(~pl.col("imputed")).otherwise("imputed")
     )
     assert content_hash(flipped) != base
-    shifted = candles.with_columns(pl.col("ts") + pl.duration(milliseconds=1))
-    assert content_hash(shifted) != base
+    shifted_ts = candles.with_columns(pl.col("ts") + pl.duration(milliseconds=1))
+    assert content_hash(shifted_ts) != base
 
 
 def test_content_hash_of_file_read_back_equals_the_stored_hash(lake, day_data):
     candles, report, gaps = day_data
-    result = lake.write_partition(path_of(lake), candles, report, gaps)
+    result = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
 
     back = lake.read(result.path)
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
 
     assert back.schema == CANDLES_1M
     assert back.equals(candles)
-    assert content_hash(back) == result.content_hash
-    assert lake.read_report(result.path)[0]["content_hash"] == result.content_hash
+    assert stored.day(DAY).equals(candles)
+    assert content_hash(stored.day(DAY)) == result.content_hash
+    assert stored.reports[DAY]["content_hash"] == result.content_hash
+
+
+def test_each_day_of_a_month_file_has_the_hash_of_its_own_rows(lake, day_data):
+    other = DAY + timedelta(days=1)
+    results = write(lake, {DAY: DayData(*day_data), other: shifted(day_data, 1)})
+
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+
+    assert list(stored.reports) == [DAY, other]
+    assert stored.frame.height == 2 * 1440
+    assert stored.frame["ts"].is_sorted()
+    for day in (DAY, other):
+        assert content_hash(stored.day(day)) == results[day].content_hash
+        assert stored.reports[day]["content_hash"] == results[day].content_hash
+    # The same rows a day later are other rows: their hash differs.
+    assert results[DAY].content_hash != results[other].content_hash
 
 
 def test_changed_value_is_rewritten(lake, day_data):
     candles, report, gaps = day_data
     path = path_of(lake)
-    first = lake.write_partition(path, candles, report, gaps)
+    first = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
 
-    second = lake.write_partition(path, bump_one_close(candles), report, gaps)
+    second = write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})[DAY]
 
     assert second.written is True
     assert second.content_hash != first.content_hash
     assert lake.read(path)["close"][700] == pytest.approx(candles["close"][700] + 0.01)
-    assert lake.read_report(path)[0]["content_hash"] == second.content_hash
+    assert lake.read_day_report("binance", "BTC-USDT", DAY)[0]["content_hash"] == (
+        second.content_hash
+    )
 
 
 def test_changed_report_alone_is_rewritten_with_the_same_content_hash(lake, day_data):
     candles, report, gaps = day_data
-    path = path_of(lake)
-    first = lake.write_partition(path, candles, report, gaps)
+    first = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
 
-    second = lake.write_partition(path, candles, {**report, "refetched": 3}, gaps)
+    second = write(lake, {DAY: DayData(candles, {**report, "refetched": 3}, gaps)})[DAY]
 
     assert second.written is True
     assert second.content_hash == first.content_hash
-    assert lake.read_report(path)[0]["refetched"] == 3
+    assert lake.read_day_report("binance", "BTC-USDT", DAY)[0]["refetched"] == 3
+
+
+# --- a month file holds many days -------------------------------------------------------
+
+
+def test_writing_some_days_keeps_the_months_other_days(lake, day_data):
+    other = DAY + timedelta(days=1)
+    first = write(lake, {DAY: DayData(*day_data)})[DAY]
+
+    write(lake, {other: shifted(day_data, 1)})
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+
+    assert list(stored.reports) == [DAY, other]
+    assert stored.day(DAY).equals(day_data[0])
+    assert stored.reports[DAY]["content_hash"] == first.content_hash
+    assert stored.day(other).equals(shifted(day_data, 1).frame)
+    # The gap table keeps both days' gaps, each on its own day.
+    assert stored.gaps["gap_start"].dt.date().to_list() == [DAY, other]
+    assert list(lake.month_files("ohlcv", "binance", "1m", "BTC-USDT")) == [date(2021, 4, 1)]
+
+
+def test_a_replaced_day_loses_its_old_rows_and_gaps(lake, day_data):
+    candles, report, gaps = day_data
+    write(lake, {DAY: DayData(*day_data), DAY + timedelta(days=1): shifted(day_data, 1)})
+    no_gaps = gaps.clear()
+
+    write(lake, {DAY: DayData(bump_one_close(candles), {**report, "imputed": 0}, no_gaps)})
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+
+    assert stored.day(DAY).height == 1440
+    assert stored.day(DAY).equals(bump_one_close(candles))
+    assert stored.reports[DAY]["imputed"] == 0
+    assert stored.gaps["gap_start"].dt.date().to_list() == [DAY + timedelta(days=1)]
+
+
+def test_none_removes_a_day_and_the_last_day_removes_the_file(lake, day_data):
+    other = DAY + timedelta(days=1)
+    write(lake, {DAY: DayData(*day_data), other: shifted(day_data, 1)})
+
+    assert write(lake, {DAY: None}) == {}
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert list(stored.reports) == [other]
+    assert stored.frame["ts"].dt.date().unique().to_list() == [other]
+    assert lake.read_day_report("binance", "BTC-USDT", DAY) is None
+
+    write(lake, {other: None})
+    assert not path_of(lake).exists()
+    assert lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY) is None
+    assert lake.reports("binance").is_empty()
+
+
+def test_a_day_of_another_month_is_refused_naming_the_month(lake, day_data):
+    with pytest.raises(LakeError, match="2021-05-01 is not in the month 2021-04"):
+        write(lake, {date(2021, 5, 1): shifted(day_data, 6)})
+    assert not path_of(lake).exists()
+
+
+def test_read_days_spans_months_and_keeps_only_the_days_asked_for(lake, day_data):
+    may_first = date(2021, 5, 1)
+    write(lake, {DAY: DayData(*day_data), DAY + timedelta(days=1): shifted(day_data, 1)})
+    write(lake, {may_first: shifted(day_data, 6)}, month=may_first)
+
+    rows = lake.read_days("ohlcv", "binance", "1m", "BTC-USDT", DAY + timedelta(days=1), may_first)
+    close_only = lake.read_days(
+        "ohlcv", "binance", "1m", "BTC-USDT", DAY, DAY, columns=["ts", "close"]
+    )
+
+    assert rows["ts"].dt.date().unique().to_list() == [DAY + timedelta(days=1), may_first]
+    assert rows.height == 2 * 1440
+    assert rows["ts"].is_sorted()
+    assert close_only.columns == ["ts", "close"]
+    assert close_only.equals(day_data[0].select("ts", "close"))
+    june = date(2021, 6, 1)
+    assert lake.read_days("ohlcv", "binance", "1m", "BTC-USDT", june, june) is None
+
+
+def test_newest_ts_looks_back_past_a_month_without_rows(lake, day_data):
+    candles, report, gaps = day_data
+    assert lake.newest_ts("ohlcv", "binance", "1m", "BTC-USDT") is None
+    write(lake, {DAY: DayData(candles, report, gaps)})
+    may_first = date(2021, 5, 1)
+    empty = {**report, "rows": 0, "missing": 1440, "first_ts": None, "last_ts": None}
+    write(lake, {may_first: DayData(candles.clear(), empty, gaps.clear())}, month=may_first)
+
+    newest = lake.newest_ts("ohlcv", "binance", "1m", "BTC-USDT")
+
+    assert newest == candles["ts"].max()
+
+
+def test_month_helpers():
+    assert month_of(date(2021, 4, 25)) == date(2021, 4, 1)
+    assert month_of("2021-04") == month_of("2021-04-30") == date(2021, 4, 1)
+    assert len(month_days(date(2024, 2, 10))) == 29  # a leap February
+    assert month_days(date(2021, 12, 31))[-1] == date(2021, 12, 31)
+    assert month_days(date(2021, 4, 7))[0] == date(2021, 4, 1)
+    frame = pl.DataFrame(
+        {"ts": [datetime(2021, 4, 30, 23, 59, tzinfo=UTC), datetime(2021, 5, 1, tzinfo=UTC)]},
+        schema={"ts": CANDLES_1M["ts"]},
+    )
+    parts = split_days(frame)
+    assert list(parts) == [date(2021, 4, 30), date(2021, 5, 1)]
+    assert [p.height for p in parts.values()] == [1, 1]
 
 
 # --- footer report ----------------------------------------------------------------------
 
 
-def test_read_report_round_trips_report_and_gaps(lake, day_data):
+def test_read_day_report_round_trips_report_and_gaps(lake, day_data):
     candles, report, gaps = day_data
-    result = lake.write_partition(path_of(lake), candles, report, gaps)
+    result = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
 
-    stored_report, stored_gaps = lake.read_report(result.path)
+    stored_report, stored_gaps = lake.read_day_report("binance", "BTC-USDT", DAY)
 
     expected = json.loads(json.dumps({**report, "content_hash": result.content_hash}, default=str))
     assert stored_report == expected
@@ -172,66 +335,102 @@ def test_read_report_round_trips_report_and_gaps(lake, day_data):
     assert stored_gaps.schema == GAPS
 
 
-def test_read_report_round_trips_an_empty_gap_table(lake, day_data):
+def test_read_day_report_gives_only_that_days_gaps(lake, day_data):
+    other = DAY + timedelta(days=1)
+    write(lake, {DAY: DayData(*day_data), other: shifted(day_data, 1)})
+
+    _, gaps = lake.read_day_report("binance", "BTC-USDT", other)
+
+    assert_frame_equal(gaps, shifted(day_data, 1).gaps)
+
+
+def test_read_day_report_round_trips_an_empty_gap_table(lake, day_data):
     candles, report, _ = day_data
     no_gaps = gap_report([], np.array([], dtype=np.int64), np.array([], dtype=np.int64))
-    path = path_of(lake)
-    lake.write_partition(path, candles, report, no_gaps)
+    write(lake, {DAY: DayData(candles, report, no_gaps)})
 
-    _, stored_gaps = lake.read_report(path)
+    _, stored_gaps = lake.read_day_report("binance", "BTC-USDT", DAY)
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
 
     assert stored_gaps.is_empty()
     assert stored_gaps.schema == GAPS
+    assert stored.gaps.is_empty()
+    assert stored.gaps.schema == GAPS
 
 
-def test_read_report_of_missing_file_is_none(lake):
-    assert lake.read_report(path_of(lake)) is None
+def test_read_of_a_missing_month_or_day_is_none(lake, day_data):
+    assert lake.read_day_report("binance", "BTC-USDT", DAY) is None
+    assert lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY) is None
     assert lake.read(path_of(lake)) is None
+    assert lake.day_reports("ohlcv", "binance", "1m", "BTC-USDT") == {}
+    write(lake, {DAY: DayData(*day_data)})
+    # Another day of a stored month is not stored.
+    assert lake.read_day_report("binance", "BTC-USDT", DAY + timedelta(days=1)) is None
 
 
-def test_read_report_of_foreign_parquet_names_the_file(lake, day_data):
+def test_read_of_foreign_parquet_names_the_file(lake, day_data):
     path = path_of(lake)
     path.parent.mkdir(parents=True)
     day_data[0].write_parquet(path)
 
-    with pytest.raises(LakeError, match="has no candlestack report") as info:
-        lake.read_report(path)
-    assert str(path) in str(info.value)
+    for read in (
+        lambda: lake.read_day_report("binance", "BTC-USDT", DAY),
+        lambda: lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY),
+    ):
+        with pytest.raises(LakeError, match="has no candlestack report") as info:
+            read()
+        assert str(path) in str(info.value)
 
 
 def test_torn_file_raises_lake_error_naming_it(lake, day_data):
     path = path_of(lake)
-    lake.write_partition(path, *day_data)
+    write(lake, {DAY: DayData(*day_data)})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(LakeError) as info:
-        lake.read(path)
-    assert str(path) in str(info.value)
+    for read in (
+        lambda: lake.read(path),
+        lambda: lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY),
+    ):
+        with pytest.raises(LakeError) as info:
+            read()
+        assert str(path) in str(info.value)
 
 
-def test_reports_lists_each_partition(lake, day_data):
-    candles, report, gaps = day_data
-    lake.write_partition(path_of(lake), candles, report, gaps)
-    other = path_of(lake, date(2021, 4, 26))
-    lake.write_partition(other, candles, {**report, "imputed": 0}, gaps)
+def test_reports_lists_each_stored_day(lake, day_data):
+    other = DAY + timedelta(days=1)
+    may_first = date(2021, 5, 1)
+    moved = shifted(day_data, 1)
+    write(
+        lake, {DAY: DayData(*day_data), other: DayData(moved.frame, {**moved.report, "imputed": 0})}
+    )
+    write(lake, {may_first: shifted(day_data, 6)}, month=may_first)
 
     reports = lake.reports("binance")
+    day_reports = lake.day_reports("ohlcv", "binance", "1m", "BTC-USDT")
 
-    assert reports["date"].to_list() == [date(2021, 4, 25), date(2021, 4, 26)]
-    assert reports["symbol"].to_list() == ["BTC-USDT"] * 2
-    assert reports["imputed"].to_list() == [284, 0]
-    assert reports["first_ts"].dt.epoch("ms").to_list() == [day_start_ms(DAY)] * 2
+    assert reports["date"].to_list() == [DAY, other, may_first]
+    assert list(day_reports) == [DAY, other, may_first]
+    assert reports["symbol"].to_list() == ["BTC-USDT"] * 3
+    assert reports["imputed"].to_list() == [284, 0, 284]
+    assert reports["first_ts"].dt.epoch("ms").to_list() == [
+        day_start_ms(d) for d in (DAY, other, may_first)
+    ]
+    assert reports["content_hash"].to_list() == [r["content_hash"] for r in day_reports.values()]
 
 
 def test_reports_of_a_day_without_any_candle(lake, day_data):
     candles, report, gaps = day_data
     empty = candles.clear()
-    lake.write_partition(
-        path_of(lake),
-        empty,
-        {**report, "rows": 0, "missing": 1440, "first_ts": None, "last_ts": None},
-        gaps,
+    write(
+        lake,
+        {
+            DAY: DayData(
+                empty,
+                {**report, "rows": 0, "missing": 1440, "first_ts": None, "last_ts": None},
+                gaps,
+            )
+        },
     )
 
     reports = lake.reports("binance")
@@ -251,18 +450,20 @@ def test_empty_lake_reports_are_empty_but_typed(lake):
 CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from pathlib import Path
+    from datetime import UTC, date, datetime, timedelta
     import polars as pl
-    from candlestack.lake import Lake
+    from candlestack.lake import DayData, Lake
 
-    path = Path(sys.argv[1])
+    day = date.fromisoformat(sys.argv[1])
     lake = Lake(sys.argv[2])
-    candles = lake.read(path)
-    report, gaps = lake.read_report(path)
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", day)
+    report = dict(stored.reports[day])
     report.pop("content_hash")
-    changed = candles.with_columns(pl.col("close") * 1.01)
+    changed = stored.day(day).with_columns(pl.col("close") * 1.01)
     os.replace = lambda *args, **kwargs: os._exit(1)  # power cut just before the rename
-    lake.write_partition(path, changed, report, gaps)
+    lake.write_month(
+        "ohlcv", "binance", "1m", "BTC-USDT", day, {day: DayData(changed, report, stored.gaps)}
+    )
     print("rename happened", flush=True)
     """
 )
@@ -271,12 +472,12 @@ CRASH_SCRIPT = textwrap.dedent(
 def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, tmp_path):
     candles, report, gaps = day_data
     path = path_of(lake)
-    old = lake.write_partition(path, candles, report, gaps)
+    old = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
     old_sha = sha(path)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-c", CRASH_SCRIPT, str(path), str(lake.root)],
+        [sys.executable, "-c", CRASH_SCRIPT, DAY.isoformat(), str(lake.root)],
         env=env,
         capture_output=True,
         text=True,
@@ -288,7 +489,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, 
     # The previous file is intact and readable, with its old content.
     assert sha(path) == old_sha
     assert lake.read(path).equals(candles)
-    assert lake.read_report(path)[0]["content_hash"] == old.content_hash
+    assert lake.read_day_report("binance", "BTC-USDT", DAY)[0]["content_hash"] == old.content_hash
     # The new content sits in a dot-prefixed temp file next to it ...
     leftovers = [p for p in path.parent.iterdir() if p != path]
     assert len(leftovers) == 1
@@ -297,7 +498,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, 
     assert pl.read_parquet(tmp)["close"][0] == pytest.approx(candles["close"][0] * 1.01)
     # ... which no reader of *.parquet sees.
     assert list(path.parent.glob("*.parquet")) == [path]
-    assert [p for _, _, p in lake.candle_files("binance")] == [path]
+    assert list(lake.month_files("ohlcv", "binance", "1m", "BTC-USDT").values()) == [path]
     glob = str(lake.root / "ohlcv" / "**" / "*.parquet")
     with duckdb.connect() as con:
         seen = con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0]
@@ -306,9 +507,11 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(lake, day_data, 
     assert counts["ohlcv"] == 1440
     assert counts["partitions"] == 1
     # The next write goes through normally.
-    again = lake.write_partition(path, bump_one_close(candles), report, gaps)
+    again = write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})[DAY]
     assert again.written is True
-    assert lake.read_report(path)[0]["content_hash"] == again.content_hash
+    assert lake.read_day_report("binance", "BTC-USDT", DAY)[0]["content_hash"] == (
+        again.content_hash
+    )
 
 
 class Boom(Exception):
@@ -327,23 +530,23 @@ def partial_write_then(exc: BaseException):
 def test_exception_during_write_leaves_no_temp_file(lake, day_data, monkeypatch, exc):
     candles, report, gaps = day_data
     path = path_of(lake)
-    old = lake.write_partition(path, candles, report, gaps)
+    old = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
     old_sha = sha(path)
 
     monkeypatch.setattr(lake_module.pq, "write_table", partial_write_then(exc))
     with pytest.raises(type(exc)):
-        lake.write_partition(path, bump_one_close(candles), report, gaps)
+        write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})
     monkeypatch.undo()
 
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.parquet"]
     assert sha(path) == old_sha
-    assert lake.read_report(path)[0]["content_hash"] == old.content_hash
+    assert lake.read_day_report("binance", "BTC-USDT", DAY)[0]["content_hash"] == old.content_hash
 
 
 def test_failed_rename_leaves_no_temp_file(lake, day_data, monkeypatch):
     candles, report, gaps = day_data
     path = path_of(lake)
-    lake.write_partition(path, candles, report, gaps)
+    write(lake, {DAY: DayData(candles, report, gaps)})
     old_sha = sha(path)
 
     def refuse(src, dst):
@@ -351,7 +554,7 @@ def test_failed_rename_leaves_no_temp_file(lake, day_data, monkeypatch):
 
     monkeypatch.setattr(lake_module.os, "replace", refuse)
     with pytest.raises(OSError, match="cross-device"):
-        lake.write_partition(path, bump_one_close(candles), report, gaps)
+        write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})
     monkeypatch.undo()
 
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.parquet"]
@@ -369,14 +572,32 @@ def test_first_write_creates_the_partition_folders(tmp_path, day_data):
 # --- file layout ----------------------------------------------------------------------
 
 
-def test_partition_path_is_hive_style(lake):
+def test_month_path_is_hive_style(lake):
     assert path_of(lake).relative_to(lake.root).as_posix() == (
-        "ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/date=2021-04-25/data.parquet"
+        "ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/month=2021-04/data.parquet"
+    )
+    # Any day of the month names the same file.
+    assert path_of(lake, date(2021, 4, 1)) == path_of(lake, date(2021, 4, 30)) == path_of(lake)
+    assert path_of(lake, date(2021, 5, 1)) != path_of(lake)
+    bars = lake.month_path("bars", "binance", "4h", "ETH-USDT", date(2021, 12, 31))
+    assert bars.relative_to(lake.root).as_posix() == (
+        "bars/exchange=binance/timeframe=4h/symbol=ETH-USDT/month=2021-12/data.parquet"
     )
 
 
+def test_month_files_lists_the_stored_months_in_order(lake, day_data):
+    may_first = date(2021, 5, 1)
+    write(lake, {may_first: shifted(day_data, 6)}, month=may_first)
+    write(lake, {DAY: DayData(*day_data)})
+
+    months = lake.month_files("ohlcv", "binance", "1m", "BTC-USDT")
+
+    assert months == {date(2021, 4, 1): path_of(lake), may_first: path_of(lake, may_first)}
+    assert lake.symbol_keys("ohlcv", "binance", "1m") == ["BTC-USDT"]
+
+
 def test_parquet_encodings_have_no_dictionary_delta_ts_and_split_floats(lake, day_data):
-    result = lake.write_partition(path_of(lake), *day_data)
+    result = write(lake, {DAY: DayData(*day_data)})[DAY]
 
     row_group = pq.ParquetFile(result.path).metadata.row_group(0)
     columns = {

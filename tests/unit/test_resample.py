@@ -42,7 +42,10 @@ def recording(request, tmp_path_factory):
     ][:12]
     source = ReplaySource({request.param: path}, clock=lambda: 2e9)
     outcomes = Ingestor(source, Lake(tmp_path_factory.mktemp("lake"))).ingest(request.param, days)
-    candles = pl.concat([pl.read_parquet(o.path) for o in outcomes])
+    # The days' month files (one or two), each read once.
+    candles = pl.concat([pl.read_parquet(p) for p in dict.fromkeys(o.path for o in outcomes)])
+    assert candles.height == sum(o.report["rows"] for o in outcomes)
+    assert candles["ts"].is_sorted() and candles["ts"].is_unique().all()
     return candles, published
 
 
