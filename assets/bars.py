@@ -5,7 +5,7 @@ import polars as pl
 
 from assets.markdown import md_table
 from assets.market_data import candles_1m
-from assets.partitions import candle_partitions, symbol_months
+from assets.partitions import candle_partitions, is_top_up, symbol_months
 from candlestack.bars import BarBuilder, outcomes_frame
 from candlestack.config import load_settings
 from candlestack.resample import BAR_TIMEFRAMES, SOURCE_TIMEFRAME
@@ -57,7 +57,9 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
         outcomes, mismatches = [], []
         for symbol_key, months in symbol_months(context.partition_keys).items():
             for month, partition_key in sorted(months.items()):
-                month_outcomes = builder.build(timeframe, symbol_key, month)
+                month_outcomes = builder.build(
+                    timeframe, symbol_key, month, reuse_unchanged=is_top_up(context)
+                )
                 outcomes += month_outcomes
                 mismatches += [
                     {"date": str(o.day), "symbol": symbol_key, "why": o.mismatch}

@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 
 from assets.markdown import md_table
-from assets.partitions import candle_partitions, daily_partitions, symbol_months
+from assets.partitions import candle_partitions, daily_partitions, is_top_up, symbol_months
 from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
@@ -137,7 +137,7 @@ def candles_1m(
                     "in the source's recording)"
                 )
             try:
-                month_outcomes = ingestor.ingest(symbol, days)
+                month_outcomes = ingestor.ingest(symbol, days, keep_closed=is_top_up(context))
             except SourceError as exc:
                 raise dg.Failure(
                     f"{symbol} {month:%Y-%m}: {exc}. Months written before the failure are "
@@ -157,8 +157,10 @@ def candles_1m(
     elapsed = time.perf_counter() - started
     rows = sum(o.report["rows"] for o in outcomes)
     context.log.info(
-        "%d partitions, %d rows in %.1f s (%.0f candles/s), %d gap failures, %d sanity failures",
+        "%d days in %d partitions, %d rows in %.1f s (%.0f candles/s), %d gap failures, "
+        "%d sanity failures",
         len(outcomes),
+        len(months_read_back),
         rows,
         elapsed,
         rows / elapsed if elapsed else 0.0,

@@ -19,6 +19,10 @@ from candlestack.lake import month_of
 
 settings = load_settings()
 
+# Set by the minutely schedule: a run that tops up the open month keeps what is stored closed
+# (candles of closed days, bars built from unchanged candles) instead of redoing the month.
+TOP_UP_TAG = "candlestack/top_up"
+
 # end_offset=1: the current month's partition exists while the month is open, so the
 # minutely schedule can keep it current.
 monthly_partitions = dg.MonthlyPartitionsDefinition(
@@ -64,6 +68,10 @@ def candle_range(first_day: str, last_day: str) -> dg.PartitionKeyRange:
     return dg.PartitionKeyRange(
         start=month_key(first_day, keys[0]), end=month_key(last_day, keys[-1])
     )
+
+
+def is_top_up(context: dg.AssetExecutionContext) -> bool:
+    return context.run.tags.get(TOP_UP_TAG) == "open_month"
 
 
 def symbol_months(partition_keys: Sequence[str]) -> dict[str, dict[date, str]]:

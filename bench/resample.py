@@ -3,7 +3,7 @@
     python bench/resample.py [--symbols 20] [--days 365]
 
 For 1 symbol and for N symbols: in memory (resample_all on frames already loaded), and
-from the lake (reading each symbol's day files, then resampling). polars'
+from the lake (reading each symbol's month files, then resampling). polars'
 group_by_dynamic on the same frames is timed in the same run as a baseline. Medians of 3.
 Targets: at most 60 ms for 1 symbol and 2 s for 20 symbols. Prints figures only.
 """
@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from candlestack.gaps import fill
 from candlestack.ingest import day_start_ms
-from candlestack.lake import Lake
+from candlestack.lake import DayData, Lake, month_of, split_days
 from candlestack.resample import BAR_TIMEFRAMES, minute_bars, resample_all
-from candlestack.schema import DAY_MS, TS
+from candlestack.schema import DAY_MS
 from candlestack.sources.synthetic import SyntheticSource
 
 RUNS = 3
@@ -82,18 +82,19 @@ def main() -> None:
         for key, frame in zip(keys, frames.values(), strict=True):
             candles = frame.select(
                 "ts", "open", "high", "low", "close", "volume", imputed=pl.col("n_imputed") > 0
-            ).with_columns(day=pl.col("ts").dt.date())
-            for (day,), part in candles.partition_by("day", as_dict=True).items():
-                path = lake.candles_path("synthetic", "1m", key, day)
-                lake.write_partition(path, part.drop("day"), {})
+            )
+            months: dict[date, dict[date, DayData]] = {}
+            for day, part in split_days(candles).items():
+                months.setdefault(month_of(day), {})[day] = DayData(part, {})
+            for month, month_days in months.items():
+                lake.write_month("ohlcv", "synthetic", "1m", key, month, month_days)
         files = sorted(Path(tmp).glob("ohlcv/**/*.parquet"))
         size = sum(f.stat().st_size for f in files)
-        print(f"lake: {len(files):,} day files, {size / 2**20:.1f} MiB")
+        print(f"lake: {len(files):,} month files, {size / 2**20:.1f} MiB")
 
         def from_lake(symbol_keys: list[str]) -> None:
             for key in symbol_keys:
-                paths = [lake.candles_path("synthetic", "1m", key, d) for d in days]
-                candles = pl.read_parquet(paths).with_columns(pl.col("ts").cast(TS))
+                candles = lake.read_days("ohlcv", "synthetic", "1m", key, days[0], days[-1])
                 resample_all(minute_bars(candles))
 
         show("1 symbol, from the lake", median_seconds(lambda: from_lake(keys[:1])))

@@ -171,7 +171,9 @@ def _instance_runs(home: Path) -> tuple[int, float]:
         runs = instance.get_runs()
         for run in runs:
             started: dict[str, float] = {}
-            for entry in instance.all_logs(run.run_id, of_type={Kind.STEP_START, Kind.ASSET_MATERIALIZATION}):
+            for entry in instance.all_logs(
+                run.run_id, of_type={Kind.STEP_START, Kind.ASSET_MATERIALIZATION}
+            ):
                 kind = entry.dagster_event.event_type
                 if kind == Kind.STEP_START:
                     started[entry.step_key] = entry.timestamp

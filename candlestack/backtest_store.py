@@ -14,7 +14,6 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +25,15 @@ from candlestack.errors import LakeError
 from candlestack.execution import RuleBook
 from candlestack.features import warmup_bars
 from candlestack.lake import Lake, LakePath, content_hash, write_parquet_atomic
+from candlestack.provenance import PACKAGE, code_version
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from candlestack.sweep import sweep
 
 logger = logging.getLogger(__name__)
 
-PACKAGE = Path(__file__).resolve().parent
 BAR_COLUMNS_1M = ["ts", "open", "high", "low", "close", "volume", "imputed"]
 BAR_COLUMNS = ["ts", "open", "high", "low", "close", "volume", "n_imputed", "complete"]
-
-
-@cache
-def code_version() -> str:
-    """sha256 of the package's source: the engine, strategies and features that made a result."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _strategy_source_hash(config: StrategyConfig) -> str:

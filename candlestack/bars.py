@@ -9,7 +9,8 @@ from datetime import date
 import polars as pl
 
 from candlestack.checks import gap_failure, ohlc_violations_by_day
-from candlestack.lake import DayData, Lake, LakePath, split_days
+from candlestack.lake import DayData, Lake, LakePath, WriteResult, split_days
+from candlestack.provenance import code_version
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
     TIMEFRAME_MINUTES,
@@ -90,38 +91,62 @@ class BarBuilder:
         self.exchange = exchange
         self.imputed_max_share = imputed_max_share
 
-    def build(self, timeframe: str, symbol_key: str, month: date) -> list[BarsOutcome]:
+    def build(
+        self, timeframe: str, symbol_key: str, month: date, reuse_unchanged: bool = False
+    ) -> list[BarsOutcome]:
         """Build, store and reconcile one month of bars: one read of the month's minutes
-        (and of its source bars, for a chained timeframe), one write."""
+        (and of its source bars, for a chained timeframe), one write.
+
+        With `reuse_unchanged` (the minutely top-up of the open month), a day whose stored
+        bars were built by this code from the very candles (and source bars) it has now is
+        kept as stored, neither rebuilt nor reconciled again: the work of a minute does not
+        grow with the day of the month. A full build rebuilds and reconciles every day."""
         path = self.lake.month_path("bars", self.exchange, timeframe, symbol_key, month)
         usable = usable_minutes(self.lake, self.exchange, symbol_key, month, self.imputed_max_share)
         skipped = dict(usable.unusable)
         source_timeframe = SOURCE_TIMEFRAME[timeframe]
-        closed_end = max(map(usable.closed_end_ms, usable.reports), default=None)
-        # The minutes' own bars: what a chained timeframe's stored bars must equal.
-        direct = resample(usable.minutes, timeframe, closed_end)
-        bars = direct
+        inputs = {day: report["content_hash"] for day, report in usable.reports.items()}
+        source = None
         if source_timeframe != "1m":
             source = self.lake.read_month(
                 "bars", self.exchange, source_timeframe, symbol_key, month
             )
-            missing = [d for d in usable.reports if source is None or d not in source.reports]
-            for day in missing:
-                skipped[day] = f"no {source_timeframe} bars to build from"
-            frame = source.frame if source else direct.clear()
-            bars = resample(
-                frame.filter(~pl.col("ts").dt.date().is_in(missing)), timeframe, closed_end
-            )
-            direct = direct.filter(~pl.col("ts").dt.date().is_in(missing))
+            for day in usable.reports:
+                if source is None or day not in source.reports:
+                    skipped[day] = f"no {source_timeframe} bars to build from"
+                else:
+                    inputs[day] += source.reports[day]["content_hash"]
+        inputs = {day: digest for day, digest in inputs.items() if day not in skipped}
+        stored = self.lake.read_month("bars", self.exchange, timeframe, symbol_key, month)
+        version = code_version()
+        kept = {
+            day: stored.reports[day]
+            for day in inputs
+            if reuse_unchanged
+            and stored is not None
+            and stored.reports.get(day, {}).get("inputs_hash") == inputs[day]
+            and stored.reports[day].get("code_version") == version
+        }
+        build = [day for day in inputs if day not in kept]
+        closed_end = max(map(usable.closed_end_ms, build), default=None)
+        # The minutes' own bars: what a chained timeframe's stored bars must equal.
+        direct = resample(_on(usable.minutes, build), timeframe, closed_end)
+        bars = direct
+        if source is not None:
+            bars = resample(_on(source.frame, build), timeframe, closed_end)
         by_day = split_days(bars)
         days: dict[date, DayData | None] = dict.fromkeys(skipped)
-        for day, report in usable.reports.items():
-            if day in skipped:
-                continue
+        for day in build:
             frame = by_day.get(day, bars.clear())
-            days[day] = DayData(frame, self._summary(timeframe, frame, usable, day, report))
+            summary = self._summary(timeframe, frame, usable, day, usable.reports[day])
+            days[day] = DayData(
+                frame, {**summary, "inputs_hash": inputs[day], "code_version": version}
+            )
         writes = self.lake.write_month("bars", self.exchange, timeframe, symbol_key, month, days)
         mismatches = self._reconcile(path, direct, list(writes))
+        for day, report in kept.items():
+            days[day] = DayData(bars.clear(), report)
+            writes[day] = WriteResult(path, 0, report["content_hash"], written=False)
         outcomes = []
         for day, data in sorted(days.items()):
             if data is None:
@@ -184,6 +209,10 @@ class BarBuilder:
                     columns = [c for c in theirs.columns if not mine[c].equals(theirs[c])]
                     why[day] = f"differs from the minutes in {', '.join(columns)}"
         return {day: reason for day, reason in why.items() if reason}
+
+
+def _on(frame: pl.DataFrame, days: list[date]) -> pl.DataFrame:
+    return frame.filter(pl.col("ts").dt.date().is_in(days))
 
 
 def outcomes_frame(outcomes: list[BarsOutcome]) -> pl.DataFrame:

@@ -134,7 +134,8 @@ class FeatureBuilder:
         )
         return sorted(
             (
-                replace(o, content_hash=writes[o.day].content_hash) if o.data else o
+                # The frames are stored: a range's outcomes must not hold every month's rows.
+                replace(o, content_hash=writes[o.day].content_hash, data=None) if o.data else o
                 for o in outcomes
             ),
             key=lambda o: o.day,

@@ -93,7 +93,13 @@ class Ingestor:
             if day_start_ms(day) < closed_end and (first is None or first <= day <= last)
         ]
 
-    def ingest(self, symbol: str, days: Sequence[date]) -> list[PartitionOutcome]:
+    def ingest(
+        self, symbol: str, days: Sequence[date], keep_closed: bool = False
+    ) -> list[PartitionOutcome]:
+        """Ingest `days`, each month's in one write of its file. Final days are kept as
+        stored; with `keep_closed` (the minutely top-up of the open month) every day stored
+        closed is, so a minute fetches the open day and any day not yet stored closed, and
+        its work does not grow with the day of the month."""
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
         not_started = sorted(d for d in days if day_start_ms(d) >= closed_end)
         if not_started:
@@ -103,16 +109,21 @@ class Ingestor:
             by_month.setdefault(month_of(day), []).append(day)
         outcomes = []
         for month, month_days in by_month.items():
-            outcomes.extend(self._ingest_month(symbol, month, month_days, closed_end))
+            outcomes.extend(self._ingest_month(symbol, month, month_days, closed_end, keep_closed))
         return outcomes
 
     def _ingest_month(
-        self, symbol: str, month: date, days: list[date], closed_end: int
+        self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
     ) -> list[PartitionOutcome]:
         exchange, key = self.source.exchange, symbol_key(symbol)
         stored = self.lake.read_month("ohlcv", exchange, "1m", key, month)
         stored_reports = stored.reports if stored else {}
-        final = [d for d in days if d in stored_reports and is_final(stored_reports[d])]
+        final = [
+            d
+            for d in days
+            if d in stored_reports
+            and (is_final(stored_reports[d]) or (keep_closed and stored_reports[d]["day_closed"]))
+        ]
         finished: list[tuple[date, DayData, pl.DataFrame]] = []
         for run in contiguous_runs(set(days) - set(final)):
             for first in range(0, len(run), MAX_STREAM_DAYS):

@@ -1,4 +1,4 @@
-"""Schedules: keep the open day current, finalise yesterday, refresh catalog and rules,
+"""Schedules: keep the open month current, finalise yesterday, refresh catalog and rules,
 and rerun the backtests on the finalised day."""
 
 from datetime import timedelta
@@ -9,7 +9,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from assets.partitions import candle_range
+from assets.partitions import TOP_UP_TAG, candle_range
 from pipelines.jobs import (
     backtest_job,
     dry_run_checks_job,
@@ -19,20 +19,29 @@ from pipelines.jobs import (
 )
 
 
-def _all_symbols(day: str, run_key: str) -> dg.RunRequest:
-    # One run for every symbol of the day (a single-run range), not one run per symbol.
+def _all_symbols(day: str, run_key: str, **tags: str) -> dg.RunRequest:
+    # One run for every symbol of the day's month (a single-run range), not one per symbol.
     keys = candle_range(day, day)
     return dg.RunRequest(
         run_key=run_key,
-        tags={ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end},
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: keys.start,
+            ASSET_PARTITION_RANGE_END_TAG: keys.end,
+            **tags,
+        },
     )
 
 
 @dg.schedule(job=ingest_and_build_job, cron_schedule="* * * * *", execution_timezone="UTC")
 def keep_open_day_current(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    """Every minute: append today's newly closed candles for every symbol, and its bars."""
+    """Every minute: append the newly closed candles of every symbol to the open month, and
+    refresh its bars and features; what is stored closed is kept (see TOP_UP_TAG)."""
     now = context.scheduled_execution_time
-    return _all_symbols(now.date().isoformat(), f"open-day-{now:%Y-%m-%dT%H:%M}")
+    return _all_symbols(
+        now.date().isoformat(),
+        f"open-day-{now:%Y-%m-%dT%H:%M}",
+        **{TOP_UP_TAG: "open_month"},
+    )
 
 
 @dg.schedule(job=ingest_and_build_job, cron_schedule="10 0 * * *", execution_timezone="UTC")
