@@ -5,7 +5,7 @@ import polars as pl
 
 from assets.markdown import md_table
 from assets.market_data import candles_1m
-from assets.partitions import candle_partitions, is_top_up, symbol_months
+from assets.partitions import candle_backfill_policy, candle_partitions, is_top_up, symbol_months
 from candlestack.bars import BarBuilder, outcomes_frame
 from candlestack.config import load_settings
 from candlestack.resample import BAR_TIMEFRAMES, SOURCE_TIMEFRAME
@@ -28,7 +28,7 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
         key=key,
         deps=[upstream],
         partitions_def=candle_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=candle_backfill_policy,
         group_name="bars",
         kinds={"parquet", "polars"},
         description=f"{timeframe} OHLCV bars from {source}: UTC-aligned, labelled by open "

@@ -6,7 +6,7 @@ import polars as pl
 from assets.bars import bars_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
-from assets.partitions import candle_partitions, symbol_months
+from assets.partitions import candle_backfill_policy, candle_partitions, symbol_months
 from candlestack.config import load_settings
 from candlestack.feature_store import FeatureBuilder, FeatureOutcome, load_feature_set
 from candlestack.features import feature_columns, warmup_bars
@@ -44,7 +44,7 @@ def _features_asset(timeframe: str) -> dg.AssetsDefinition:
         key=key,
         deps=[upstream],
         partitions_def=candle_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=candle_backfill_policy,
         group_name="features",
         kinds={"parquet", "polars"},
         description=f"TA-Lib features on {timeframe} bars: {', '.join(feature_columns(specs))}. "

@@ -7,7 +7,13 @@ import dagster as dg
 import polars as pl
 
 from assets.markdown import md_table
-from assets.partitions import candle_partitions, daily_partitions, is_top_up, symbol_months
+from assets.partitions import (
+    candle_backfill_policy,
+    candle_partitions,
+    daily_partitions,
+    is_top_up,
+    symbol_months,
+)
 from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
 from candlestack.config import load_settings, symbol_key
 from candlestack.coverage import coverage_frame, month_strips, recent_grid
@@ -93,7 +99,7 @@ def _month_metadata(outcomes: list[PartitionOutcome], imputed_max_share: float) 
 
 @dg.asset(
     partitions_def=candle_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    backfill_policy=candle_backfill_policy,
     group_name="market_data",
     kinds={"parquet", "polars"},
     pool=EXCHANGE_POOL,

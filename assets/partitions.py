@@ -56,6 +56,13 @@ class _CandlePartitions(dg.MultiPartitionsDefinition):
 
 candle_partitions = _CandlePartitions({"month": monthly_partitions, "symbol": symbol_partitions})
 
+# One run per backfill by default; runs of N symbol-months with CANDLESTACK_BACKFILL_RUN_PARTITIONS.
+candle_backfill_policy = (
+    dg.BackfillPolicy.multi_run(settings.backfill_run_partitions)
+    if settings.backfill_run_partitions
+    else dg.BackfillPolicy.single_run()
+)
+
 
 def month_key(day: date | str, symbol: str) -> str:
     """The partition key of the month holding `day`, for one symbol key."""

@@ -49,6 +49,10 @@ class Settings(BaseModel, frozen=True):
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)
     freshness_lag_minutes: int = Field(3, ge=1)
+    # A backfill of month x symbol partitions launched through the daemon (UI, dg launch):
+    # None is one run for the whole range; N splits it into runs of N symbol-months that the
+    # run queue executes concurrently.
+    backfill_run_partitions: int | None = Field(None, ge=1)
     # Alerts: webhook URLs may carry a token (Slack's do), so they reach the resource through
     # EnvVar and never appear in an error, log or payload. ui_url: the Dagster UI for links.
     alert_webhook_url: str | None = None

@@ -101,6 +101,11 @@ def test_reads_the_process_environment(monkeypatch):
             "CANDLESTACK_FRESHNESS_LAG_MINUTES",
             "greater than or equal to 1",
         ),
+        (
+            {"CANDLESTACK_BACKFILL_RUN_PARTITIONS": "0"},
+            "CANDLESTACK_BACKFILL_RUN_PARTITIONS",
+            "greater than or equal to 1",
+        ),
         ({"CANDLESTACK_SOURCE": "kraken"}, "CANDLESTACK_SOURCE", "synthetic"),
         ({"CANDLESTACK_START_DATE": "yesterday"}, "CANDLESTACK_START_DATE", "date"),
     ],
