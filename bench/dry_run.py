@@ -31,7 +31,7 @@ import yaml
 from candlestack.bars import BarBuilder
 from candlestack.dryrun import DryRun
 from candlestack.ingest import Ingestor
-from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.lake import Lake, month_of, write_parquet_atomic
 from candlestack.ledger import Ledger
 from candlestack.resample import BAR_TIMEFRAMES, TIMEFRAME_MINUTES
 from candlestack.sources.synthetic import SyntheticSource
@@ -56,8 +56,8 @@ def decision_compute(bars: int, folder: Path) -> None:
     for symbol, key in (("BTC/USDT", "BTC-USDT"), ("ETH/USDT", "ETH-USDT")):
         Ingestor(source, lake).ingest(symbol, days)
         for timeframe in BAR_TIMEFRAMES:
-            for day in days:
-                builder.build(timeframe, key, day)
+            for month in sorted({month_of(day) for day in days}):
+                builder.build(timeframe, key, month)
     for day in days:
         write_parquet_atomic(
             lake.markets_path("synthetic", day), source.load_markets().to_arrow(), {}

@@ -202,10 +202,14 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def view(driver, url: str, screenshot: str, *texts: str, ready=None, focus: str = "") -> str:
-    """Open url, wait until every text is rendered and `ready(driver)` holds, scroll the
-    element whose text is `focus` into sight, save the screenshot; return the page's text."""
-    driver.get(url)
+def view(
+    driver, url: str, screenshot: str, *texts: str, ready=None, focus: str = "", reload=True
+) -> str:
+    """Open url (unless `reload` is False: the page as it is), wait until every text is
+    rendered and `ready(driver)` holds, scroll the element whose text is `focus` into sight,
+    save the screenshot; return the page's text."""
+    if reload:
+        driver.get(url)
 
     def rendered(d) -> bool:
         body = d.find_element(By.TAG_NAME, "body").text
@@ -285,7 +289,7 @@ def status_dot(driver, label: str) -> str:
 
 def test_candle_partitions_are_months_by_symbol_with_a_per_day_table(browser, ui):
     complete = ui.days[-2]  # the demo's last closed day
-    demo_months = sorted({month_of(d) for d in ui.days})
+    demo_months = sorted({month_of(d) for d in ui.days[1:]})  # the first is not the demo's
     month = month_of(complete)
     text = view(
         browser,
@@ -303,9 +307,10 @@ def test_candle_partitions_are_months_by_symbol_with_a_per_day_table(browser, ui
     assert re.search(r"\nquality\n(complete|imputed)\n", text), text
     assert re.search(r"\nmissing\n0\n", text), text
     # Every month of the partitions: the demo's are materialized, the ones before are not.
-    assert all("accent-green" in status_dot(browser, m.isoformat()) for m in demo_months)
+    dots = {m: status_dot(browser, m.isoformat()) for m in ui.months}
+    assert all("accent-green" in dots[m] for m in demo_months), dots
     missing = [m for m in ui.months if m not in demo_months]
-    assert missing and all("accent-gray" in status_dot(browser, m.isoformat()) for m in missing)
+    assert missing and all("accent-gray" in dots[m] for m in missing), dots
     assert f"Materialized ({len(SYMBOLS) * len(demo_months)})" in text
     assert f"Missing ({len(SYMBOLS) * len(missing)})" in text
     assert "Failed (0)" in text
@@ -315,13 +320,29 @@ def test_the_coverage_grid_shows_each_day_and_the_gap_day(browser, ui):
     text = view(
         browser,
         f"{ui.url}/assets/candle_coverage",
-        "coverage_days.png",
+        "coverage_months.png",
         "recent_days",
-        ui.gap_day.isoformat(),
+        "[Show Markdown]",
+        "· absent",
     )
-    for day in ui.days[:-1]:  # every closed stored day; the newest is today's, open
-        assert re.search(rf"{day.isoformat()}\s+✅ complete", text), (day, text)
-    assert re.search(rf"{ui.gap_day.isoformat()}\s+· absent", text), text
+    # The strip of every day of the lake, one line per symbol and month, one mark a day: the
+    # first day is stored, the gap day after it is absent (·).
+    for symbol in SYMBOLS:
+        strip = rf"{symbol}\s+{ui.gap_day:%Y-%m}\s+[█▒]·\n"
+        assert re.search(strip, text), (symbol, text)
+    # The grid of the last 31 days, one row per day and a cell per symbol: Dagster shows it
+    # behind a link, in a dialog (recent_days is the first markdown entry).
+    link = browser.find_element(By.XPATH, "(//*[normalize-space(text())='[Show Markdown]'])[1]")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+    link.click()
+    newest = ui.days[-1]
+    grid = view(browser, "", "coverage_days.png", newest.isoformat(), "open", reload=False)
+    cell = r"[\s|]+(✅ complete|🟨 imputed \(\d+ min\))"
+    recent = [d for d in ui.days[:-1] if (newest - d).days < 31]
+    assert len(recent) == 30
+    for day in recent:  # every closed day stored; the newest is today's, open
+        assert re.search(rf"{day.isoformat()}{cell}{cell}{cell}", grid), (day, grid)
+    assert re.search(rf"{newest.isoformat()}([\s|]+⏳ open){{3}}", grid), grid
 
 
 def check_url(url: str, asset: str, check: str) -> str:
