@@ -84,3 +84,29 @@ def test_markets_snapshot_keeps_past_days(resources, tmp_path):
     assert meta["days_written"].value == 1
     again = dg.materialize([markets], partition_key="2021-03-24", resources=resources)
     assert again.asset_materializations_for_node("markets")[0].metadata["days_kept"].value == 1
+
+
+def test_an_instance_with_day_partition_history_keeps_working(resources):
+    """Materializations recorded when candles were day x symbol stay history: month
+    partitions materialize beside them, and the UI's partition status still loads."""
+    instance = dg.DagsterInstance.ephemeral()
+    day_key = "2021-04-25|BTC-USDT"
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="candles_1m", partition=day_key, metadata={"rows": 1440})
+    )
+    result = dg.materialize(
+        [candles_1m], partition_key="2021-04-01|BTC-USDT", resources=resources, instance=instance
+    )
+    assert result.success
+    assert instance.get_materialized_partitions(dg.AssetKey("candles_1m")) >= {
+        day_key,
+        "2021-04-01|BTC-USDT",
+    }
+    # What the Partitions tab draws: the month x symbol subset, without the day keys.
+    status = instance.get_status_by_partition(
+        dg.AssetKey("candles_1m"),
+        partition_keys=candles_1m.partitions_def.get_partition_keys(),
+        partitions_def=candles_1m.partitions_def,
+    )
+    materialized = {k for k, s in status.items() if s is not None and s.value == "MATERIALIZED"}
+    assert materialized == {"2021-04-01|BTC-USDT"}
