@@ -51,9 +51,11 @@ LAST_FULL_DAY = date(2021, 5, 19)
 # What the demo and the alerts must leave behind under tmp_path (tests/conftest.py
 # isolated_env, and the receiver's folder of alert bodies); everything there is searched.
 STORES = ("dagster_home", "lake", "catalog.duckdb", "ledger.sqlite", "reports", "alerts")
-# After the demo, in its environment: a run that fails (a day before the exchange has any
-# candle fails the blocking gaps check) and a kill-switch trip, each alerted by the alert
-# sensors as the daemon would tick them (the first tick starts at the newest event).
+# After the demo, in its environment: a run that fails (the exchange refuses the API key on
+# its first candle request, a fault the test queues), the same month again (days before the
+# exchange has any candle fail the gaps check, not the run) and a kill-switch trip, each
+# alerted by the alert sensors as the daemon would tick them (the first tick starts at the
+# newest event).
 RAISE_ALERTS = """
 import subprocess, sys
 import dagster as dg
@@ -73,12 +75,14 @@ def tick(sensor, cursor):
 
 cursors = [tick(sensor, None) for sensor in alert_sensors]
 keys = candle_range(sys.argv[1], sys.argv[1])
-failed = defs.resolve_job_def("ingest_candles").execute_in_process(
-    instance=instance,
-    tags={ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end},
-    raise_on_error=False,
-)
+tags = {ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end}
+ingest = defs.resolve_job_def("ingest_candles")
+failed = ingest.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
 assert not failed.success
+empty = ingest.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+assert empty.success
+gaps = next(e for e in empty.get_asset_check_evaluations() if e.check_name == "gaps")
+assert not gaps.passed
 subprocess.run(
     [sys.executable, "-m", "candlestack.kill_switch", "trip", "--scope", "*", "--reason", "canary"],
     check=True,
@@ -87,6 +91,8 @@ for sensor, cursor in zip(alert_sensors, cursors):
     tick(sensor, cursor)
 """
 EXCHANGE_FOLDER = "fake_exchange"
+# Binance refusing a key (-2015): ccxt's AuthenticationError, which is never retried.
+KEY_REFUSED = '{"code":-2015,"msg":"Invalid API-key, IP, or permissions for action."}'
 DAY_MS = 86_400_000
 SQLITE_HEADER = b"SQLite format 3\0"
 
@@ -271,7 +277,8 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
     key, secret, hook = _canary("key"), _canary("secret"), _canary("webhook")
     today = datetime.now(UTC).date()
     receiver = AlertReceiver(tmp_path / "alerts")
-    # Before the shared candles begin (30 days before their last), in the partitions.
+    # Before the shared candles begin (30 days before their last), in the partitions: its
+    # month is ingested after the demo, once refused by the exchange and once for real.
     empty_day = today - timedelta(days=40)
     url = f"http://127.0.0.1:{fake_exchange.port}"
     options = fake_exchange.ccxt_config()
@@ -297,6 +304,7 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         timeout=900,
     )
     assert demo.returncode == 0, demo.stderr.decode()[-3000:]
+    fake_exchange.inject("500", 1, body=KEY_REFUSED)
     alerts = subprocess.run(
         [sys.executable, "-c", RAISE_ALERTS, empty_day.isoformat()],
         cwd=ROOT,
@@ -305,9 +313,13 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         timeout=600,
     )
     assert alerts.returncode == 0, alerts.stderr.decode()[-3000:]
+    assert fake_exchange.pending_faults == [], "the refused key never reached the client"
     receiver.shutdown()
     kinds = sorted(alert["kind"] for alert in receiver.received)
     assert kinds == ["check_failure", "kill_switch", "run_failure"], receiver.received
+    by_kind = {alert["kind"]: alert for alert in receiver.received}
+    assert "AuthenticationError" in by_kind["run_failure"]["message"]
+    assert by_kind["check_failure"]["where"]["check"] == "gaps"
     output = {
         "demo stdout": demo.stdout,
         "demo stderr": demo.stderr,

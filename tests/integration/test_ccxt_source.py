@@ -96,10 +96,18 @@ def _ingestor(srv: FakeBinance, root: Path, **source_kwargs) -> Ingestor:
 
 
 def _stored(outcome: PartitionOutcome) -> pl.DataFrame:
-    """The day's file as written, ts as epoch milliseconds."""
+    """The day's rows as written in its month file, ts as epoch milliseconds."""
     frame = Lake(outcome.path.parents[5]).read(outcome.path)
     assert frame is not None, f"{outcome.path} was not written"
-    return frame.with_columns(pl.col("ts").dt.epoch("ms"))
+    day = frame.filter(pl.col("ts").dt.date() == outcome.day)
+    return day.with_columns(pl.col("ts").dt.epoch("ms"))
+
+
+def _report(root: Path, symbol: str, day: date) -> tuple[dict, pl.DataFrame]:
+    """The day's report and gap ranges as stored in its month file's footer."""
+    stored = Lake(root).read_day_report("binance", symbol.replace("/", "-"), day)
+    assert stored is not None, f"{symbol} {day} is not in the lake"
+    return stored
 
 
 def _rows(frame: pl.DataFrame) -> dict[int, Row]:
@@ -190,10 +198,11 @@ def test_lake_equals_the_exchange_candles_exactly(
 
     assert [o.day for o in outcomes] == DAYS
     key = symbol.replace("/", "-")
-    for o in outcomes:
-        assert o.path == (
-            tmp_path / f"ohlcv/exchange=binance/timeframe=1m/symbol={key}/date={o.day}/data.parquet"
-        )
+    # One file for the month, holding the six days and nothing else.
+    month_file = tmp_path / f"ohlcv/exchange=binance/timeframe=1m/symbol={key}/month=2021-04"
+    assert {o.path for o in outcomes} == {month_file / "data.parquet"}
+    assert _files(tmp_path) == [month_file / "data.parquet"]
+    assert list(Lake(tmp_path).day_reports("ohlcv", "binance", "1m", key)) == DAYS
     stored = pl.concat([_stored(o) for o in outcomes])
     assert stored["ts"].is_unique().all()
     real = _rows(stored.filter(~pl.col("imputed")))
@@ -211,7 +220,7 @@ def test_maintenance_gap_is_rerequested_then_imputed_flat(srv: FakeBinance, tmp_
     day = date(2021, 4, 25)
     (outcome,) = _ingestor(srv, tmp_path).ingest("ETH/USDT", [day])
 
-    report, gaps = Lake(tmp_path).read_report(outcome.path)
+    report, gaps = _report(tmp_path, "ETH/USDT", day)
     assert report["missing_found"] == GAP_MINUTES
     assert report["imputed"] == GAP_MINUTES
     assert report["refetched"] == 0
@@ -360,7 +369,7 @@ def test_bad_row_is_rejected_and_the_minute_refetched(srv: FakeBinance, tmp_path
 
     assert bad_day.report["rejected"] == 1
     assert bad_day.rejected.select("ts", "reason").rows() == [(bad_ts, "high < low")]
-    assert Lake(tmp_path).read_report(bad_day.path)[0]["rejected"] == 1
+    assert _report(tmp_path, "ETH/USDT", bad_day.day)[0]["rejected"] == 1
     assert bad_day.report["refetched"] == 1
     assert bad_day.report["imputed"] == 0
     assert all(o.report["rejected"] == 0 for o in other)
@@ -410,12 +419,14 @@ def test_exchange_down_for_good_fails_within_budget_without_partial_file(
     srv: FakeBinance, tmp_path: Path
 ) -> None:
     """When the exchange stays down, the run gives up within its retry budget with an error
-    naming the symbol; days finished before stay, the failed day gets no file at all."""
-    days = [date(2021, 4, 24), date(2021, 4, 25)]
-    # Once the first pass has paged past the maintenance gap, every request answers 503,
-    # so 2021-04-25 fails while re-requesting its gap.
+    naming the symbol; a month finished before stays, the failed month's file is not
+    written at all (not even its days that were fetched before the failure)."""
+    days = [date(2021, 4, 30), date(2021, 5, 1), date(2021, 5, 2)]
+    # Once the first pass has paged into the middle of 2021-05-01, every request answers
+    # 503: April is done and written, May fails part-way through its download.
+    may_noon = _ms("2021-05-01T12:00")
     fired = _fault_when(
-        srv, lambda klines: int(klines[-1]["startTime"]) > GAP_LAST_MS, "503", count=10_000
+        srv, lambda klines: int(klines[-1]["startTime"]) > may_noon, "503", count=10_000
     )
     ingestor = _ingestor(srv, tmp_path, clock=lambda: AFTER_DATA_MS, retry_max_seconds=1)
 
@@ -428,15 +439,40 @@ def test_exchange_down_for_good_fails_within_budget_without_partial_file(
     assert elapsed < 5
     assert "ETH/USDT" in str(err.value)
     assert "binance" in str(err.value)
-    lake = Lake(tmp_path)
     done = ingestor.path("ETH/USDT", days[0])
     failed = ingestor.path("ETH/USDT", days[1])
+    assert done != failed
     assert _files(tmp_path) == [done], "a partial or temporary file was left behind"
-    assert lake.read_report(done)[0]["rows"] == 1440
+    assert _report(tmp_path, "ETH/USDT", days[0])[0]["rows"] == 1440
+    assert list(Lake(tmp_path).day_reports("ohlcv", "binance", "1m", "ETH-USDT")) == days[:1]
     assert not failed.exists()
     klines = srv.requests_to(KLINES_PATH)
-    past_gap = next(i for i, q in enumerate(klines) if int(q["startTime"]) > GAP_LAST_MS)
-    assert len(klines[past_gap + 1 :]) > 1, "the 503 was not retried"
+    failing = next(i for i, q in enumerate(klines) if int(q["startTime"]) > may_noon)
+    assert len(klines[failing + 1 :]) > 1, "the 503 was not retried"
+
+
+def test_failed_day_keeps_the_stored_month_as_it_was(srv: FakeBinance, tmp_path: Path) -> None:
+    """A month file already in the lake is left exactly as it was when a later run of the
+    month fails on one of its days: the days finished by that run are not half-written."""
+    ingestor = _ingestor(srv, tmp_path, clock=lambda: AFTER_DATA_MS, retry_max_seconds=1)
+    (kept,) = ingestor.ingest("ETH/USDT", [date(2021, 4, 23)])
+    before = kept.path.read_bytes()
+    days = [date(2021, 4, 24), date(2021, 4, 25)]
+    # Once the first pass has paged past the maintenance gap, every request answers 503,
+    # so 2021-04-25 fails while re-requesting its gap, after 2021-04-24 was fetched.
+    fired = _fault_when(
+        srv, lambda klines: int(klines[-1]["startTime"]) > GAP_LAST_MS, "503", count=10_000
+    )
+
+    with pytest.raises(SourceError, match="ETH/USDT"):
+        ingestor.ingest("ETH/USDT", days)
+
+    assert fired()
+    assert _files(tmp_path) == [kept.path], "a partial or temporary file was left behind"
+    assert kept.path.read_bytes() == before
+    assert list(Lake(tmp_path).day_reports("ohlcv", "binance", "1m", "ETH-USDT")) == [
+        date(2021, 4, 23)
+    ]
 
 
 # -- 7. only closed candles ------------------------------------------------------------------

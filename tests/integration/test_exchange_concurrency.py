@@ -1,10 +1,11 @@
 """Requests to one exchange are capped across concurrent runs by the instance's pool limit.
 
-Runs queued together by the real CLI and launched by a real dagster-daemon each ingest a day
-with real ccxt from the loopback Binance, which answers slowly and records the most
-requests it ever served at once."""
+Runs queued together by the real CLI and launched by a real dagster-daemon each ingest a
+symbol-month (three days of it, from CANDLESTACK_START_DATE) with real ccxt from the loopback
+Binance, which answers slowly and records the most requests it ever served at once."""
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ POOL = "exchange-binance"
 TIMEOUT_S = 180
 
 
-def days(*dates: int) -> list[str]:
-    return [f"2021-04-{d}|{s}" for d in dates for s in ("BTC-USDT", "ETH-USDT")]
+# April 2021 from its 28th: three whole days of the recordings, a few requests per run.
+APRIL = ["2021-04-01|BTC-USDT", "2021-04-01|ETH-USDT"]
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def env(tmp_path, binance, monkeypatch):
         tmp_path,
         source="ccxt",
         symbols="BTC/USDT,ETH/USDT",
-        start_date="2021-04-01",
+        start_date="2021-04-28",
         ccxt_options=json.dumps(binance.ccxt_config()),
     )
     shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
@@ -49,6 +50,10 @@ def env(tmp_path, binance, monkeypatch):
     config["concurrency"]["pools"]["default_limit"] = 1
     Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    # The instance's storage exists before the daemon starts: a daemon and a CLI creating a
+    # fresh SQLite storage at the same moment can stamp its schema twice ("more than one
+    # head"), and the daemon then never dequeues a run.
+    dg.DagsterInstance.get().get_runs()
     with running_daemon(env):
         yield env
 
@@ -62,6 +67,7 @@ def dagster(env, *args: str) -> None:
 
 def ingest_together(env, instance: dg.DagsterInstance, partitions: list[str]) -> None:
     """Queue one run per partition at once and wait until they all succeed."""
+    earlier = {r.run_id for r in instance.get_runs()}
     dagster(
         env,
         "job", "backfill", "-j", "ingest_candles", "-w", "workspace.yaml",
@@ -70,6 +76,7 @@ def ingest_together(env, instance: dg.DagsterInstance, partitions: list[str]) ->
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         runs = [r for r in instance.get_runs() if r.tags["dagster/partition"] in partitions]
+        runs = [r for r in runs if r.run_id not in earlier]
         if len(runs) == len(partitions) and all(r.is_finished for r in runs):
             break
         time.sleep(2)
@@ -80,14 +87,21 @@ def ingest_together(env, instance: dg.DagsterInstance, partitions: list[str]) ->
 
 def test_pool_limit_caps_requests_to_the_exchange_across_runs(env, binance):
     instance = dg.DagsterInstance.get()
-    ingest_together(env, instance, days(21, 22))
+    ingest_together(env, instance, APRIL)
     assert binance.max_in_flight == 1
+    lake = Path(env["CANDLESTACK_LAKE"])
+    assert sorted(p.parent.parent.name for p in lake.rglob("*.parquet")) == [
+        "symbol=BTC-USDT",
+        "symbol=ETH-USDT",
+    ]
     # The cap is the instance's default pool limit, applied to the exchange's pool.
     assert instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
 
     # The control: with the exchange's own higher limit, the same load does overlap.
+    # Closed, complete days are never fetched again: the same months start from an empty lake.
     binance.reset_max_in_flight()
+    shutil.rmtree(lake)
     dagster(env, "instance", "concurrency", "set", POOL, "4")
-    ingest_together(env, instance, days(23, 24))
+    ingest_together(env, instance, APRIL)
     assert binance.max_in_flight >= 2
     assert binance.errors == []

@@ -134,7 +134,9 @@ def test_scraped_metrics_are_what_the_lake_ledger_and_instance_hold(filled, endp
         assert metrics[("candlestack_metrics_source_up", labels(source=source))] == 1
 
     # Candle lag and imputed share, from the files of the lake.
-    files = lake.day_files("ohlcv", "synthetic", "1m", "BTC-USDT")
+    # One file per month: yesterday's and today's minutes, in one or two month files.
+    files = lake.month_files("ohlcv", "synthetic", "1m", "BTC-USDT")
+    assert 1 <= len(files) <= 2
     candles = pl.read_parquet(list(files.values()), columns=["ts", "imputed"])
     close = candles.get_column("ts").max() + timedelta(minutes=1)
     lag = metrics[("candlestack_candle_lag_seconds", labels(symbol="BTC/USDT"))]

@@ -86,12 +86,14 @@ def test_backfill_schedule_and_sensor_runs_live_in_postgres(pg_env, database):
         started = dagster(env, kind, "start", name, "-w", "workspace.yaml")
         assert started.returncode == 0, started.stderr[-2000:]
     with running_daemon(env):
-        # The backfill runs in the CLI's own process while the daemon waits for its tick.
-        yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+        # The backfill runs in the CLI's own process while the daemon waits for its tick:
+        # the month partition holding yesterday.
+        yesterday = (datetime.now(UTC) - timedelta(days=1)).date()
+        partition = f"{yesterday:%Y-%m}-01|BTC-USDT"
         backfill = dagster(
             env,
             "asset", "materialize", "-m", "pipelines.definitions", "--select", "candles_1m",
-            "--partition", f"{yesterday}|BTC-USDT",
+            "--partition", partition,
         )  # fmt: skip
         assert backfill.returncode == 0, backfill.stderr[-3000:]
 
@@ -116,7 +118,7 @@ def test_backfill_schedule_and_sensor_runs_live_in_postgres(pg_env, database):
         "SELECT run_id, status, partition FROM runs WHERE run_id NOT IN (SELECT run_id "
         "FROM run_tags WHERE key IN ('dagster/schedule_name', 'dagster/sensor_name'))",
     )
-    assert backfill_run[1:] == ("SUCCESS", f"{yesterday}|BTC-USDT")
+    assert backfill_run[1:] == ("SUCCESS", partition)
     assert materializations(database, backfill_run[0]) == 1
     scheduled_run = next(run_id for run_id, s in scheduled if s == "SUCCESS")
     assert materializations(database, scheduled_run) > 1  # candles, then bars and features

@@ -25,7 +25,8 @@ from candlestack.checks import sanity_failures
 from candlestack.errors import ConfigError, LakeError
 from candlestack.feature_store import FeatureBuilder, load_feature_set
 from candlestack.ingest import Ingestor
-from candlestack.lake import Lake
+from candlestack.lake import DayData, Lake
+from candlestack.sources.replay import ReplaySource
 from candlestack.sources.synthetic import SyntheticSource
 from candlestack.strategies.config import StrategyConfig
 from resources import LakeResource, ReplaySourceResource
@@ -33,6 +34,7 @@ from tests.conftest import EXCHANGE_INFO, REPLAY_FILES
 
 SYMBOLS = ("BTC/USDT", "ETH/USDT")
 DAYS = [date(2024, 1, 1) + timedelta(days=i) for i in range(3)]
+MONTH = date(2024, 1, 1)  # the one month file each symbol's DAYS are stored in
 NOW_S = 1_710_000_000  # March 2024: every ingested day is closed
 BUCKET = "candles"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret"}
@@ -90,9 +92,9 @@ def build_everything(lake: Lake) -> dict:
     ingestor = Ingestor(source, lake)
     candles = {s: ingestor.ingest(s, DAYS) for s in SYMBOLS}
     bars = BarBuilder(lake, "synthetic", imputed_max_share=0.01)
-    built = [bars.build(tf, "BTC-USDT", day) for tf in ("15m", "1h", "4h") for day in DAYS]
+    built = [o for tf in ("15m", "1h", "4h") for o in bars.build(tf, "BTC-USDT", MONTH)]
     features = FeatureBuilder(lake, "synthetic", load_feature_set(None), 0.01)
-    computed = features.build("15m", "BTC-USDT", DAYS)
+    computed = features.build("15m", "BTC-USDT", MONTH)
     for day in DAYS:
         lake_module.write_parquet_atomic(
             lake.markets_path("synthetic", day), source.load_markets().to_arrow(), {}
@@ -100,7 +102,7 @@ def build_everything(lake: Lake) -> dict:
     return {
         "candles": candles,
         "bars": built,
-        "reconciled": [bars.reconcile(o) for o in built],
+        "reconciled": [o.mismatch for o in built],
         "features": computed,
         "backtest": run_backtest(lake, "synthetic", STRATEGY),
         "sweep": run_sweep(lake, "synthetic", STRATEGY, {"fast": [3, 5]}, "sharpe", "fast"),
@@ -129,30 +131,35 @@ def keys(s3, bucket: str, prefix: str = "") -> list[str]:
 def test_the_lake_root_is_the_s3_url(lakes):
     remote, _ = lakes["s3"]
     assert remote.location == f"s3://{BUCKET}/lake"
-    assert str(remote.candles_path("synthetic", "1m", "BTC-USDT", DAYS[0])) == (
+    assert str(remote.month_path("ohlcv", "synthetic", "1m", "BTC-USDT", DAYS[1])) == (
         f"s3://{BUCKET}/lake/ohlcv/exchange=synthetic/timeframe=1m/symbol=BTC-USDT/"
-        "date=2024-01-01/data.parquet"
+        "month=2024-01/data.parquet"
     )
 
 
 def test_ingested_days_read_back_equal_to_the_local_lake(lakes, env):
     (local, done_local), (remote, done_s3) = lakes["local"], lakes["s3"]
     for symbol in SYMBOLS:
+        assert [o.day for o in done_s3["candles"][symbol]] == DAYS
         for a, b in zip(done_local["candles"][symbol], done_s3["candles"][symbol], strict=True):
             assert b.report == a.report
             assert b.report["rows"] == 1440
-    assert list(remote.candle_files("synthetic")) != []
-    pairs = zip(local.candle_files("synthetic"), remote.candle_files("synthetic"), strict=True)
-    for (symbol, day, path), (symbol_s3, day_s3, path_s3) in pairs:
-        assert (symbol_s3, day_s3) == (symbol, day)
-        assert_frame_equal(remote.read(path_s3), local.read(path))
-        report, gaps = local.read_report(path)
-        assert remote.read_report(path_s3)[0] == report
-        assert_frame_equal(remote.read_report(path_s3)[1], gaps)
-    assert list(remote.day_files("ohlcv", "synthetic", "1m", "ETH-USDT")) == DAYS
+    months_read_back = []
+    for key in ("BTC-USDT", "ETH-USDT"):
+        local_months = local.month_files("ohlcv", "synthetic", "1m", key)
+        remote_months = remote.month_files("ohlcv", "synthetic", "1m", key)
+        assert list(remote_months) == list(local_months) == [MONTH]
+        assert_frame_equal(remote.read(remote_months[MONTH]), local.read(local_months[MONTH]))
+        for day in DAYS:
+            report, gaps = local.read_day_report("synthetic", key, day)
+            report_s3, gaps_s3 = remote.read_day_report("synthetic", key, day)
+            assert report_s3 == report
+            assert_frame_equal(gaps_s3, gaps)
+        assert list(remote.day_reports("ohlcv", "synthetic", "1m", key)) == DAYS
+        months_read_back.append((key, MONTH, remote_months[MONTH]))
     assert_frame_equal(remote.reports("synthetic"), local.reports("synthetic"))
-    files = list(remote.candle_files("synthetic"))
-    assert sanity_failures(files).is_empty()
+    assert remote.reports("synthetic").height == len(SYMBOLS) * len(DAYS)
+    assert sanity_failures(months_read_back).is_empty()
 
 
 def test_the_bucket_holds_the_local_files_and_nothing_else(lakes, s3):
@@ -166,8 +173,12 @@ def test_the_bucket_holds_the_local_files_and_nothing_else(lakes, s3):
 def test_bars_features_and_backtest_equal_the_local_ones(lakes, env):
     (_, done_local), (remote, done_s3) = lakes["local"], lakes["s3"]
     assert [o.content_hash for o in done_s3["bars"]] == [o.content_hash for o in done_local["bars"]]
+    assert [(o.timeframe, o.day) for o in done_s3["bars"]] == [
+        (tf, day) for tf in ("15m", "1h", "4h") for day in DAYS
+    ]
     assert all(o.bars > 0 and o.skipped is None for o in done_s3["bars"])
     assert done_s3["reconciled"] == [None] * len(done_s3["bars"])
+    assert [o.day for o in done_s3["features"]] == DAYS
     assert [o.content_hash for o in done_s3["features"]] == [
         o.content_hash for o in done_local["features"]
     ]
@@ -215,20 +226,33 @@ def test_catalog_views_count_the_same_rows_as_local(lakes, env, tmp_path):
     assert f"s3://{BUCKET}/lake/ohlcv/" in view
 
 
-def test_a_day_without_candles_deletes_its_bars_object(lakes, env, s3):
+def test_a_month_without_usable_candles_deletes_its_bars_object(lakes, env, s3, tmp_path):
+    """Bars stored for a day whose 1-minute candles are now all missing are removed; with
+    no other day left in the month, so is the month's bars object."""
     remote, _ = lakes["s3"]
-    day = DAYS[-1] + timedelta(days=5)
-    path = remote.bars_path("synthetic", "15m", "BTC-USDT", day)
-    stale = remote.read(remote.bars_path("synthetic", "15m", "BTC-USDT", DAYS[0]))
-    remote.write_partition(path, stale, {"note": "bars of a day whose candles are gone"})
+    day = date(2024, 2, 5)
+    stale = remote.read_month("bars", "synthetic", "15m", "BTC-USDT", MONTH)
+    remote.write_month(
+        "bars", "synthetic", "15m", "BTC-USDT", day,
+        {day: DayData(stale.day(DAYS[0]), {"note": "bars of a day whose candles are gone"})},
+    )  # fmt: skip
+    path = remote.month_path("bars", "synthetic", "15m", "BTC-USDT", day)
     assert path.exists()
+    # The exchange has nothing for the day: it is stored with all its minutes missing.
+    empty = tmp_path / "empty.csv"
+    empty.write_text("ts_ms,open,high,low,close,volume\n")
+    nothing = ReplaySource({"BTC/USDT": empty}, exchange="synthetic", clock=lambda: NOW_S)
+    (candles,) = Ingestor(nothing, remote).ingest("BTC/USDT", [day])
+    assert candles.report["rows"] == 0 and candles.report["missing"] == 1440
 
-    outcome = BarBuilder(remote, "synthetic", 0.01).build("15m", "BTC-USDT", day)
+    (outcome,) = BarBuilder(remote, "synthetic", 0.01).build("15m", "BTC-USDT", day)
 
-    assert outcome.skipped == "no 1-minute candles"
+    assert outcome.day == day
+    assert outcome.skipped.startswith("1m candles fail gaps: 1440 minutes still missing")
     assert not path.exists()
     assert path.path.split("/", 1)[1] not in keys(s3, BUCKET, "lake/bars/")
-    assert day not in remote.day_files("bars", "synthetic", "15m", "BTC-USDT")
+    assert list(remote.month_files("bars", "synthetic", "15m", "BTC-USDT")) == [MONTH]
+    assert list(remote.day_reports("bars", "synthetic", "15m", "BTC-USDT")) == DAYS
 
 
 # --- atomicity without rename ----------------------------------------------------------
@@ -246,7 +270,19 @@ def versioned(endpoint, s3, env, request):
 def one_day(lake: Lake) -> tuple:
     source = SyntheticSource(seed=7, symbols=SYMBOLS, clock=lambda: NOW_S)
     (outcome,) = Ingestor(source, lake).ingest("BTC/USDT", DAYS[:1])
-    return outcome.path, lake.read(outcome.path), *lake.read_report(outcome.path)
+    return (
+        outcome.path,
+        lake.read(outcome.path),
+        *lake.read_day_report("synthetic", "BTC-USDT", DAYS[0]),
+    )
+
+
+def write_day(lake: Lake, candles: pl.DataFrame, report: dict, gaps: pl.DataFrame):
+    """DAYS[0] of BTC-USDT replaced in its month file with these candles."""
+    (written,) = lake.write_month(
+        "ohlcv", "synthetic", "1m", "BTC-USDT", DAYS[0], {DAYS[0]: DayData(candles, report, gaps)}
+    ).values()
+    return written
 
 
 def versions(s3, bucket: str) -> list[dict]:
@@ -258,12 +294,12 @@ def test_rewriting_the_same_content_sends_nothing(versioned, s3):
     path, candles, report, gaps = one_day(lake)
     report.pop("content_hash")
 
-    again = lake.write_partition(path, candles, report, gaps)
+    again = write_day(lake, candles, report, gaps)
 
     assert again.written is False
     assert len(versions(s3, versioned)) == 1
     changed = candles.with_columns(pl.col("volume") + 1.0)
-    assert lake.write_partition(path, changed, report, gaps).written is True
+    assert write_day(lake, changed, report, gaps).written is True
     assert len(versions(s3, versioned)) == 2
     assert_frame_equal(lake.read(path), changed)
 
@@ -283,7 +319,7 @@ def test_a_write_failing_while_encoding_leaves_the_previous_object(versioned, s3
 
     monkeypatch.setattr(lake_module.pq, "write_table", half_then_fail)
     with pytest.raises(Boom):
-        lake.write_partition(path, candles.with_columns(pl.col("close") * 2), report, gaps)
+        write_day(lake, candles.with_columns(pl.col("close") * 2), report, gaps)
     monkeypatch.undo()
 
     (version,) = versions(s3, versioned)  # nothing reached the server
@@ -337,7 +373,7 @@ def test_an_upload_cut_mid_way_leaves_the_previous_object(versioned, s3, endpoin
         changed = candles.with_columns(pl.col("close") * 2)
         with pytest.raises(LakeError, match="cannot write s3://versioned-"):
             lake_module.write_parquet_atomic(
-                through_proxy.candles_path("synthetic", "1m", "BTC-USDT", DAYS[0]),
+                through_proxy.month_path("ohlcv", "synthetic", "1m", "BTC-USDT", DAYS[0]),
                 changed.to_arrow(),
                 {},
             )
@@ -348,7 +384,7 @@ def test_an_upload_cut_mid_way_leaves_the_previous_object(versioned, s3, endpoin
     assert proxy.cuts >= 1  # the new file's upload did start and was cut
     assert len(versions(s3, versioned)) == 1
     assert_frame_equal(lake.read(path), candles)
-    assert lake.read_report(path)[0]["content_hash"] == report["content_hash"]
+    assert lake.read_day_report("synthetic", "BTC-USDT", DAYS[0])[0] == report
 
 
 # --- clear errors -----------------------------------------------------------------------
@@ -388,15 +424,24 @@ def test_candles_and_catalog_materialize_on_s3(env, s3, tmp_path, shared_data):
             reports_path=str(tmp_path / "reports"),
         ),
     }
-    result = dg.materialize([candles_1m], partition_key="2021-04-24|BTC-USDT", resources=resources)
+    # May 2021 of the recording: 19 whole days (05-01..05-19), none with a gap.
+    result = dg.materialize([candles_1m], partition_key="2021-05-01|BTC-USDT", resources=resources)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"gaps": True, "ohlc_sanity": True}
+    (materialization,) = result.asset_materializations_for_node("candles_1m")
+    assert materialization.partition == "2021-05-01|BTC-USDT"
+    assert materialization.metadata["days"].value == 19
+    assert materialization.metadata["path"].value == (
+        "s3://dagster-lake/lake/ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/"
+        "month=2021-05/data.parquet"
+    )
 
     dg.materialize([catalog], resources=resources, selection=[catalog])
 
     assert keys(s3, "dagster-lake") == [
-        "lake/ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/date=2021-04-24/data.parquet"
+        "lake/ohlcv/exchange=binance/timeframe=1m/symbol=BTC-USDT/month=2021-05/data.parquet"
     ]
     with connect(Path(tmp_path / "c.duckdb"), "s3://dagster-lake/lake") as con:
-        assert con.execute("SELECT count(*) FROM ohlcv").fetchone()[0] == 1440
+        assert con.execute("SELECT count(*) FROM ohlcv").fetchone()[0] == 19 * 1440
+        assert con.execute("SELECT count(*) FROM partitions").fetchone()[0] == 19
