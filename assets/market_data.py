@@ -155,8 +155,10 @@ def candles_1m(
                 _month_metadata(month_outcomes, settings.imputed_max_share),
                 partition_key=partition_key,
             )
+    # Named by symbol key, as the partitions and the sanity check name them.
     gaps_failed = gap_failures(
-        ((o.symbol, o.day, o.report, o.gaps) for o in outcomes), settings.imputed_max_share
+        ((symbol_key(o.symbol), o.day, o.report, o.gaps) for o in outcomes),
+        settings.imputed_max_share,
     )
     # Sanity is checked on what the lake holds, read back, not on what was meant to be written.
     sanity_failed = sanity_failures(months_read_back)

@@ -38,7 +38,7 @@ def test_gap_day_is_imputed_and_blocks_with_the_gap_range_in_metadata(resources)
     assert not checks["gaps"].passed
     assert checks["gaps"].metadata["days_failed"].value == 1
     failures = checks["gaps"].metadata["failures"].value
-    assert "| 2021-04-25 | BTC/USDT |" in failures
+    assert "| 2021-04-25 | BTC-USDT |" in failures
     assert "04:01-08:44 (284)" in failures
     assert "2021-04-24" not in failures
     assert checks["ohlc_sanity"].passed
