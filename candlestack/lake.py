@@ -408,7 +408,11 @@ class Lake:
         reports = {d: r for d, r in (stored.reports if stored else {}).items() if d not in days}
         frames, gaps = [], []
         if stored is not None:
-            frames.append(_outside_days(stored.frame, "ts", days))
+            kept = _outside_days(stored.frame, "ts", days)
+            # A month rebuilt whole may change its columns (another feature set): only the
+            # days it keeps must match.
+            if kept.height:
+                frames.append(kept)
             if stored.gaps is not None:
                 gaps.append(_outside_days(stored.gaps, "gap_start", days))
         given = [data.frame for data in days.values() if data is not None and data.frame.height]
@@ -424,6 +428,12 @@ class Lake:
         if not reports:
             path.unlink(missing_ok=True)
             return {}
+        schemas = {tuple(f.schema.items()) for f in frames if f.height} or {()}
+        if len(schemas) > 1:
+            raise LakeError(
+                f"{path}: the days kept and the days written have different columns; "
+                "rebuild every stored day of the month at once"
+            )
         frame = pl.concat(frames).sort("ts")
         gap_table = pl.concat(gaps).sort("gap_start") if gaps else None
         key_value = _month_key_value(reports, gap_table)

@@ -614,3 +614,18 @@ def test_parquet_encodings_have_no_dictionary_delta_ts_and_split_floats(lake, da
     for name in ("open", "high", "low", "close", "volume"):
         assert "BYTE_STREAM_SPLIT" in columns[name].encodings, name
         assert "PLAIN" not in columns[name].encodings, name
+
+
+def test_a_month_rebuilt_whole_may_change_its_columns_but_not_one_day_alone(lake, day_data):
+    """Another feature set changes a month's columns: rebuilding every stored day at once
+    works; writing one day with new columns beside old ones is refused, naming the file."""
+    days = {DAY - timedelta(days=1): shifted(day_data, -1), DAY: DayData(*day_data)}
+    write(lake, days)
+    wider = {d: DayData(x.frame.with_columns(extra=pl.lit(1.0)), x.report) for d, x in days.items()}
+    before = sha(path_of(lake))
+    with pytest.raises(LakeError, match="different columns") as info:
+        write(lake, {DAY: wider[DAY]})
+    assert str(path_of(lake)) in str(info.value)
+    assert sha(path_of(lake)) == before
+    write(lake, wider)
+    assert "extra" in lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY).frame.columns
