@@ -34,6 +34,7 @@ SUBMIT = """
 import sys, time
 import dagster as dg
 from dagster._core.execution.backfill import PartitionBackfill
+from dagster._core.utils import make_new_backfill_id
 from assets.partitions import candle_partitions, candle_range
 from pipelines.definitions import defs
 
@@ -44,7 +45,7 @@ selection = [k for k in graph.get_all_asset_keys() if k.to_user_string().startsw
     ("candles_1m", "bars_", "features_"))]
 with dg.DagsterInstance.get() as instance:
     backfill = PartitionBackfill.from_asset_partitions(
-        backfill_id=dg.make_new_backfill_id(), asset_graph=graph, partition_names=keys,
+        backfill_id=make_new_backfill_id(), asset_graph=graph, partition_names=keys,
         asset_selection=selection, backfill_timestamp=time.time(), tags={},
         dynamic_partitions_store=instance, all_partitions=False, title="bench", description=None,
         run_config=None,

@@ -11,8 +11,9 @@ from candlestack.lake import LakePath, scan_parquet
 from candlestack.schema import DAY_MS, MINUTE_MS
 
 # Month files read back per query: all of a range in one query held every candle of it in
-# memory at once (+120 MiB for a year of one symbol, growing with symbols x days).
-SANITY_BATCH_FILES = 4
+# memory at once (+120 MiB for a year of one symbol); four month files per query still made
+# ingest's peak 17 % higher at 365 days than at 30, one file 5 % (bench/scale.py).
+SANITY_BATCH_FILES = 1
 
 
 def _ohlc_rules(day_start_ms: pl.Expr) -> dict[str, pl.Expr]:
@@ -97,7 +98,7 @@ def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame
     """One row per (symbol, day) of the stored month files (symbol, month, path) breaking
     an OHLC sanity rule, or holding rows outside the file's month.
 
-    A few month files are read back per query: memory does not grow with the range.
+    One month file is read back per query: memory does not grow with the range.
     """
     schema = ["date", "symbol", "violations"]
     day = pl.col("ts").dt.date()
