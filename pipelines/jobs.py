@@ -1,4 +1,4 @@
-"""Jobs: ingestion (partitioned by day x symbol), market rules, the lake's catalog, backtests,
+"""Jobs: ingestion (partitioned by month x symbol), market rules, the lake's catalog, backtests,
 the dry-run and its kill switch."""
 
 from typing import Literal
@@ -25,7 +25,7 @@ ingest_candles_job = dg.define_asset_job(
     "ingest_candles",
     selection=dg.AssetSelection.assets(candles_1m),
     partitions_def=candle_partitions,
-    description="1-minute candles with gap pass and checks, for any day x symbol range.",
+    description="1-minute candles with gap pass and checks, for any month x symbol range.",
 )
 build_bars_job = dg.define_asset_job(
     "build_bars",
