@@ -1,7 +1,13 @@
 import os
+from datetime import date
 from pathlib import Path
 
+import polars as pl
 import pytest
+
+from candlestack.gaps import fill, gap_report, missing_runs
+from candlestack.schema import DAY_MS, day_start_ms
+from candlestack.validate import validate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OHLCV = SHARED / "ohlcv"
@@ -46,3 +52,28 @@ def isolated_env(tmp_path: Path, **settings: str) -> dict[str, str]:
         "CANDLESTACK_REPORTS": str(tmp_path / "reports"),
         **{f"CANDLESTACK_{name.upper()}": value for name, value in settings.items()},
     }
+
+
+def candle_day(raw: pl.DataFrame, day: date) -> tuple[pl.DataFrame, dict, pl.DataFrame]:
+    """A day's 1-minute candles, report and gap table, as ingest made them."""
+    start = day_start_ms(day)
+    raw = raw.filter(pl.col("ts").is_between(start, start + DAY_MS, closed="left"))
+    clean, rejected = validate(raw, start, start + DAY_MS)
+    runs = missing_runs(clean["ts"].to_numpy(), start, start + DAY_MS)
+    candles = fill(clean, start, start + DAY_MS, previous_close=None)
+    imputed = candles.filter("imputed")["ts"].dt.epoch("ms").to_numpy()
+    gaps = gap_report(runs, candles["ts"].dt.epoch("ms").to_numpy(), imputed)
+    report = {
+        "expected": 1440,
+        "rows": candles.height,
+        "missing_found": int(gaps["minutes"].sum()),
+        "refetched": 0,
+        "imputed": int(imputed.size),
+        "missing": 1440 - candles.height,
+        "rejected": rejected.height,
+        "first_ts": candles["ts"].min(),
+        "last_ts": candles["ts"].max(),
+        "source": "replay",
+        "day_closed": True,
+    }
+    return candles, report, gaps

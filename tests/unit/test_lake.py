@@ -22,7 +22,7 @@ from polars.testing import assert_frame_equal
 import candlestack.lake as lake_module
 from candlestack.catalog import build_catalog
 from candlestack.errors import LakeError
-from candlestack.gaps import fill, gap_report, missing_runs
+from candlestack.gaps import gap_report
 from candlestack.ingest import day_start_ms
 from candlestack.lake import (
     DayData,
@@ -33,10 +33,9 @@ from candlestack.lake import (
     split_days,
     write_parquet_atomic,
 )
-from candlestack.schema import CANDLES_1M, DAY_MS, GAPS
+from candlestack.schema import CANDLES_1M, GAPS
 from candlestack.sources.replay import read_candle_file
-from candlestack.validate import validate
-from tests.conftest import OHLCV
+from tests.conftest import OHLCV, candle_day
 
 REPO = Path(__file__).resolve().parents[2]
 BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
@@ -46,26 +45,7 @@ DAY = date(2021, 4, 25)  # holds the 284-minute maintenance gap
 @pytest.fixture(scope="module")
 def day_data() -> tuple[pl.DataFrame, dict, pl.DataFrame]:
     """Candles, report and gap table of one real day, as ingest would make them."""
-    start = day_start_ms(DAY)
-    clean, rejected = validate(read_candle_file(BTC), start, start + DAY_MS)
-    runs = missing_runs(clean["ts"].to_numpy(), start, start + DAY_MS)
-    candles = fill(clean, start, start + DAY_MS, previous_close=None)
-    imputed = candles.filter("imputed")["ts"].dt.epoch("ms").to_numpy()
-    gaps = gap_report(runs, candles["ts"].dt.epoch("ms").to_numpy(), imputed)
-    report = {
-        "expected": 1440,
-        "rows": candles.height,
-        "missing_found": int(gaps["minutes"].sum()),
-        "refetched": 0,
-        "imputed": int(imputed.size),
-        "missing": 1440 - candles.height,
-        "rejected": rejected.height,
-        "first_ts": candles["ts"].min(),
-        "last_ts": candles["ts"].max(),
-        "source": "replay",
-        "day_closed": True,
-    }
-    return candles, report, gaps
+    return candle_day(read_candle_file(BTC), DAY)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 
 import candlestack.migrate as migrate_module
 from candlestack.errors import LakeError
-from candlestack.gaps import fill, gap_report, missing_runs
 from candlestack.lake import (
     GAP_TABLE,
     GAPS_KEY,
@@ -28,10 +27,9 @@ from candlestack.lake import (
 )
 from candlestack.migrate import migrate, survey
 from candlestack.resample import minute_bars, resample
-from candlestack.schema import DAY_MS, MINUTE_MS, day_start_ms
+from candlestack.schema import MINUTE_MS, day_start_ms
 from candlestack.sources.replay import read_candle_file
-from candlestack.validate import validate
-from tests.conftest import REPLAY_FILES
+from tests.conftest import REPLAY_FILES, candle_day
 
 REPO = Path(__file__).resolve().parents[2]
 EXCHANGE = "binance"
@@ -68,31 +66,6 @@ def write_legacy(path: Path, frame: pl.DataFrame, report: dict, gaps: pl.DataFra
     if gaps is not None:
         footer[GAPS_KEY] = gaps.write_json().encode()
     write_parquet_atomic(path, frame.to_arrow(), footer)
-
-
-def candle_day(raw: pl.DataFrame, day: date) -> tuple[pl.DataFrame, dict, pl.DataFrame]:
-    """A day's 1-minute candles, report and gap table, as ingest made them."""
-    start = day_start_ms(day)
-    raw = raw.filter(pl.col("ts").is_between(start, start + DAY_MS, closed="left"))
-    clean, rejected = validate(raw, start, start + DAY_MS)
-    runs = missing_runs(clean["ts"].to_numpy(), start, start + DAY_MS)
-    candles = fill(clean, start, start + DAY_MS, previous_close=None)
-    imputed = candles.filter("imputed")["ts"].dt.epoch("ms").to_numpy()
-    gaps = gap_report(runs, candles["ts"].dt.epoch("ms").to_numpy(), imputed)
-    report = {
-        "expected": 1440,
-        "rows": candles.height,
-        "missing_found": int(gaps["minutes"].sum()),
-        "refetched": 0,
-        "imputed": int(imputed.size),
-        "missing": 1440 - candles.height,
-        "rejected": rejected.height,
-        "first_ts": candles["ts"].min(),
-        "last_ts": candles["ts"].max(),
-        "source": "replay",
-        "day_closed": True,
-    }
-    return candles, report, gaps
 
 
 def bars_day(candles: pl.DataFrame, day: date) -> tuple[pl.DataFrame, dict]:
