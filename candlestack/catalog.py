@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from candlestack.lake import FILE_NAME, GAPS_KEY, REPORT_KEY, Lake
+from candlestack.lake import GAPS_KEY, REPORT_KEY, Lake
 
 
 def _literal(text: str) -> str:
@@ -65,12 +65,8 @@ EMPTY_VIEWS = {
     "sweep_results": "SELECT NULL::VARCHAR sweep, NULL::VARCHAR run, NULL::BIGINT rank WHERE false",
 }
 
-# Backtest and sweep outputs: one folder per run, named by the hash of its inputs.
-_RUN_FILES = {
-    "trades": "backtests/strategy=*/run=*/trades.parquet",
-    "backtest_metrics": "backtests/strategy=*/run=*/metrics.parquet",
-    "sweep_results": "sweeps/sweep=*/run=*/results.parquet",
-}
+# Views straight over one kind of run file (candlestack.lake.FILES).
+_RUN_VIEWS = ("trades", "backtest_metrics", "sweep_results")
 
 
 def connect(
@@ -92,12 +88,9 @@ def _utc_date(column: str) -> str:
 
 def view_sql(lake: Lake) -> dict[str, str]:
     """The SQL of each view, over whatever the lake holds now."""
-    root = lake.location
-    # One file per dataset/exchange/timeframe/symbol/month (candlestack.lake).
-    candles = f"{root}/ohlcv/*/*/*/*/{FILE_NAME}"
-    markets = f"{root}/markets/*/*/{FILE_NAME}"
+    candles, markets = lake.files_url("ohlcv"), lake.files_url("markets")
     views = dict(EMPTY_VIEWS)
-    if any(lake.root.glob(f"ohlcv/*/*/*/*/{FILE_NAME}")):
+    if lake.holds("ohlcv"):
         footer = (
             f"SELECT {_hive('exchange')} exchange, {_hive('symbol')} symbol, "
             "decode(key) k, decode(value) v "
@@ -119,16 +112,16 @@ def view_sql(lake: Lake) -> dict[str, str]:
             f"SELECT exchange, symbol, unnest(json_transform(v, '{_GAPS_JSON}')) g "
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
         )
-    bars = f"{root}/bars/*/*/*/*/{FILE_NAME}"
-    if any(lake.root.glob(f"bars/*/*/*/*/{FILE_NAME}")):
+    bars = lake.files_url("bars")
+    if lake.holds("bars"):
         # One view for every timeframe, told apart by its `timeframe` column.
         views["bars"] = (
             f"SELECT exchange, timeframe, symbol, {_utc_date('ts')} date, ts, open, high, low, "
             "close, volume, volume_exact, n_source, n_imputed, complete "
             f"FROM read_parquet({_literal(bars)}, hive_partitioning = true)"
         )
-    features = f"{root}/features/*/*/*/*/{FILE_NAME}"
-    if any(lake.root.glob(f"features/*/*/*/*/{FILE_NAME}")):
+    features = lake.files_url("features")
+    if lake.holds("features"):
         # One view: feature columns are the union over timeframes (null where a timeframe
         # does not compute that feature).
         views["features"] = (
@@ -137,16 +130,16 @@ def view_sql(lake: Lake) -> dict[str, str]:
             f"FROM read_parquet({_literal(features)}, hive_partitioning = true, "
             "union_by_name = true)"
         )
-    if any(lake.root.glob(f"markets/*/*/{FILE_NAME}")):
+    if lake.holds("markets"):
         # symbol_key (as config.symbol_key makes it) joins markets to the candle views.
         views["markets"] = (
             "SELECT *, replace(replace(symbol, '/', '-'), ':', '_') AS symbol_key "
             f"FROM read_parquet({_literal(markets)}, hive_partitioning = true)"
         )
-    for name, pattern in _RUN_FILES.items():
-        if any(lake.root.glob(pattern)):
+    for name in _RUN_VIEWS:
+        if lake.holds(name):
             views[name] = (
-                f"SELECT * FROM read_parquet({_literal(f'{root}/{pattern}')}, "
+                f"SELECT * FROM read_parquet({_literal(lake.files_url(name))}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
     return views

@@ -322,6 +322,20 @@ def write_parquet_atomic(path: LakePath, table: pa.Table, key_value: dict[bytes,
     return size
 
 
+# Every file of a kind, as a glob under a lake root (what the catalog's views read).
+FILES = {
+    **{
+        dataset: f"{dataset}/exchange=*/timeframe=*/symbol=*/month=*/{FILE_NAME}"
+        for dataset in ("ohlcv", "bars", "features")
+    },
+    "markets": f"markets/exchange=*/date=*/{FILE_NAME}",
+    # Backtest and sweep outputs: one folder per run, named by the hash of its inputs.
+    "trades": "backtests/strategy=*/run=*/trades.parquet",
+    "backtest_metrics": "backtests/strategy=*/run=*/metrics.parquet",
+    "sweep_results": "sweeps/sweep=*/run=*/results.parquet",
+}
+
+
 class Lake:
     """Paths and I/O of one lake root: a local folder, or an s3://bucket/prefix."""
 
@@ -339,6 +353,14 @@ class Lake:
     def location(self) -> str:
         """The root as DuckDB and polars address it: an absolute folder, or the s3:// URL."""
         return str(self.root) if isinstance(self.root, UPath) else str(self.root.resolve())
+
+    def holds(self, kind: str) -> bool:
+        """Whether the lake has any file of a kind (a key of FILES)."""
+        return any(self.root.glob(FILES[kind]))
+
+    def files_url(self, kind: str) -> str:
+        """The glob of every file of a kind, as DuckDB and polars address it."""
+        return f"{self.location}/{FILES[kind]}"
 
     def markets_path(self, exchange: str, day: date) -> LakePath:
         return (
