@@ -5,14 +5,12 @@ Run from the repository root:
     python bench/features.py [--days 365] [--repeats 5]
 
 Synthetic BTC/USDT candles (gaps forward-filled onto the full minute grid) are computed
-three ways in the same run, each timed as the median of the repeats:
+two ways in the same run, each timed as the median of the repeats:
 
 - bare TA-Lib: the seven calls of the default set (SMA 20, EMA 50, EMA 200, RSI 14,
   MACD 12/26/9, BBANDS 20/2/2, ATR 14) on the same float64 arrays, nothing else;
 - `candlestack.features.compute` over the whole frame (validation, zero-copy extraction,
-  warm-up nulls, polars frame): the overhead is ours, target at most 1.3x TA-Lib;
-- `compute_periods`: one window per UTC day, as a range backfill computes partitions
-  (each day recomputes its warm-up, so this costs more by design).
+  warm-up nulls, polars frame): the overhead is ours, target at most 1.3x TA-Lib.
 
 Bare TA-Lib is also timed keeping its outputs: 11 x 4 MB of fresh memory. Whether that
 memory is reused or faulted in again depends on glibc's malloc trimming, which can swing
@@ -30,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +43,6 @@ from candlestack.features import (  # noqa: E402
     DEFAULT_FEATURES,
     bar_arrays,
     compute,
-    compute_periods,
     warmup_bars,
 )
 from candlestack.schema import DAY_MS, MINUTE_MS  # noqa: E402
@@ -118,20 +114,16 @@ def main() -> None:
     bars = one_minute_bars(args.days)
     prepared = time.perf_counter() - began
     arrays = bar_arrays(bars, ["high", "low", "close"])
-    first_day = datetime.fromtimestamp(bars["ts"][0].timestamp() + DAY_MS / 1000, tz=UTC)
 
     # Warm up caches (validation plans, page faults) before timing.
     bare_talib(arrays)
     compute(bars, DEFAULT_FEATURES)
 
-    times: dict[str, list[float]] = {"talib": [], "compute": [], "periods": []}
+    times: dict[str, list[float]] = {"talib": [], "compute": []}
     for _ in range(args.repeats):
         # Interleaved so that drifting machine load hits every variant alike.
         times["talib"].append(timed(lambda: bare_talib(arrays)))
         times["compute"].append(timed(lambda: compute(bars, DEFAULT_FEATURES)))
-        times["periods"].append(
-            timed(lambda: compute_periods(bars, DEFAULT_FEATURES, first_output_ts=first_day))
-        )
     # Timed apart: freeing what it kept changes the allocator's state for the next variant.
     times["kept"] = [timed(lambda: bare_talib_kept(arrays)) for _ in range(args.repeats)]
     median = {name: statistics.median(values) * 1000 for name, values in times.items()}
@@ -147,10 +139,6 @@ def main() -> None:
     ratio = median["compute"] / median["talib"]
     print(f"ratio compute / TA-Lib: {ratio:.2f}x (target <= {TARGET_RATIO}x)")
     print(f"ratio compute / TA-Lib keeping outputs: {median['compute'] / median['kept']:.2f}x")
-    print(
-        f"compute_periods ({args.days - 1} daily windows), median of {args.repeats}: "
-        f"{median['periods']:.1f} ms"
-    )
     spread = {name: (min(v) * 1000, max(v) * 1000) for name, v in times.items()}
     print("min/max ms: " + ", ".join(f"{k} {lo:.1f}/{hi:.1f}" for k, (lo, hi) in spread.items()))
 

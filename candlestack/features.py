@@ -715,32 +715,3 @@ def compute(
             values = results[index][skip:]
             columns.append(_column(column, values, null_rows, dtype, plan.may_emit_nan))
     return pl.DataFrame(columns)
-
-
-def compute_periods(
-    bars: pl.DataFrame,
-    specs: FeatureSet | FeatureSpec | Sequence[FeatureSpec],
-    first_output_ts: datetime | int,
-    period: timedelta = timedelta(days=1),
-) -> pl.DataFrame:
-    """Features for every period (UTC days by default) from `first_output_ts` to the last
-    bar, each computed on its own window as `compute` would compute it alone: a range
-    backfill that is bit-identical to materialising the partitions one by one."""
-    specs = _specs(specs)
-    _, times, unit = _times(bars)
-    first = _as_datetime(first_output_ts)
-    if not len(times) or times[-1] < _epoch(first, unit):
-        return pl.DataFrame(schema=feature_schema(specs))
-    warmup = warmup_bars(specs)
-    starts = [first]
-    while _epoch(starts[-1], unit) <= times[-1]:
-        starts.append(starts[-1] + period)
-    # Row of each period's first bar; the last entry ends the last period.
-    rows = np.searchsorted(times, [_epoch(t, unit) for t in starts], side="left")
-    frames = []
-    for period_start, lo, hi in zip(starts, rows[:-1], rows[1:], strict=False):
-        if hi > lo:
-            window = max(0, int(lo) - warmup)
-            part = bars.slice(window, int(hi) - window)
-            frames.append(compute(part, specs, first_output_ts=period_start))
-    return pl.concat(frames) if frames else pl.DataFrame(schema=feature_schema(specs))

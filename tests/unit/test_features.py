@@ -31,7 +31,6 @@ from candlestack.features import (
     FeatureSpec,
     bar_arrays,
     compute,
-    compute_periods,
     convergence_bars,
     default_features,
     feature_columns,
@@ -326,7 +325,7 @@ def test_history_shorter_than_the_warmup_gives_nulls_not_approximations(btc):
 # --- partition invariance -----------------------------------------------------------------
 
 
-def test_a_day_is_bit_identical_alone_in_a_range_and_after_the_day_before(btc):
+def test_a_day_is_bit_identical_alone_after_the_day_before_and_from_all_history(btc):
     day_end = CRASH_DAY + DAY
     alone = compute(
         between(btc, window_start(CRASH_DAY, DEFAULT_FEATURES), day_end),
@@ -336,31 +335,16 @@ def test_a_day_is_bit_identical_alone_in_a_range_and_after_the_day_before(btc):
     assert alone.height == 1_440
     assert alone.null_count().sum_horizontal().item() == 0
 
-    # Inside a range backfill: every day computed on its own window.
-    range_start = CRASH_DAY - 3 * DAY
-    in_range = compute_periods(
-        between(btc, window_start(range_start, DEFAULT_FEATURES), day_end),
-        DEFAULT_FEATURES,
-        first_output_ts=range_start,
-    )
-    assert in_range.height == 4 * 1_440
-    from_range = between(in_range, CRASH_DAY, day_end)
-
     # After the day before: the frame holds that day and its warm-up too.
     after = compute(
         between(btc, window_start(CRASH_DAY - DAY, DEFAULT_FEATURES), day_end),
         DEFAULT_FEATURES,
         first_output_ts=CRASH_DAY,
     )
-    both_days = compute_periods(
-        between(btc, window_start(CRASH_DAY - DAY, DEFAULT_FEATURES), day_end),
-        DEFAULT_FEATURES,
-        first_output_ts=CRASH_DAY - DAY,
-    )
     # And from all the history there is.
     everything = compute(between(btc, btc["ts"][0], day_end), DEFAULT_FEATURES, CRASH_DAY)
 
-    for other in (from_range, after, between(both_days, CRASH_DAY, day_end), everything):
+    for other in (after, everything):
         assert_frame_equal(other, alone, check_exact=True)
         assert bits(other) == bits(alone)
 
@@ -378,7 +362,13 @@ def test_every_day_agrees_with_the_full_history_within_1e_9(shared_data, file):
     bars = minute_bars(OHLCV / file)
     full = compute(bars, DEFAULT_FEATURES)
     first_day = bars["ts"][0].replace(hour=0, minute=0) + DAY
-    days = compute_periods(bars, DEFAULT_FEATURES, first_output_ts=first_day)
+    # Every day on its own window: its warm-up before it, nothing more.
+    starts = pl.datetime_range(first_day, bars["ts"][-1], DAY, eager=True).to_list()
+    days = pl.concat(
+        compute(between(bars, window_start(start, DEFAULT_FEATURES), start + DAY),
+                DEFAULT_FEATURES, first_output_ts=start)
+        for start in starts
+    )  # fmt: skip
     assert days["ts"].equals(full["ts"].filter(full["ts"] >= first_day))
     joined = days.join(full, on="ts", suffix="_full", maintain_order="left")
     bars_before = (days["ts"] - bars["ts"][0]).dt.total_minutes().to_numpy()
@@ -586,10 +576,9 @@ def test_unsorted_bars_and_mixed_timeframes_are_refused(btc):
 
 def test_a_period_past_the_data_is_empty(btc):
     late = btc["ts"][-1] + DAY
-    empty = compute_periods(btc.head(100), DEFAULT_FEATURES, first_output_ts=late)
+    empty = compute(btc.head(100), DEFAULT_FEATURES, first_output_ts=late)
     assert empty.schema == feature_schema(DEFAULT_FEATURES)
     assert empty.height == 0
-    assert compute(btc.head(100), DEFAULT_FEATURES, first_output_ts=late).height == 0
 
 
 def test_talib_functions_are_called_unwrapped():
