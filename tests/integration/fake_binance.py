@@ -162,10 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         fake = self.server.fake
         fake._enter()
+        self._answered = False
         try:
             self._serve(fake)
         finally:
-            fake._leave()
+            self._answer()
+
+    def _answer(self) -> None:
+        """The request stops being in flight once it is answered, before its bytes are sent:
+        its client may send the next request as soon as they arrive, and counting this one
+        until its thread got round to it made one sequential client look like two."""
+        if not self._answered:
+            self._answered = True
+            self.server.fake._leave()
 
     def _serve(self, fake: FakeBinance) -> None:
         split = urlsplit(self.path)
@@ -194,6 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body)
 
     def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        self._answer()
         try:
             self.send_response(status)
             self.send_header("Content-Type", _JSON)
