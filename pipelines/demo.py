@@ -19,7 +19,6 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from assets.partitions import candle_range
 from candlestack.catalog import connect
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
@@ -195,7 +194,9 @@ def main() -> int:
     # Month partitions ingest their days from the start date on: the demo's 7 days, unless
     # the start date is set.
     os.environ.setdefault("CANDLESTACK_START_DATE", first)
-    from pipelines.definitions import defs, settings  # after DAGSTER_HOME is set
+    # Settings are read once, when the code loads: after DAGSTER_HOME and the start date.
+    from assets.partitions import candle_range
+    from pipelines.definitions import defs, settings
 
     instance = dg.DagsterInstance.get()
     if first < settings.start_date.isoformat():
