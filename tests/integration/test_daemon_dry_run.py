@@ -30,12 +30,12 @@ def dry_runs(instance) -> list[dg.DagsterRun]:
     return [r for r in instance.get_runs() if r.job_name == "dry_run"]
 
 
-def wait_for(what: str, condition) -> None:
+def wait_for(what: str, condition, every_s: float = 2.0) -> None:
     deadline = time.monotonic() + PHASE_TIMEOUT_S
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(2)
+        time.sleep(every_s)
     pytest.fail(f"timed out waiting for {what}")
 
 
@@ -59,9 +59,11 @@ def test_sensor_runs_each_closed_bar_once_across_a_killed_daemon(live_env):
             lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in dry_runs(instance)) >= 2,
         )
         # Kill the daemon and whatever it runs right now, a dry-run mid-way if one is going.
+        # A dry-run is in flight for a second or two a minute: look often, not to miss it.
         wait_for(
             "a dry-run in flight",
             lambda: any(r.status == dg.DagsterRunStatus.STARTED for r in dry_runs(instance)),
+            every_s=0.2,
         )
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait(timeout=30)
