@@ -117,15 +117,18 @@ class BarBuilder:
                 else:
                     inputs[day] += source.reports[day]["content_hash"]
         inputs = {day: digest for day, digest in inputs.items() if day not in skipped}
-        stored = self.lake.read_month("bars", self.exchange, timeframe, symbol_key, month)
+        # Only a top-up looks at what is stored: a full build rebuilds every day anyway.
+        stored = (
+            self.lake.month_reports("bars", self.exchange, timeframe, symbol_key, month)
+            if reuse_unchanged
+            else {}
+        )
         version = code_version()
         kept = {
-            day: stored.reports[day]
+            day: stored[day]
             for day in inputs
-            if reuse_unchanged
-            and stored is not None
-            and stored.reports.get(day, {}).get("inputs_hash") == inputs[day]
-            and stored.reports[day].get("code_version") == version
+            if stored.get(day, {}).get("inputs_hash") == inputs[day]
+            and stored[day].get("code_version") == version
         }
         build = [day for day in inputs if day not in kept]
         closed_end = max(map(usable.closed_end_ms, build), default=None)
