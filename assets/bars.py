@@ -32,7 +32,8 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
         group_name="bars",
         kinds={"parquet", "polars"},
         description=f"{timeframe} OHLCV bars from {source}: UTC-aligned, labelled by open "
-        "time, closed periods only; exact volume; n_source, n_imputed, complete; one file per "
+        "time, closed periods only; exact volume; n_source, n_imputed, n_zero_volume, complete "
+        "(every minute real); one file per "
         "symbol-month. A day whose 1-minute candles fail the gaps or OHLC rules gets no bars; "
         "the other days of its month do.",
         check_specs=[
@@ -46,7 +47,8 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
             dg.AssetCheckSpec(
                 COMPLETENESS_CHECK,
                 asset=key,
-                description="Share of the closed periods that have a complete bar.",
+                description="Share of the closed periods that have a complete bar: every "
+                "minute there and real (imputed minutes are not data).",
             ),
         ],
     )
@@ -73,6 +75,7 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
                         "expected": int(table["expected"].sum()),
                         "complete": int(table["complete"].sum()),
                         "imputed_minutes": sum(o.imputed_minutes for o in month_outcomes),
+                        "zero_volume_minutes": sum(o.zero_volume_minutes for o in month_outcomes),
                         "days_skipped": table.filter(pl.col("skipped") != "").height,
                         "path": dg.MetadataValue.path(str(month_outcomes[0].path))
                         if month_outcomes

@@ -1,10 +1,16 @@
 """1-minute candles, market rules, coverage and the DuckDB catalog, with their checks."""
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 
 from assets.markdown import md_table
 from assets.partitions import (
@@ -14,20 +20,42 @@ from assets.partitions import (
     is_top_up,
     symbol_months,
 )
-from candlestack.checks import gap_failure, gap_failures, quality, sanity_failures
+from candlestack.checks import (
+    gap_failure,
+    gap_failures,
+    quality,
+    sanity_failures,
+    zero_volume_failures,
+    zero_volume_share,
+)
 from candlestack.config import load_settings, symbol_key
-from candlestack.coverage import coverage_frame, month_strips, recent_grid
+from candlestack.coverage import IMPUTED_GRADES, coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
 from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor, PartitionOutcome
-from candlestack.lake import month_days, write_parquet_atomic
+from candlestack.lake import month_days, month_of, write_parquet_atomic
 from candlestack.resample import BAR_TIMEFRAMES
-from candlestack.schema import MINUTE_MS
+from candlestack.schema import DAY_MS, MINUTE_MS
 from candlestack.validate import describe_rejections
 from resources import CandleSourceResource, LakeResource
 
 GAPS_CHECK = "gaps"
 OHLC_CHECK = "ohlc_sanity"
+REVISIONS_CHECK = "revisions"
+ZERO_VOLUME_CHECK = "zero_volume"
+# Figures of a day's report summed over a month; reports stored before a figure existed
+# count it as 0.
+_MONTH_TOTALS = (
+    "rows",
+    "real",
+    "missing_found",
+    "refetched",
+    "imputed",
+    "missing",
+    "zero_volume",
+    "kept",
+    "rejected",
+)
 # Every step that calls the exchange takes a slot of this pool, so the instance's pool limit
 # (`concurrency: pools:` in dagster.yaml) caps requests to one exchange across all runs.
 EXCHANGE_POOL = f"exchange-{load_settings().exchange_id}"
@@ -54,6 +82,9 @@ def _days_table(outcomes: list[PartitionOutcome], failures: dict[date, str | Non
             "imputed": o.report["imputed"],
             "still missing": o.report["missing"],
             "rejected": o.report["rejected"],
+            "kept as stored": o.report.get("kept", 0),
+            "revised": o.revisions.height,
+            "zero-volume": o.report.get("zero_volume"),
             "quality": "open" if not o.report["day_closed"] else quality(o.report),
             "gaps check": f"failed: {failures[o.day]}" if failures[o.day] else "passed",
         }
@@ -67,15 +98,14 @@ def _month_metadata(outcomes: list[PartitionOutcome], imputed_max_share: float) 
     failures = {o.day: gap_failure(o.report, imputed_max_share) for o in outcomes}
     failed = [f"{day}: {why}" for day, why in failures.items() if why]
     qualities = [quality(o.report) for o in outcomes]
-    total = {
-        field: sum(o.report[field] for o in outcomes)
-        for field in ("rows", "missing_found", "refetched", "imputed", "missing", "rejected")
-    }
+    total = {field: sum(o.report.get(field) or 0 for o in outcomes) for field in _MONTH_TOTALS}
     firsts = [str(o.report["first_ts"]) for o in outcomes if o.report["first_ts"] is not None]
     lasts = [str(o.report["last_ts"]) for o in outcomes if o.report["last_ts"] is not None]
     metadata = {
         "days": len(outcomes),
         **{k: v for k, v in total.items() if k != "rejected"},
+        "zero_volume_share": total["zero_volume"] / total["real"] if total["real"] else 0.0,
+        "revised": sum(o.revisions.height for o in outcomes),
         "rejected_rows": total["rejected"],
         "first_ts": min(firsts, default="None"),
         "last_ts": max(lasts, default="None"),
@@ -94,7 +124,20 @@ def _month_metadata(outcomes: list[PartitionOutcome], imputed_max_share: float) 
     rejected = pl.concat([o.rejected for o in outcomes])
     if rejected.height:
         metadata["rejected_examples"] = describe_rejections(rejected)
+    revisions = pl.concat([o.revisions for o in outcomes])
+    if revisions.height:
+        metadata["revisions"] = dg.MetadataValue.md(md_table(_revision_rows(revisions)))
     return metadata
+
+
+def _revision_rows(revisions: pl.DataFrame) -> pl.DataFrame:
+    return revisions.select(
+        pl.col("ts").dt.strftime("%Y-%m-%d %H:%M"),
+        *(
+            pl.format("{} → {}", f"old_{c}", c).alias(c)
+            for c in ("open", "high", "low", "close", "volume")
+        ),
+    )
 
 
 @dg.asset(
@@ -117,6 +160,19 @@ def _month_metadata(outcomes: list[PartitionOutcome], imputed_max_share: float) 
             asset="candles_1m",
             description="low <= open, close <= high; volume >= 0; unique, increasing, "
             "minute-aligned timestamps inside the month, per day (read back from the lake).",
+        ),
+        dg.AssetCheckSpec(
+            REVISIONS_CHECK,
+            asset="candles_1m",
+            description="No stored real candle came back from the source with other values "
+            "(a revision is written, and old and new are kept in the month file's revisions "
+            "table and the catalog's `revisions` view).",
+        ),
+        dg.AssetCheckSpec(
+            ZERO_VOLUME_CHECK,
+            asset="candles_1m",
+            description="Of each day's real minutes, the share that traded nothing is within "
+            "CANDLESTACK_ZERO_VOLUME_MAX_SHARE.",
         ),
     ],
 )
@@ -189,7 +245,48 @@ def candles_1m(
                 imputed_max_share=settings.imputed_max_share,
             ),
             _blocking_result(OHLC_CHECK, sanity_failed, len(outcomes)),
+            _revisions_result(outcomes),
+            _zero_volume_result(outcomes, settings.zero_volume_max_share),
         ],
+    )
+
+
+def _revisions_result(outcomes: list[PartitionOutcome]) -> dg.AssetCheckResult:
+    revised = [
+        _revision_rows(o.revisions).select(pl.lit(symbol_key(o.symbol)).alias("symbol"), pl.all())
+        for o in outcomes
+        if o.revisions.height
+    ]
+    rows = pl.concat(revised) if revised else pl.DataFrame()
+    return dg.AssetCheckResult(
+        check_name=REVISIONS_CHECK,
+        passed=not revised,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "days_checked": len(outcomes),
+            "days_revised": len(revised),
+            "candles_revised": rows.height,
+            "revisions": dg.MetadataValue.md(md_table(rows)),
+        },
+    )
+
+
+def _zero_volume_result(outcomes: list[PartitionOutcome], max_share: float) -> dg.AssetCheckResult:
+    failures = zero_volume_failures(
+        ((symbol_key(o.symbol), o.day, o.report) for o in outcomes), max_share
+    )
+    shares = [s for o in outcomes if (s := zero_volume_share(o.report)) is not None]
+    return dg.AssetCheckResult(
+        check_name=ZERO_VOLUME_CHECK,
+        passed=failures.is_empty(),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "days_checked": len(outcomes),
+            "days_failed": failures.height,
+            "zero_volume_max_share": max_share,
+            "zero_volume_share_max": max(shares, default=0.0),
+            "failures": dg.MetadataValue.md(md_table(failures)),
+        },
     )
 
 
@@ -209,37 +306,59 @@ def _blocking_result(
     )
 
 
+def _run_months(tags: Mapping[str, str]) -> tuple[date, date] | None:
+    """The first and last month of the candle partitions a run targets; None for a run of
+    no partition (a check run on its own)."""
+    keys = [tags.get(t) for t in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG)]
+    if not all(keys):
+        keys = [tags.get(PARTITION_NAME_TAG)] * 2
+    if not all(keys):
+        return None
+    months = sorted(month_of(k.split("|")[0]) for k in keys)
+    return months[0], months[-1]
+
+
 @dg.asset_check(
     asset=candles_1m,
     name="freshness",
-    description="The newest candle of the open UTC day is no older than the allowed lag.",
+    description="The newest closed minute of the open UTC day is stored, within the allowed "
+    "lag. Not applicable (passed, says so) to a run whose partitions do not hold today.",
 )
-def candles_freshness(lake: LakeResource, source: CandleSourceResource) -> dg.AssetCheckResult:
+def candles_freshness(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource, source: CandleSourceResource
+) -> dg.AssetCheckResult:
     settings = load_settings()
-    now_ms = int(time.time() * 1000)
-    today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
-    exchange = source.open().exchange
+    client = source.open()
+    closed_end = client.now_ms() // MINUTE_MS * MINUTE_MS
+    today = datetime.fromtimestamp(closed_end / 1000, UTC).date()
+    months = _run_months(context.run.tags)
+    if months is not None and not months[0] <= month_of(today) <= months[1]:
+        return dg.AssetCheckResult(
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="Not applicable: the run's partitions do not hold today.",
+            metadata={"applicable": False, "months": f"{months[0]:%Y-%m}..{months[1]:%Y-%m}"},
+        )
+    day_start = closed_end // DAY_MS * DAY_MS
     rows = []
     for symbol in settings.symbols:
-        stored = lake.lake.read_day_report(exchange, symbol_key(symbol), today)
+        stored = lake.lake.read_day_report(client.exchange, symbol_key(symbol), today)
         newest = stored[0]["last_ts"] if stored else None
-        lag = (
-            (now_ms - int(datetime.fromisoformat(newest).timestamp() * 1000)) / MINUTE_MS - 1
+        stored_end = (
+            int(datetime.fromisoformat(newest).timestamp() * 1000) + MINUTE_MS
             if newest
-            else None
+            else day_start
         )
+        # Closed minutes of today after the newest stored one: 0 when it is up to date.
+        lag = max(0, (closed_end - stored_end) // MINUTE_MS)
         rows.append({"symbol": symbol, "newest_open": newest or "none today", "lag_minutes": lag})
-    lags = [r["lag_minutes"] for r in rows]
-    stale = [
-        r
-        for r in rows
-        if r["lag_minutes"] is None or r["lag_minutes"] > settings.freshness_lag_minutes
-    ]
+    stale = [r for r in rows if r["lag_minutes"] > settings.freshness_lag_minutes]
     return dg.AssetCheckResult(
         passed=not stale,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "max_lag_minutes": max((x for x in lags if x is not None), default=-1.0),
+            "applicable": True,
+            "max_lag_minutes": max(r["lag_minutes"] for r in rows),
             "allowed_lag_minutes": settings.freshness_lag_minutes,
             "stale_symbols": len(stale),
             "newest_candles": dg.MetadataValue.md(md_table(pl.DataFrame(rows))),
@@ -294,14 +413,18 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
     partition's own metadata) is where a person sees quality per symbol and day."""
     coverage = coverage_frame(lake.lake.reports(source.open().exchange), load_settings().symbols)
     counts = dict(coverage.group_by("status").len().iter_rows())
+    imputed = {g: counts.get(g, 0) for g, _ in IMPUTED_GRADES}
     return dg.MaterializeResult(
         metadata={
             "recent_days": dg.MetadataValue.md(recent_grid(coverage)),
             "all_days": dg.MetadataValue.md(month_strips(coverage)),
-            **{
-                f"partitions_{s}": counts.get(s, 0)
-                for s in ("complete", "imputed", "missing", "open", "absent")
-            },
+            **{f"partitions_{s}": counts.get(s, 0) for s in ("complete", "missing", "open")},
+            "partitions_imputed": sum(imputed.values()),
+            "partitions_imputed_under_1pct": imputed["imputed <1%"],
+            "partitions_imputed_under_10pct": imputed["imputed <10%"],
+            "partitions_imputed_10pct_or_more": imputed["imputed >=10%"],
+            "partitions_absent": counts.get("absent", 0),
+            "zero_volume_share_max": coverage["zero_volume_share"].max() or 0.0,
         }
     )
 

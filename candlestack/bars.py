@@ -31,8 +31,9 @@ class BarsOutcome:
     path: LakePath  # the month file
     bars: int  # 0 when skipped
     expected: int  # closed periods of the day (all of a skipped day's)
-    complete: int
+    complete: int  # bars with every minute real
     imputed_minutes: int
+    zero_volume_minutes: int  # real minutes that traded nothing
     content_hash: str | None
     skipped: str | None  # why no bars were built
     mismatch: str | None = None  # why the stored bars differ from the minutes' own
@@ -156,7 +157,7 @@ class BarBuilder:
                 expected = bars_per_day(timeframe)
                 outcomes.append(
                     BarsOutcome(
-                        symbol_key, day, timeframe, path, 0, expected, 0, 0, None, skipped[day]
+                        symbol_key, day, timeframe, path, 0, expected, 0, 0, 0, None, skipped[day]
                     )
                 )
                 continue
@@ -164,7 +165,8 @@ class BarBuilder:
             outcomes.append(
                 BarsOutcome(
                     symbol_key, day, timeframe, path, summary["bars"], summary["expected"],
-                    summary["complete"], summary["imputed_minutes"], writes[day].content_hash,
+                    summary["complete"], summary["imputed_minutes"],
+                    summary.get("zero_volume_minutes", 0), writes[day].content_hash,
                     None, mismatches.get(day),
                 )
             )  # fmt: skip
@@ -183,6 +185,7 @@ class BarBuilder:
             "expected": expected,
             "complete": int(bars["complete"].sum()),
             "imputed_minutes": int(bars["n_imputed"].sum()),
+            "zero_volume_minutes": int(bars["n_zero_volume"].sum()),
             "candles_hash": report["content_hash"],
         }
 
@@ -236,9 +239,20 @@ def outcomes_frame(outcomes: list[BarsOutcome]) -> pl.DataFrame:
                 "bars": o.bars,
                 "expected": o.expected,
                 "complete": o.complete,
+                "imputed_minutes": o.imputed_minutes,
+                "zero_volume_minutes": o.zero_volume_minutes,
                 "skipped": o.skipped or "",
             }
             for o in outcomes
         ],
-        schema=["date", "symbol", "bars", "expected", "complete", "skipped"],
+        schema=[
+            "date",
+            "symbol",
+            "bars",
+            "expected",
+            "complete",
+            "imputed_minutes",
+            "zero_volume_minutes",
+            "skipped",
+        ],
     )

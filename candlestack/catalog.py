@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from candlestack.lake import GAPS_KEY, REPORT_KEY, Lake
+from candlestack.lake import GAPS_KEY, REPORT_KEY, REVISIONS_KEY, Lake
 
 
 def _literal(text: str) -> str:
@@ -29,8 +29,14 @@ def _hive(column: str) -> str:
 
 _REPORT_JSON = (
     '[{"date":"DATE","expected":"BIGINT","rows":"BIGINT","missing_found":"BIGINT","refetched":"BIGINT",'
-    '"imputed":"BIGINT","missing":"BIGINT","rejected":"BIGINT","first_ts":"TIMESTAMPTZ",'
+    '"imputed":"BIGINT","missing":"BIGINT","rejected":"BIGINT","real":"BIGINT",'
+    '"zero_volume":"BIGINT","kept":"BIGINT","revised":"BIGINT","first_ts":"TIMESTAMPTZ",'
     '"last_ts":"TIMESTAMPTZ","content_hash":"VARCHAR","source":"VARCHAR","day_closed":"BOOLEAN"}]'
+)
+_REVISIONS_JSON = (
+    '[{"ts":"TIMESTAMPTZ","old_open":"DOUBLE","old_high":"DOUBLE","old_low":"DOUBLE",'
+    '"old_close":"DOUBLE","old_volume":"DOUBLE","open":"DOUBLE","high":"DOUBLE","low":"DOUBLE",'
+    '"close":"DOUBLE","volume":"DOUBLE","revised_at":"TIMESTAMPTZ"}]'
 )
 _GAPS_JSON = (
     '[{"gap_start":"TIMESTAMPTZ","gap_end":"TIMESTAMPTZ","minutes":"BIGINT",'
@@ -46,7 +52,7 @@ EMPTY_VIEWS = {
     "NULL::DATE date, NULL::TIMESTAMPTZ ts, NULL::DOUBLE open, NULL::DOUBLE high, "
     "NULL::DOUBLE low, NULL::DOUBLE close, NULL::DOUBLE volume, "
     "NULL::DECIMAL(38, 8) volume_exact, NULL::BIGINT n_source, NULL::BIGINT n_imputed, "
-    "NULL::BOOLEAN complete WHERE false",
+    "NULL::BIGINT n_real, NULL::BIGINT n_zero_volume, NULL::BOOLEAN complete WHERE false",
     "features": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR timeframe, NULL::VARCHAR symbol, "
     "NULL::DATE date, NULL::TIMESTAMPTZ ts WHERE false",
     "partitions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, "
@@ -54,6 +60,8 @@ EMPTY_VIEWS = {
     "gaps": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
     "NULL::TIMESTAMPTZ gap_start, NULL::TIMESTAMPTZ gap_end, NULL::BIGINT AS minutes, "
     "NULL::BIGINT refetched, NULL::BIGINT imputed, NULL::BIGINT missing WHERE false",
+    "revisions": "SELECT NULL::VARCHAR exchange, NULL::VARCHAR symbol, NULL::DATE date, "
+    f"unnest(json_transform('[]', '{_REVISIONS_JSON}'), recursive := true) WHERE false",
     "markets": "SELECT NULL::VARCHAR exchange, NULL::DATE date, NULL::VARCHAR symbol WHERE false",
     "trades": "SELECT NULL::VARCHAR strategy, NULL::VARCHAR run, NULL::BIGINT trade, "
     "NULL::TIMESTAMPTZ entry_ts, NULL::DOUBLE entry_price, NULL::TIMESTAMPTZ exit_ts, "
@@ -112,13 +120,20 @@ def view_sql(lake: Lake) -> dict[str, str]:
             f"SELECT exchange, symbol, unnest(json_transform(v, '{_GAPS_JSON}')) g "
             f"FROM ({footer}) WHERE k = '{GAPS_KEY.decode()}')"
         )
+        # Stored candles the source later delivered with other values: old beside new.
+        views["revisions"] = (
+            f"SELECT exchange, symbol, {_utc_date('r.ts')} date, unnest(r) FROM ("
+            f"SELECT exchange, symbol, unnest(json_transform(v, '{_REVISIONS_JSON}')) r "
+            f"FROM ({footer}) WHERE k = '{REVISIONS_KEY.decode()}')"
+        )
     bars = lake.files_url("bars")
     if lake.holds("bars"):
         # One view for every timeframe, told apart by its `timeframe` column.
         views["bars"] = (
             f"SELECT exchange, timeframe, symbol, {_utc_date('ts')} date, ts, open, high, low, "
-            "close, volume, volume_exact, n_source, n_imputed, complete "
-            f"FROM read_parquet({_literal(bars)}, hive_partitioning = true)"
+            "close, volume, volume_exact, n_source, n_imputed, n_source - n_imputed n_real, "
+            "n_zero_volume, complete "
+            f"FROM read_parquet({_literal(bars)}, hive_partitioning = true, union_by_name = true)"
         )
     features = lake.files_url("features")
     if lake.holds("features"):

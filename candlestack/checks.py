@@ -66,6 +66,34 @@ def gap_failure(report: dict, imputed_max_share: float) -> str | None:
     return "; ".join(reasons) or None
 
 
+def zero_volume_share(report: dict) -> float | None:
+    """Of a day's real minutes, the share that traded nothing; None where the report
+    predates the figure or the day has no real minute."""
+    real, zero = report.get("real"), report.get("zero_volume")
+    return zero / real if real and zero is not None else None
+
+
+def zero_volume_failures(
+    partitions: Iterable[tuple[str, date, dict]], max_share: float
+) -> pl.DataFrame:
+    """One row per (symbol, day, report) whose real minutes traded nothing more often than
+    `max_share`: flat, volume-0 candles an exchange prints while nobody trades."""
+    rows = [
+        {"date": str(day), "symbol": symbol, "zero_volume_share": share, "real": report["real"]}
+        for symbol, day, report in partitions
+        if (share := zero_volume_share(report)) is not None and share > max_share
+    ]
+    return pl.DataFrame(
+        rows,
+        schema={
+            "date": pl.String,
+            "symbol": pl.String,
+            "zero_volume_share": pl.Float64,
+            "real": pl.Int64,
+        },
+    )
+
+
 def quality(report: dict) -> str:
     """complete, imputed or missing: how a partition shows on the coverage grid."""
     if report["missing"]:

@@ -49,6 +49,9 @@ class Settings(BaseModel, frozen=True):
     refetch_attempts: int = Field(2, ge=0, le=10)
     imputed_max_share: float = Field(0.01, ge=0, le=1)
     freshness_lag_minutes: int = Field(3, ge=1)
+    # Real minutes that traded nothing, as a share of a day's real minutes: above it the
+    # warn-level zero_volume check fails (a venue printing flat candles is not a market).
+    zero_volume_max_share: float = Field(0.05, ge=0, le=1)
     # A backfill of month x symbol partitions launched through the daemon (UI, dg launch):
     # None is one run for the whole range; N splits it into runs of N symbol-months that the
     # run queue executes concurrently.

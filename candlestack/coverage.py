@@ -8,10 +8,24 @@ import polars as pl
 
 from candlestack.config import symbol_key
 
-STATUS_MARK = {"complete": "█", "imputed": "▒", "missing": "░", "open": "○", "absent": "·"}
+# Imputed days are graded by the share of their minutes imputed: a day of 1,022 invented
+# minutes must not look like a day of 3.
+IMPUTED_GRADES = (("imputed <1%", 0.01), ("imputed <10%", 0.10), ("imputed >=10%", None))
+STATUSES = ("complete", *(g for g, _ in IMPUTED_GRADES), "missing", "open", "absent")
+STATUS_MARK = {
+    "complete": "█",
+    "imputed <1%": "▓",
+    "imputed <10%": "▒",
+    "imputed >=10%": "░",
+    "missing": "×",
+    "open": "○",
+    "absent": "·",
+}
 STATUS_CELL = {
     "complete": "✅ complete",
-    "imputed": "🟨 imputed",
+    "imputed <1%": "🟨 imputed",
+    "imputed <10%": "🟧 imputed",
+    "imputed >=10%": "🟥 imputed",
     "missing": "❌ missing",
     "open": "⏳ open",
     "absent": "· absent",
@@ -21,22 +35,28 @@ STATUS_CELL = {
 def coverage_frame(reports: pl.DataFrame, symbols: Sequence[str]) -> pl.DataFrame:
     """One row per configured symbol and day from the first to the last day in the lake.
 
-    status: complete (every minute real), imputed (some flat candles, none missing),
-    missing (minutes with no candle at all), open (today, still filling), absent (no file).
+    status: complete (every minute real), imputed <1% / <10% / >=10% (some flat candles,
+    none missing; graded by imputed share), missing (minutes with no candle at all), open
+    (today, still filling), absent (no file). zero_volume_share: of the real minutes, those
+    that traded nothing (null where the day's report predates the figure).
     """
     keys = [symbol_key(s) for s in symbols]
+    schema = {
+        "symbol": pl.String,
+        "date": pl.Date,
+        "status": pl.String,
+        "imputed": pl.Int64,
+        "missing": pl.Int64,
+        "imputed_share": pl.Float64,
+        "zero_volume_share": pl.Float64,
+    }
     if reports.is_empty():
-        return pl.DataFrame(
-            schema={
-                "symbol": pl.String,
-                "date": pl.Date,
-                "status": pl.String,
-                "imputed": pl.Int64,
-                "missing": pl.Int64,
-            }
-        )
+        return pl.DataFrame(schema=schema)
     days = pl.date_range(reports["date"].min(), reports["date"].max(), eager=True).alias("date")
     grid = pl.DataFrame({"symbol": keys}).join(days.to_frame(), how="cross")
+    imputed_share = pl.col("imputed") / pl.col("expected")
+    graded = pl.when(imputed_share < IMPUTED_GRADES[0][1]).then(pl.lit(IMPUTED_GRADES[0][0]))
+    graded = graded.when(imputed_share < IMPUTED_GRADES[1][1]).then(pl.lit(IMPUTED_GRADES[1][0]))
     status = (
         pl.when(pl.col("rows").is_null())
         .then(pl.lit("absent"))
@@ -44,14 +64,19 @@ def coverage_frame(reports: pl.DataFrame, symbols: Sequence[str]) -> pl.DataFram
         .then(pl.lit("open"))
         .when(pl.col("missing") > 0)
         .then(pl.lit("missing"))
-        .when(pl.col("imputed") > 0)
-        .then(pl.lit("imputed"))
-        .otherwise(pl.lit("complete"))
+        .when(pl.col("imputed") == 0)
+        .then(pl.lit("complete"))
     )
+    status = status.otherwise(graded.otherwise(pl.lit(IMPUTED_GRADES[2][0])))
+    real = pl.col("rows") - pl.col("imputed")
     return (
         grid.join(reports, on=["symbol", "date"], how="left")
-        .with_columns(status=status)
-        .select("symbol", "date", "status", "imputed", "missing")
+        .with_columns(
+            status=status,
+            imputed_share=imputed_share,
+            zero_volume_share=pl.when(real > 0).then(pl.col("zero_volume") / real),
+        )
+        .select(list(schema))
         .sort("date", "symbol")
     )
 
@@ -60,11 +85,18 @@ def recent_grid(coverage: pl.DataFrame, days: int = 31) -> str:
     """Markdown table: latest days as rows, symbols as columns."""
     if coverage.is_empty():
         return "_the lake holds no candles yet_"
-    cell = pl.col("status").replace_strict(STATUS_CELL) + pl.when(
-        pl.col("status") == "imputed"
-    ).then(pl.format(" ({} min)", "imputed")).when(pl.col("status") == "missing").then(
-        pl.format(" ({} min)", "missing")
-    ).otherwise(pl.lit(""))
+    imputed = pl.col("status").str.starts_with("imputed")
+    cell = (
+        pl.col("status").replace_strict(STATUS_CELL)
+        + pl.when(imputed)
+        .then(pl.format(" {} % ({} min)", (pl.col("imputed_share") * 100).round(1), "imputed"))
+        .when(pl.col("status") == "missing")
+        .then(pl.format(" ({} min)", "missing"))
+        .otherwise(pl.lit(""))
+        + pl.when(pl.col("zero_volume_share") > 0)
+        .then(pl.format(", {} % zero-volume", (pl.col("zero_volume_share") * 100).round(1)))
+        .otherwise(pl.lit(""))
+    )
     wide = (
         coverage.with_columns(cell=cell)
         .pivot(on="symbol", index="date", values="cell")

@@ -12,6 +12,11 @@ import polars as pl
 
 from candlestack.schema import CANDLES_1M, GAPS, MINUTE_MS, TS
 
+# An exchange's -0.0 volume stored as 0.0: a signed zero makes equal candles hash and compare
+# differently. (`volume + 0.0` would do, but polars simplifies it away outside a lazy query.)
+_UNSIGNED_VOLUME = pl.when(pl.col("volume") == 0).then(0.0).otherwise(pl.col("volume"))
+_UNSIGNED_VOLUME = _UNSIGNED_VOLUME.alias("volume")
+
 # How far back a close may come from to fill a leading gap (one day).
 PREVIOUS_CLOSE_LOOKBACK_MS = 86_400_000
 
@@ -54,9 +59,9 @@ def fill(
     """
     if clean.height == (end_ms - start_ms) // MINUTE_MS:
         # Nothing missing (most days): no grid to join.
-        return clean.with_columns(pl.col("ts").cast(TS), imputed=pl.lit(False)).match_to_schema(
-            CANDLES_1M
-        )
+        return clean.with_columns(
+            pl.col("ts").cast(TS), _UNSIGNED_VOLUME, imputed=pl.lit(False)
+        ).match_to_schema(CANDLES_1M)
     grid = pl.DataFrame({"ts": pl.int_range(start_ms, end_ms, MINUTE_MS, eager=True)})
     joined = grid.join(clean, on="ts", how="left", maintain_order="left")
     carried = pl.col("close").forward_fill()
@@ -68,7 +73,7 @@ def fill(
         .select(
             pl.col("ts").cast(TS),
             *(pl.coalesce(c, "carried").alias(c) for c in ("open", "high", "low", "close")),
-            pl.col("volume").fill_null(0.0),
+            _UNSIGNED_VOLUME.fill_null(0.0),
             "imputed",
         )
         .match_to_schema(CANDLES_1M)

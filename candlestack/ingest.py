@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 import polars as pl
 
@@ -18,7 +18,7 @@ from candlestack.gaps import (
     request_windows,
 )
 from candlestack.lake import DayData, Lake, LakePath, StoredMonth, WriteResult, month_of
-from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED, day_start_ms
+from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED, REVISIONS, TS, day_start_ms
 from candlestack.sources.base import CandleSource
 from candlestack.validate import describe_rejections, validate
 
@@ -39,6 +39,7 @@ class PartitionOutcome:
     report: dict
     gaps: pl.DataFrame
     rejected: pl.DataFrame
+    revisions: pl.DataFrame  # stored candles this run found revised by the source
     write: WriteResult
 
 
@@ -124,17 +125,17 @@ class Ingestor:
             if d in stored_reports
             and (is_final(stored_reports[d]) or (keep_closed and stored_reports[d]["day_closed"]))
         ]
-        finished: list[tuple[date, DayData, pl.DataFrame]] = []
+        finished: list[tuple[date, DayData, pl.DataFrame, pl.DataFrame]] = []
         for run in contiguous_runs(set(days) - set(final)):
             for first in range(0, len(run), MAX_STREAM_DAYS):
                 stream = run[first : first + MAX_STREAM_DAYS]
                 finished.extend(self._ingest_run(symbol, stream, closed_end, stored))
         writes = self.lake.write_month(
-            "ohlcv", exchange, "1m", key, month, {day: data for day, data, _ in finished}
+            "ohlcv", exchange, "1m", key, month, {day: data for day, data, *_ in finished}
         )
         outcomes = [
-            self._outcome(symbol, day, data, rejected, writes[day])
-            for day, data, rejected in finished
+            self._outcome(symbol, day, data, rejected, revised, writes[day])
+            for day, data, rejected, revised in finished
         ]
         path = self.path(symbol, month)
         for day in final:
@@ -150,7 +151,11 @@ class Ingestor:
             write = WriteResult(path, path.stat().st_size, report["content_hash"], written=False)
             gaps = stored.gaps.filter(pl.col("gap_start").dt.date() == day)
             kept = DayData(pl.DataFrame(), report, gaps)
-            outcomes.append(self._outcome(symbol, day, kept, pl.DataFrame(schema=REJECTED), write))
+            none_rejected, none_revised = (
+                pl.DataFrame(schema=REJECTED),
+                pl.DataFrame(schema=REVISIONS),
+            )
+            outcomes.append(self._outcome(symbol, day, kept, none_rejected, none_revised, write))
         return sorted(outcomes, key=lambda o: o.day)
 
     def _fetch(self, symbol: str, start_ms: int, end_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -165,9 +170,22 @@ class Ingestor:
         real = stored.day(day).filter(~pl.col("imputed")).drop("imputed")
         return real.with_columns(pl.col("ts").dt.epoch("ms")).cast(RAW_CANDLES)
 
+    @staticmethod
+    def _revisions(fetched: pl.DataFrame, stored_real: pl.DataFrame) -> pl.DataFrame:
+        """Stored real candles the source now delivers with other values, old beside new."""
+        values = ("open", "high", "low", "close", "volume")
+        both = fetched.join(stored_real, on="ts", suffix="_stored")
+        changed = both.filter(pl.any_horizontal(pl.col(c) != pl.col(f"{c}_stored") for c in values))
+        return changed.select(
+            pl.col("ts").cast(TS),
+            *(pl.col(f"{c}_stored").alias(f"old_{c}") for c in values),
+            *values,
+            revised_at=pl.lit(datetime.now(UTC)).cast(TS),
+        ).match_to_schema(REVISIONS)
+
     def _ingest_run(
         self, symbol: str, run: list[date], closed_end: int, stored: StoredMonth | None
-    ) -> list[tuple[date, DayData, pl.DataFrame]]:
+    ) -> list[tuple[date, DayData, pl.DataFrame, pl.DataFrame]]:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
         if run_end < day_start_ms(run[-1]) + DAY_MS:
@@ -198,6 +216,16 @@ class Ingestor:
         for day in run:
             start = day_start_ms(day)
             end = min(start + DAY_MS, closed_end)
+            stored_real = self._stored_real(stored, day)
+            revisions = self._revisions(_in(clean, start, end), stored_real)
+            if (
+                stored is not None
+                and day in stored.reports
+                and not stored.reports[day]["day_closed"]
+            ):
+                # The newest candle of a day stored open may have been stored while forming:
+                # its final values are not a revision.
+                revisions = revisions.filter(pl.col("ts") != stored.day(day)["ts"].max())
             data, rejected_rows, real = self._finish_day(
                 symbol,
                 day,
@@ -206,9 +234,17 @@ class Ingestor:
                 _in(clean, start, end),
                 rejected.filter(pl.col("_day") == start // DAY_MS).drop("_day"),
                 previous,
+                stored_real,
+            )
+            earlier = stored.day_revisions(day) if stored is not None else revisions.clear()
+            data = DayData(
+                data.frame,
+                {**data.report, "revised": earlier.height + revisions.height},
+                data.gaps,
+                pl.concat([earlier, revisions]),
             )
             previous = real
-            finished.append((day, data, rejected_rows))
+            finished.append((day, data, rejected_rows, revisions))
         return finished
 
     def _previous_close(
@@ -243,11 +279,26 @@ class Ingestor:
         clean: pl.DataFrame,
         rejected: pl.DataFrame,
         previous_day_real: pl.DataFrame | None,
+        stored_real: pl.DataFrame,
     ) -> tuple[DayData, pl.DataFrame, pl.DataFrame]:
-        """The day's candles, report and gaps, its rejected rows, and its real candles."""
+        """The day's candles, report and gaps, its rejected rows, and its real candles.
+
+        What is stored is never replaced by less: a stored real candle the source no longer
+        delivers (missing, or refused by validation) is kept, never imputed over; the
+        source's valid candles win (a changed one is a revision, recorded by the caller)."""
+        fetched = clean
+        clean = (
+            pl.concat([clean, stored_real])
+            .unique("ts", keep="first", maintain_order=True)
+            .sort("ts")
+        )
+        kept = clean.height - fetched.height
         first_pass = missing_runs(clean["ts"].to_numpy(), start, end)
         runs = first_pass
-        for _ in range(self.refetch_attempts):
+        # A source that had no row at all for the day, good or bad, proved it empty with
+        # the one request: asking again, or for the close before it, proves nothing more.
+        proven_empty = clean.is_empty() and rejected.is_empty()
+        for _ in range(0 if proven_empty else self.refetch_attempts):
             if not runs:
                 break
             recovered = []
@@ -261,12 +312,13 @@ class Ingestor:
         rejected = rejected.unique(maintain_order=True)
 
         previous_close = None
-        if runs and runs[0][0] == start:
+        if runs and runs[0][0] == start and not proven_empty:
             previous_close = self._previous_close(symbol, start, previous_day_real)
         candles = fill(clean, start, end, previous_close)
         imputed = candles.filter("imputed")["ts"].dt.epoch("ms").to_numpy()
         gaps = gap_report(first_pass, candles["ts"].dt.epoch("ms").to_numpy(), imputed)
         missing_found = int(gaps["minutes"].sum())
+        real = candles.height - int(imputed.size)
         report = {
             "expected": (end - start) // MINUTE_MS,
             "rows": candles.height,
@@ -275,6 +327,10 @@ class Ingestor:
             "imputed": int(imputed.size),
             "missing": (end - start) // MINUTE_MS - candles.height,
             "rejected": rejected.height,
+            "real": real,
+            "zero_volume": candles.filter(~pl.col("imputed") & (pl.col("volume") == 0)).height,
+            "kept": kept,
+            "revised": 0,  # the caller counts the day's revisions
             "first_ts": candles["ts"].min(),
             "last_ts": candles["ts"].max(),
             "source": self.source.kind,
@@ -283,13 +339,19 @@ class Ingestor:
         return DayData(candles, report, gaps), rejected, clean
 
     def _outcome(
-        self, symbol: str, day: date, data: DayData, rejected: pl.DataFrame, write: WriteResult
+        self,
+        symbol: str,
+        day: date,
+        data: DayData,
+        rejected: pl.DataFrame,
+        revisions: pl.DataFrame,
+        write: WriteResult,
     ) -> PartitionOutcome:
         report = {**data.report, "content_hash": write.content_hash}
         missing_found = report["missing_found"]
         log.info(
             "%s %s: %d rows, %d missing found, %d re-fetched, %d imputed, %d missing, "
-            "%d rejected%s",
+            "%d kept as stored, %d revised, %d rejected%s",
             symbol,
             day,
             report["rows"],
@@ -297,7 +359,11 @@ class Ingestor:
             report["refetched"],
             report["imputed"],
             report["missing"],
+            report.get("kept", 0),
+            revisions.height,
             report["rejected"],
             f" ({describe_rejections(rejected, limit=3)})" if rejected.height else "",
         )
-        return PartitionOutcome(symbol, day, write.path, report, data.gaps, rejected, write)
+        return PartitionOutcome(
+            symbol, day, write.path, report, data.gaps, rejected, revisions, write
+        )

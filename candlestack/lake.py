@@ -34,11 +34,12 @@ from fsspec.implementations.arrow import ArrowFSWrapper
 from upath import UPath
 
 from candlestack.errors import ConfigError, LakeError
-from candlestack.schema import GAPS, PARTITION_REPORT, TS
+from candlestack.schema import GAPS, PARTITION_REPORT, REVISIONS, TS
 
 FILE_NAME = "data.parquet"
 REPORT_KEY = b"candlestack.report"
 GAPS_KEY = b"candlestack.gaps"
+REVISIONS_KEY = b"candlestack.revisions"
 STALE_TEMP_SECONDS = 3600
 S3_SCHEME = "s3://"
 GAP_TABLE = {**GAPS, "gap_start": TS, "gap_end": TS}
@@ -174,11 +175,13 @@ def read_parquet(paths: LakePath | Sequence[LakePath], **kwargs) -> pl.DataFrame
 
 @dataclass(frozen=True)
 class DayData:
-    """What one day of a month file is replaced with: its rows, report and gap ranges."""
+    """What one day of a month file is replaced with: its rows, report, gap ranges and the
+    revisions of its stored candles (every one so far: the footer keeps them for audit)."""
 
     frame: pl.DataFrame
     report: dict
     gaps: pl.DataFrame | None = None
+    revisions: pl.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -187,9 +190,15 @@ class StoredMonth:
     frame: pl.DataFrame  # every stored day's rows, in time order
     reports: dict[date, dict]  # day -> its report, in day order
     gaps: pl.DataFrame | None  # gap ranges of every day (candle files only)
+    revisions: pl.DataFrame | None = None  # revised candles of every day (candle files only)
 
     def day(self, day: date) -> pl.DataFrame:
         return self.frame.filter(pl.col("ts").dt.date() == day)
+
+    def day_revisions(self, day: date) -> pl.DataFrame:
+        if self.revisions is None:
+            return pl.DataFrame(schema=REVISIONS)
+        return self.revisions.filter(pl.col("ts").dt.date() == day)
 
 
 @dataclass(frozen=True)
@@ -428,7 +437,7 @@ class Lake:
         if wrong:
             raise LakeError(f"{path}: day {wrong[0]} is not in the month {month:%Y-%m}")
         reports = {d: r for d, r in (stored.reports if stored else {}).items() if d not in days}
-        frames, gaps = [], []
+        frames, gaps, revisions = [], [], []
         if stored is not None:
             kept = _outside_days(stored.frame, "ts", days)
             # A month rebuilt whole may change its columns (another feature set): only the
@@ -437,6 +446,8 @@ class Lake:
                 frames.append(kept)
             if stored.gaps is not None:
                 gaps.append(_outside_days(stored.gaps, "gap_start", days))
+            if stored.revisions is not None:
+                revisions.append(_outside_days(stored.revisions, "ts", days))
         given = [data.frame for data in days.values() if data is not None and data.frame.height]
         hashes = day_hashes(pl.concat(given).sort("ts")) if given else {}
         for day, data in days.items():
@@ -447,6 +458,8 @@ class Lake:
             frames.append(data.frame)
             if data.gaps is not None:
                 gaps.append(data.gaps)
+            if data.revisions is not None:
+                revisions.append(data.revisions)
         if not reports:
             path.unlink(missing_ok=True)
             return {}
@@ -458,7 +471,9 @@ class Lake:
             )
         frame = pl.concat(frames).sort("ts")
         gap_table = pl.concat(gaps).sort("gap_start") if gaps else None
-        key_value = _month_key_value(reports, gap_table)
+        revised = [r for r in revisions if r.height]
+        revision_table = pl.concat(revised).sort("ts", "revised_at") if revised else None
+        key_value = _month_key_value(reports, gap_table, revision_table)
         written = stored is None or self._footer(path) != key_value
         size = write_parquet_atomic(path, frame.to_arrow(), key_value) if written else None
         size = size if size is not None else path.stat().st_size
@@ -537,7 +552,9 @@ class Lake:
     def sweep_path(self, sweep: str, run_id: str) -> LakePath:
         return self.root / "sweeps" / f"sweep={sweep}" / f"run={run_id}" / "results.parquet"
 
-    def _month_footer(self, path: LakePath) -> tuple[dict[date, dict], pl.DataFrame] | None:
+    def _month_footer(
+        self, path: LakePath
+    ) -> tuple[dict[date, dict], pl.DataFrame | None, pl.DataFrame | None] | None:
         if not path.exists():
             return None
         footer = self._footer(path)
@@ -548,7 +565,12 @@ class Lake:
             for r in json.loads(footer[REPORT_KEY])
         }
         gaps = pl.read_json(footer[GAPS_KEY], schema=GAP_TABLE) if GAPS_KEY in footer else None
-        return reports, gaps
+        revisions = (
+            pl.read_json(footer[REVISIONS_KEY], schema=REVISIONS)
+            if REVISIONS_KEY in footer
+            else None
+        )
+        return reports, gaps, revisions
 
     def read(self, path: LakePath) -> pl.DataFrame | None:
         if not path.exists():
@@ -566,7 +588,7 @@ class Lake:
                 metadata = pq.read_schema(path).metadata or {}
         except Exception as exc:
             raise LakeError(f"cannot read the footer of {path}: {exc}") from exc
-        return {k: v for k, v in metadata.items() if k in (REPORT_KEY, GAPS_KEY)}
+        return {k: v for k, v in metadata.items() if k in (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)}
 
     def read_day_report(
         self, exchange: str, symbol_key: str, day: date
@@ -589,9 +611,13 @@ class Lake:
             return pl.DataFrame(schema=schema)
         # A day without any candle stores null timestamps: keep them strings until parsed.
         frame = pl.DataFrame(rows, schema_overrides={"first_ts": pl.String, "last_ts": pl.String})
-        return frame.with_columns(
-            pl.col("first_ts", "last_ts").str.to_datetime(time_zone="UTC").cast(TS)
-        ).select(schema.keys())
+        # Footers written before a figure existed lack it: unknown, not zero.
+        unknown = [pl.lit(None, schema[c]).alias(c) for c in schema if c not in frame.columns]
+        return (
+            frame.with_columns(*unknown)
+            .with_columns(pl.col("first_ts", "last_ts").str.to_datetime(time_zone="UTC").cast(TS))
+            .select(schema.keys())
+        )
 
 
 def month_of(day: date | str) -> date:
@@ -622,9 +648,13 @@ def _outside_days(frame: pl.DataFrame, column: str, days: Iterable[date]) -> pl.
     return frame.filter(~pl.col(column).dt.date().is_in(list(days)))
 
 
-def _month_key_value(reports: dict[date, dict], gaps: pl.DataFrame | None) -> dict[bytes, bytes]:
+def _month_key_value(
+    reports: dict[date, dict], gaps: pl.DataFrame | None, revisions: pl.DataFrame | None
+) -> dict[bytes, bytes]:
     rows = [{"date": day.isoformat(), **reports[day]} for day in sorted(reports)]
     key_value = {REPORT_KEY: json.dumps(rows, sort_keys=True, default=str).encode()}
     if gaps is not None:
         key_value[GAPS_KEY] = gaps.write_json().encode()
+    if revisions is not None:
+        key_value[REVISIONS_KEY] = revisions.write_json().encode()
     return key_value

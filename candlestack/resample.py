@@ -53,7 +53,8 @@ def minute_bars(candles: pl.DataFrame) -> pl.DataFrame:
         pl.col("volume").cast(VOLUME_EXACT).alias("volume_exact"),
         pl.lit(1, pl.Int64).alias("n_source"),
         pl.col("imputed").cast(pl.Int64).alias("n_imputed"),
-        pl.lit(True).alias("complete"),
+        (~pl.col("imputed") & (pl.col("volume") == 0)).cast(pl.Int64).alias("n_zero_volume"),
+        (~pl.col("imputed")).alias("complete"),
     )
 
 
@@ -78,6 +79,7 @@ class _Source:
         self.volume = frame["volume_exact"].cum_sum()
         self.n_source = np.cumsum(frame["n_source"].to_numpy())
         self.n_imputed = np.cumsum(frame["n_imputed"].to_numpy())
+        self.n_zero_volume = np.cumsum(frame["n_zero_volume"].to_numpy())
 
     def _starts(self, rows: int, bar_ms: int) -> tuple[np.ndarray, int]:
         """First row of each bar, and the rows every bar has (0 when they differ).
@@ -106,6 +108,7 @@ class _Source:
         volume_end = self.volume.gather(ends)
         volume_exact = (volume_end - volume_end.shift(1, fill_value=0)).cast(VOLUME_EXACT)
         n_source = np.diff(self.n_source[ends], prepend=0)
+        n_imputed = np.diff(self.n_imputed[ends], prepend=0)
         frame = self.frame
         return pl.DataFrame(
             {
@@ -117,8 +120,10 @@ class _Source:
                 "volume": volume_exact.cast(pl.Float64),
                 "volume_exact": volume_exact,
                 "n_source": n_source,
-                "n_imputed": np.diff(self.n_imputed[ends], prepend=0),
-                "complete": n_source == minutes,
+                "n_imputed": n_imputed,
+                "n_zero_volume": np.diff(self.n_zero_volume[ends], prepend=0),
+                # Every minute of the period there and real: imputed ones are not data.
+                "complete": (n_source == minutes) & (n_imputed == 0),
             },
             schema=BARS,
         )

@@ -35,13 +35,15 @@ CANDLES_1M = pl.Schema({**_OHLCV, "imputed": pl.Boolean})
 VOLUME_EXACT = pl.Decimal(38, 8)
 
 # Resampled bars (every timeframe but 1m): n_source counts the 1-minute candles present
-# (real or imputed) and n_imputed the imputed ones; complete means no minute was missing.
+# (real or imputed), n_imputed the imputed ones and n_zero_volume the real ones that traded
+# nothing; complete means every minute of the period is there and real.
 BARS = pl.Schema(
     {
         **_OHLCV,
         "volume_exact": VOLUME_EXACT,
         "n_source": pl.Int64,
         "n_imputed": pl.Int64,
+        "n_zero_volume": pl.Int64,
         "complete": pl.Boolean,
     }
 )
@@ -61,6 +63,16 @@ GAPS = pl.Schema(
     }
 )
 
+# A stored real candle the source later delivered with other values: both kept, for audit.
+REVISIONS = pl.Schema(
+    {
+        "ts": TS,
+        **{f"old_{c}": pl.Float64 for c in ("open", "high", "low", "close", "volume")},
+        **{c: pl.Float64 for c in ("open", "high", "low", "close", "volume")},
+        "revised_at": TS,
+    }
+)
+
 # One row per ingested partition: the figures behind metadata, checks and coverage.
 PARTITION_REPORT = pl.Schema(
     {
@@ -71,6 +83,10 @@ PARTITION_REPORT = pl.Schema(
         "imputed": pl.Int64,
         "missing": pl.Int64,
         "rejected": pl.Int64,
+        "real": pl.Int64,  # minutes with a candle from the source (not imputed)
+        "zero_volume": pl.Int64,  # real minutes that traded nothing
+        "kept": pl.Int64,  # stored real minutes the source no longer delivered, kept
+        "revised": pl.Int64,  # stored real minutes the source now delivers with other values
         "first_ts": TS,
         "last_ts": TS,
         "content_hash": pl.String,

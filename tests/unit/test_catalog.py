@@ -27,6 +27,7 @@ VIEWS = {
     "features",
     "gaps",
     "partitions",
+    "revisions",
     "markets",
     "trades",
     "backtest_metrics",

@@ -76,13 +76,15 @@ def test_each_bar_is_the_ohlcv_of_its_minutes(recording):
                 pl.col("ts_ms"),
                 pl.len().alias("n_source"),
                 pl.col("imputed").sum().alias("n_imputed"),
+                (~pl.col("imputed") & (pl.col("volume") == 0)).sum().alias("n_zero_volume"),
             )
         )
-        for column in ("open", "high", "low", "close", "n_source"):
+        for column in ("open", "high", "low", "close", "n_source", "n_imputed", "n_zero_volume"):
             assert bars[column].to_list() == expected[column].to_list(), (timeframe, column)
-        assert bars["n_imputed"].to_list() == expected["n_imputed"].to_list()
+        # Complete: every minute of the period there and real.
         assert bars["complete"].to_list() == [
-            n == TIMEFRAME_MINUTES[timeframe] for n in expected["n_source"]
+            n == TIMEFRAME_MINUTES[timeframe] and not imputed
+            for n, imputed in zip(expected["n_source"], expected["n_imputed"], strict=True)
         ]
         # Volume: the exact sum of the volumes as published (imputed minutes add 0).
         exact = [sum(published.get(t, Decimal(0)) for t in ts) for ts in expected["ts_ms"]]
@@ -106,13 +108,14 @@ def test_bar_counts_per_day_are_exact(recording):
                 assert periods == bars_per_day(timeframe)
 
 
-def test_maintenance_window_bars_are_whole_but_flag_their_imputed_minutes(tmp_path):
+def test_maintenance_window_bars_are_whole_but_not_complete(tmp_path):
     day = date(2021, 4, 25)
     source = ReplaySource({"BTC/USDT": OHLCV / FILES["BTC/USDT"]}, clock=lambda: 2e9)
     (outcome,) = Ingestor(source, Lake(tmp_path)).ingest("BTC/USDT", [day])
     bars = resample(minute_bars(pl.read_parquet(outcome.path)), "4h")
     window = bars.filter(pl.col("ts").dt.hour() == 4).row(0, named=True)
-    assert window["n_source"] == 240 and window["complete"]
+    # Every minute is there, but 239 of them are invented: not a complete bar.
+    assert window["n_source"] == 240 and not window["complete"]
     assert window["n_imputed"] == 240 - 1  # 04:01-07:59 imputed, 04:00 real
     assert bars_per_day("4h") == bars.height == 6
 
