@@ -304,7 +304,8 @@ def main() -> int:
     print(f"\nlake:     {lake.location}")
     print(
         f"catalog:  {Path(settings.catalog).resolve()}  (views ohlcv, bars, features, gaps, "
-        "partitions, revisions, markets, trades, backtest_metrics, sweep_results; open it read-only)"
+        "partitions, revisions, markets, trades, backtest_metrics, sweep_results; open it "
+        "read-only)"
     )
     print(f"instance: {Path(instance.root_directory).resolve()}")
     print("UI:       DAGSTER_HOME=$PWD dagster dev -h 127.0.0.1   (or: make ui)")
