@@ -163,9 +163,10 @@ def test_multi_month_backfill_is_one_run_and_every_month_shows(tmp_path, shared_
         figures = _evaluation_metadata(evaluation)
         assert figures["days_checked"] == 2 * (5 + 19), name
         assert figures["days_failed"] == 0, name
-    # Replayed 2021 candles are not fresh today: evaluated, and honestly failed.
+    # A backfill of 2021 says nothing of today's candles: freshness is not applicable to it.
     (freshness,) = _check_history(instance, "freshness")
-    assert freshness.status.value == "FAILED"
+    assert freshness.status.value == "SUCCEEDED"
+    assert _evaluation_metadata(freshness)["applicable"] is False
 
 
 def test_one_bad_day_fails_only_that_day_and_the_others_get_bars(cli_env):
