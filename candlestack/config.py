@@ -6,6 +6,7 @@ wrong value fails when the code location loads, naming the variable.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from datetime import date
@@ -13,12 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from candlestack.errors import ConfigError
 
 DEFAULT_SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
 ENV_PREFIX = "CANDLESTACK_"
+
+
+def _looks_like_path(name: str) -> bool:
+    # A ccxt symbol has one slash between base and quote, and never a dot-dot or backslash.
+    return name.startswith(("/", ".", "~")) or ".." in name or "\\" in name or name.count("/") > 1
 
 
 def symbol_key(symbol: str) -> str:
@@ -93,6 +99,29 @@ class Settings(BaseModel, frozen=True):
         for symbol in value:
             if "/" not in symbol or any(c in symbol for c in " |,[]{}*"):
                 raise ValueError(f"{symbol!r} is not a ccxt symbol like BTC/USDT")
+        return value
+
+    @field_validator("replay_files")
+    @classmethod
+    def _check_replay_symbols(cls, value: dict[str, Path], info: ValidationInfo) -> dict[str, Path]:
+        # Only configured symbols are ever replayed: any other key is a typo, found now
+        # rather than as a symbol whose days are all gaps.
+        symbols = info.data.get("symbols")
+        if symbols is None:  # the symbols were refused, with their own message
+            return value
+        for key in value:
+            if _looks_like_path(key):
+                raise ValueError(
+                    f"key {key!r} looks like a path; a key is a symbol of CANDLESTACK_SYMBOLS "
+                    'and its value the recording, as in {"BTC/USDT": "data/btc.csv"}'
+                )
+            if key not in symbols:
+                close = difflib.get_close_matches(key, symbols, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"key {key!r} is not a configured symbol ({hint}CANDLESTACK_SYMBOLS: "
+                    f"{', '.join(symbols)})"
+                )
         return value
 
     @field_validator("alert_webhook_url", "slack_webhook_url", "ui_url")

@@ -84,6 +84,17 @@ def _wilder(period: int) -> int:
     return convergence_bars(1.0 / period)
 
 
+# An output that is a ratio of two smoothed averages (RSI = 100 G / (G + L), +DI = 100 DM / TR,
+# DX, CMO, RVI) adds their relative errors: d ln(G / (G + L)) = L / (G + L) * (dG/G - dL/L),
+# so |error| <= |dG/G| + |dL/L|. Each average must then forget its seed to half the
+# tolerance for the output to stay within it.
+_RATIO_TOLERANCE = WARMUP_TOLERANCE / 2
+
+
+def _wilder_ratio(period: int) -> int:
+    return convergence_bars(1.0 / period, _RATIO_TOLERANCE)
+
+
 # The Hilbert-transform family smooths its I/Q components, Re/Im and the period with alpha 0.2
 # and the smoothed period with 0.33 (Ehlers); chained, so the horizons add up.
 _HILBERT = 3 * convergence_bars(0.2) + convergence_bars(0.33)
@@ -153,9 +164,11 @@ _SMOOTHING: dict[str, Callable[[Mapping[str, Any]], int]] = {
     "APO": lambda p: max(_ma(p["matype"], p["fastperiod"]), _ma(p["matype"], p["slowperiod"])),
     "PPO": lambda p: max(_ma(p["matype"], p["fastperiod"]), _ma(p["matype"], p["slowperiod"])),
     "PVO": lambda p: max(_ma(p["matype"], p["fastperiod"]), _ma(p["matype"], p["slowperiod"])),
-    "RSI": lambda p: _wilder(p["timeperiod"]),
-    "CMO": lambda p: _wilder(p["timeperiod"]),
-    "STOCHRSI": lambda p: _wilder(p["timeperiod"]) + _ma(p["fastd_matype"], p["fastd_period"]),
+    "RSI": lambda p: _wilder_ratio(p["timeperiod"]),
+    "CMO": lambda p: _wilder_ratio(p["timeperiod"]),
+    "STOCHRSI": lambda p: (
+        _wilder_ratio(p["timeperiod"]) + _ma(p["fastd_matype"], p["fastd_period"])
+    ),
     "STOCH": lambda p: (
         _ma(p["slowk_matype"], p["slowk_period"]) + _ma(p["slowd_matype"], p["slowd_period"])
     ),
@@ -167,13 +180,13 @@ _SMOOTHING: dict[str, Callable[[Mapping[str, Any]], int]] = {
     "NATR": lambda p: _wilder(p["timeperiod"]),
     "PLUS_DM": lambda p: _wilder(p["timeperiod"]),
     "MINUS_DM": lambda p: _wilder(p["timeperiod"]),
-    "PLUS_DI": lambda p: _wilder(p["timeperiod"]),
-    "MINUS_DI": lambda p: _wilder(p["timeperiod"]),
-    "DX": lambda p: _wilder(p["timeperiod"]),
-    # ADX smooths DX, itself made of smoothed DM and TR.
-    "ADX": lambda p: 2 * _wilder(p["timeperiod"]),
-    "ADXR": lambda p: 2 * _wilder(p["timeperiod"]),
-    "RVI": lambda p: _wilder(p["timeperiod"]),
+    "PLUS_DI": lambda p: _wilder_ratio(p["timeperiod"]),
+    "MINUS_DI": lambda p: _wilder_ratio(p["timeperiod"]),
+    "DX": lambda p: _wilder_ratio(p["timeperiod"]),
+    # ADX smooths DX, itself a ratio of smoothed DMs.
+    "ADX": lambda p: _wilder_ratio(p["timeperiod"]) + _wilder(p["timeperiod"]),
+    "ADXR": lambda p: _wilder_ratio(p["timeperiod"]) + _wilder(p["timeperiod"]),
+    "RVI": lambda p: _wilder_ratio(p["timeperiod"]),
     "KC": lambda p: max(_ema(p["timeperiod"]), _wilder(p["atrperiod"])),
     "CVI": lambda p: _ema(p["timeperiod"]),
     "MASSI": lambda p: 2 * _ema(p["fastperiod"]),
@@ -531,11 +544,23 @@ def warmup_bars(specs: FeatureSet | FeatureSpec | Sequence[FeatureSpec]) -> int:
         k(a) = ceil(log(1e-9) / log(1 - a))
 
     with a = 2 / (n + 1) for an EMA of period n and a = 1 / n for Wilder's smoothing (RSI,
-    ATR, ADX's DM/TR). Smoothers chained one after another add their horizons (MACD: the
-    slower of its EMAs plus the signal EMA; DEMA twice, T3 six times); side by side the
-    slower one counts. Adaptive ones take their slowest alpha (KAMA (2/31)^2, MAMA its
-    slowlimit). So EMA(200): a = 2/201, k = 2,073, warm-up 199 + 2,073 = 2,272 bars;
-    RSI(14) and ATR(14): 14 + 280 = 294; MACD(12, 26, 9): 33 + 270 + 93 = 396.
+    ATR, ADX's DM/TR). An output that is a ratio of two smoothed averages (RSI, CMO, +DI,
+    -DI, DX, RVI) adds their relative errors, up to twice the seed's weight, so those
+    averages must forget their seeds to half the tolerance:
+
+        k(a) = ceil(log(1e-9 / 2) / log(1 - a))
+
+    Smoothers chained one after another add their horizons (MACD: the slower of its EMAs
+    plus the signal EMA; DEMA twice, T3 six times; ADX: DX's ratio, then its own smoothing);
+    side by side the slower one counts. Adaptive ones take their slowest alpha (KAMA
+    (2/31)^2, MAMA its slowlimit). So EMA(200): a = 2/201, k = 2,073, warm-up 199 + 2,073 =
+    2,272 bars; ATR(14): 14 + 280 = 294; RSI(14): 14 + 289 = 303; MACD(12, 26, 9): 33 + 270
+    + 93 = 396.
+
+    The seed's weight bounds the error while the seed is about the size of the values that
+    follow it. A stretch of flat bars (an imputed outage) holds a Wilder average of moves
+    still, and the seed's share with it: flat bars do not count towards forgetting, so a
+    window whose warm-up overlaps one agrees less.
 
     For a set or list of features: the largest of them (the history a caller must load).
     Functions whose output depends on the start forever (OBV, AD, SAR, ...) are refused when

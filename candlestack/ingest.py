@@ -20,7 +20,7 @@ from candlestack.gaps import (
 from candlestack.lake import DayData, Lake, LakePath, StoredMonth, WriteResult, month_of
 from candlestack.schema import DAY_MS, MINUTE_MS, RAW_CANDLES, REJECTED, REVISIONS, TS, day_start_ms
 from candlestack.sources.base import CandleSource
-from candlestack.validate import describe_rejections, validate
+from candlestack.validate import describe_rejections, intended_epoch_ms, validate
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,11 @@ class Ingestor:
             rejected = pl.concat([closed_part[1], open_part[1]])
         else:
             clean, rejected = self._fetch(symbol, run_start, run_end)
-        # Rows the source sent for the wrong time are charged to the nearest day asked for.
+        # Rows the source sent for the wrong time are charged to the nearest day asked for
+        # (a row in the wrong unit: the nearest to the minute it stands for).
+        at = intended_epoch_ms(pl.col("ts"))
         rejected = rejected.with_columns(
-            _day=pl.col("ts").fill_null(run_start).clip(run_start, run_end - 1) // DAY_MS
+            _day=at.fill_null(run_start).clip(run_start, run_end - 1) // DAY_MS
         )
 
         finished = []

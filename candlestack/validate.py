@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 
 import polars as pl
 
@@ -12,6 +13,43 @@ log = logging.getLogger(__name__)
 
 PRICES = ("open", "high", "low", "close")
 
+# Open times a candle can have, in epoch ms: none before Bitcoin's genesis block (2009-01-03,
+# before any crypto exchange) nor from 2100 on. The span is narrow enough that the same
+# instants written in seconds, ms, µs or ns fall in four ranges that never overlap.
+EARLIEST_MS = 1_230_940_800_000
+LATEST_MS = 4_102_444_800_000
+# How many of each unit make a millisecond.
+_UNITS = {
+    "milliseconds": Fraction(1),
+    "seconds": Fraction(1, 1000),
+    "microseconds": Fraction(1000),
+    "nanoseconds": Fraction(1_000_000),
+}
+
+
+def _written_in(ts: pl.Expr, per_ms: Fraction) -> pl.Expr:
+    return ts.is_between(int(EARLIEST_MS * per_ms), int(LATEST_MS * per_ms), closed="left")
+
+
+def timestamp_unit(ts: pl.Expr) -> pl.Expr:
+    """The unit an epoch timestamp is written in ("milliseconds", "seconds", ...): null when
+    it is off the epoch in every unit (or null)."""
+    unit = pl.lit(None, pl.String)
+    for name, per_ms in _UNITS.items():
+        unit = pl.when(_written_in(ts, per_ms)).then(pl.lit(name)).otherwise(unit)
+    return unit
+
+
+def intended_epoch_ms(ts: pl.Expr) -> pl.Expr:
+    """The epoch ms a timestamp stands for, whichever unit it is written in; unchanged when
+    it is off the epoch. Sources route rows by it, so that a row in the wrong unit reaches
+    the window it belongs to, and is refused there."""
+    ms = ts
+    for per_ms in _UNITS.values():
+        in_ms = ts * per_ms.denominator // per_ms.numerator
+        ms = pl.when(_written_in(ts, per_ms)).then(in_ms).otherwise(ms)
+    return ms
+
 
 def validate(raw: pl.DataFrame, start_ms: int, end_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split raw candles into (clean, rejected) for the window [start_ms, end_ms).
@@ -19,10 +57,13 @@ def validate(raw: pl.DataFrame, start_ms: int, end_ms: int) -> tuple[pl.DataFram
     Clean rows are sorted and unique by ts. Identical repeats (pagination overlap)
     collapse to one row; repeats with different values are all refused, since
     nothing tells which one is right: that minute becomes a gap to re-request.
+    A timestamp in another unit than ms, or off the epoch, is refused as such, before it
+    could pass for a minute outside the window.
     """
     frame = raw.select(pl.col(c).cast(t, strict=False) for c, t in RAW_CANDLES.items())
     frame = frame.unique(maintain_order=True)
     conflicting = pl.col("ts").is_duplicated()
+    unit = timestamp_unit(pl.col("ts"))
     frame = frame.with_columns(
         reason=pl.when(
             pl.col("ts").is_null()
@@ -31,6 +72,10 @@ def validate(raw: pl.DataFrame, start_ms: int, end_ms: int) -> tuple[pl.DataFram
             )
         )
         .then(pl.lit("non-finite value"))
+        .when(unit.is_null())
+        .then(pl.lit("timestamp off the epoch"))
+        .when(unit != "milliseconds")
+        .then(pl.format("timestamp in {}", unit))
         .when(pl.col("ts") % MINUTE_MS != 0)
         .then(pl.lit("timestamp not on the minute"))
         .when((pl.col("ts") < start_ms) | (pl.col("ts") >= end_ms))

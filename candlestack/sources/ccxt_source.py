@@ -14,6 +14,7 @@ import polars as pl
 from candlestack.errors import ConfigError, SourceError
 from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.markets import markets_frame
+from candlestack.validate import LATEST_MS, intended_epoch_ms
 
 log = logging.getLogger(__name__)
 
@@ -177,5 +178,8 @@ class CcxtSource:
         frame = pl.DataFrame(
             [row[:6] for row in rows], schema=RAW_CANDLES, orient="row", strict=False
         )
-        # Pages may run past `until` on exchanges that ignore it: that is pagination, not bad data.
-        return frame.filter(pl.col("ts").is_null() | (pl.col("ts") < end_ms))
+        # Pages may run past `until` on exchanges that ignore it: that is pagination, not bad
+        # data. Every other row goes to validation, a row in the wrong unit too (judged by the
+        # minute it stands for), and so do rows before `since`.
+        past_end = intended_epoch_ms(pl.col("ts")).is_between(end_ms, LATEST_MS, closed="left")
+        return frame.filter(~past_end.fill_null(False))

@@ -21,6 +21,7 @@ import polars as pl
 from candlestack.errors import SourceError, SourceFormatError
 from candlestack.schema import DAY_MS, MARKETS, MINUTE_MS, RAW_CANDLES
 from candlestack.sources.markets import markets_frame
+from candlestack.validate import EARLIEST_MS, LATEST_MS, intended_epoch_ms, timestamp_unit
 
 _OHLCV = ("open", "high", "low", "close", "volume")
 _KLINE_COLUMNS = (
@@ -33,7 +34,9 @@ _KLINE_COLUMNS = (
     "taker_quote",
     "ignore",
 )
-# Open times above this are microseconds (Binance public data switched in 2025).
+# A CSV whose open times are all above this is in microseconds (Binance public data switched
+# in 2025). The whole file is converted, never a row: a stray row in µs among ms rows is
+# left as it is, for validation to refuse.
 _MICROSECONDS_FROM = 10**14
 
 
@@ -43,7 +46,23 @@ def _to_raw(frame: pl.DataFrame, ts: pl.Expr) -> pl.DataFrame:
 
 def _epoch_ms(column: str) -> pl.Expr:
     col = pl.col(column)
-    return pl.when(col > _MICROSECONDS_FROM).then(col // 1000).otherwise(col)
+    return pl.when(col.min() > _MICROSECONDS_FROM).then(col // 1000).otherwise(col)
+
+
+def _check_unit(raw: pl.DataFrame, path: Path) -> None:
+    """Refuse a recording none of whose open times is in epoch ms: a file in seconds would
+    otherwise replay no candle at all, each of its days only gaps."""
+    if raw.is_empty():
+        return
+    units = raw.group_by(timestamp_unit(pl.col("ts")).alias("unit")).len()
+    if "milliseconds" in units["unit"]:
+        return
+    unit = units.sort("len", descending=True)["unit"][0]
+    looks = f"look like {unit}" if unit else "are off the epoch (none from 2009 to 2100)"
+    raise SourceFormatError(
+        f"{path}: its timestamps {looks} (first ts={raw['ts'][0]}), not milliseconds since "
+        "1970-01-01 UTC; convert the file's open times to epoch milliseconds"
+    )
 
 
 def read_candle_file(path: Path) -> pl.DataFrame:
@@ -100,7 +119,9 @@ def read_candle_file(path: Path) -> pl.DataFrame:
         raise
     except Exception as exc:
         raise SourceFormatError(f"cannot read candles from {path}: {exc}") from exc
-    return raw.sort("ts", nulls_last=True)
+    raw = raw.sort("ts", nulls_last=True)
+    _check_unit(raw, path)
+    return raw
 
 
 def read_exchange_info(path: Path, exchange_id: str = "binance") -> pl.DataFrame:
@@ -111,6 +132,19 @@ def read_exchange_info(path: Path, exchange_id: str = "binance") -> pl.DataFrame
     client.options.setdefault("isolatedMarginPairsData", [])
     payload = json.loads(path.read_text())
     return markets_frame(client.parse_markets(payload["symbols"]), client.precisionMode)
+
+
+def _served_at(raw: pl.DataFrame) -> pl.DataFrame:
+    """`raw` with `_at`, the epoch ms each row is served at, the row itself unchanged: the
+    source drops no row, validation judges them all. A row in the wrong unit is served with
+    the minute it stands for; one that no unit places in time (off the epoch, or without a
+    timestamp) with the first minute of the recording's first whole day, so that each is
+    refused and counted once, on a day the recording covers."""
+    at = intended_epoch_ms(pl.col("ts"))
+    placed = at.is_between(EARLIEST_MS, LATEST_MS, closed="left")
+    first_ms = raw.select(at.filter(placed).min()).item()
+    first_day_ms = -(-first_ms // DAY_MS) * DAY_MS if first_ms is not None else None
+    return raw.with_columns(_at=pl.when(placed).then(at).otherwise(first_day_ms))
 
 
 class ReplaySource:
@@ -133,22 +167,24 @@ class ReplaySource:
         return int(self._clock() * 1000)
 
     def _candles(self, symbol: str) -> pl.DataFrame:
+        """The recording, with `_at`: the epoch ms each row is served at."""
         if symbol not in self._cache:
             if symbol not in self.files:
                 raise SourceError(
                     f"replay has no recording for {symbol!r}; configured: "
                     f"{', '.join(self.files) or 'none'}"
                 )
-            self._cache[symbol] = read_candle_file(self.files[symbol])
+            self._cache[symbol] = _served_at(read_candle_file(self.files[symbol]))
         return self._cache[symbol]
 
     def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
-        return self._candles(symbol).filter(pl.col("ts").is_between(start_ms, end_ms, "left"))
+        served = self._candles(symbol).filter(pl.col("_at").is_between(start_ms, end_ms, "left"))
+        return served.drop("_at")
 
     def covered_days(self, symbol: str) -> tuple[date, date] | None:
         """The first and last whole UTC days of the recording: a day the recording starts or
         ends in the middle of was not missing minutes on the exchange, so it is left out."""
-        ts = self._candles(symbol).get_column("ts")
+        ts = self._candles(symbol).get_column("_at")
         if ts.is_empty():
             return None
         first = -(-int(ts.min()) // DAY_MS)  # days since the epoch, rounded up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date
 from pathlib import Path
@@ -116,6 +117,44 @@ def test_bad_value_names_the_variable(environ, variable, detail):
     message = str(info.value)
     assert variable in message
     assert detail in message
+
+
+def replay_settings(files: str) -> Settings:
+    return Settings.from_env(
+        {
+            "CANDLESTACK_SOURCE": "replay",
+            "CANDLESTACK_SYMBOLS": "BTC/USDT,ETH/USDT",
+            "CANDLESTACK_REPLAY_FILES": files,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"), [("BTC/USTD", "BTC/USDT"), ("ETHUSDT", "ETH/USDT"), ("DOGE/EUR", None)]
+)
+def test_a_replay_key_that_is_not_a_configured_symbol_is_named(key, suggestion):
+    with pytest.raises(ConfigError) as info:
+        replay_settings(f'{{"BTC/USDT": "btc.csv", "{key}": "other.csv"}}')
+    message = str(info.value)
+    assert "CANDLESTACK_REPLAY_FILES" in message
+    assert f"{key!r} is not a configured symbol" in message
+    assert "CANDLESTACK_SYMBOLS: BTC/USDT, ETH/USDT" in message
+    if suggestion:
+        assert f"did you mean {suggestion!r}?" in message
+    else:
+        assert "did you mean" not in message
+
+
+@pytest.mark.parametrize("key", ["../../x", "/etc/passwd", "BTC/USDT/../../x", "..\\x"])
+def test_a_path_as_replay_key_is_refused(key):
+    with pytest.raises(ConfigError, match="looks like a path") as info:
+        replay_settings(json.dumps({key: "x.csv"}))
+    assert repr(key) in str(info.value)
+
+
+def test_replay_keys_may_name_some_of_the_symbols():
+    settings = replay_settings('{"ETH/USDT": "eth.csv"}')
+    assert settings.replay_files == {"ETH/USDT": Path("eth.csv")}
 
 
 def test_only_the_bad_variable_is_named():

@@ -11,10 +11,12 @@ from polars.testing import assert_frame_equal
 
 from candlestack import ingest
 from candlestack.checks import gap_failure, ohlc_violations, quality
+from candlestack.errors import SourceFormatError
 from candlestack.ingest import Ingestor, PartitionOutcome, day_start_ms
 from candlestack.lake import Lake
 from candlestack.schema import DAY_MS, MINUTE_MS
-from candlestack.sources.replay import ReplaySource
+from candlestack.sources.ccxt_source import CcxtSource
+from candlestack.sources.replay import ReplaySource, read_candle_file
 from candlestack.sources.synthetic import SyntheticSource
 from tests.conftest import OHLCV
 
@@ -287,6 +289,78 @@ def test_maintenance_gap_is_imputed_at_the_last_close(tmp_path):
     assert flat.select("open", "high", "low", "close").unique().rows() == [(before["close"],) * 4]
     assert outcome.report["imputed"] == 284 and outcome.report["missing"] == 0
     assert "imputed share" in gap_failure(outcome.report, 0.01)
+
+
+# --- timestamps in the wrong unit ------------------------------------------------------
+
+
+def recording_csv(frame: pl.DataFrame, path: Path) -> Path:
+    frame.rename({"ts": "ts_ms"}).write_csv(path)
+    return path
+
+
+def test_a_row_in_seconds_is_rejected_and_counted_on_its_own_day(tmp_path):
+    days = [date(2021, 4, 21), date(2021, 4, 22)]
+    stray = day_start_ms(days[1]) + 12 * 60 * MINUTE_MS
+    candles = read_candle_file(BTC)
+    in_seconds = pl.when(pl.col("ts") == stray).then(pl.col("ts") // 1000)
+    path = recording_csv(candles.with_columns(ts=in_seconds.otherwise("ts")), tmp_path / "btc.csv")
+
+    first, second = Ingestor(ReplaySource({SYMBOL: path}), Lake(tmp_path / "lake")).ingest(
+        SYMBOL, days
+    )
+
+    assert first.report["rejected"] == 0
+    assert second.report["rejected"] == 1
+    assert second.rejected.select("ts", "reason").rows() == [
+        (stray // 1000, "timestamp in seconds")
+    ]
+    # Its minute is missing like any other: asked for again (in vain), then imputed.
+    assert second.report["missing_found"] == 1 and second.report["imputed"] == 1
+
+
+def test_a_recording_in_seconds_is_refused_naming_the_file(tmp_path):
+    candles = read_candle_file(BTC).with_columns(pl.col("ts") // 1000)
+    path = recording_csv(candles, tmp_path / "btc_seconds.csv")
+    lake = tmp_path / "lake"
+
+    with pytest.raises(SourceFormatError, match="timestamps look like seconds") as info:
+        Ingestor(ReplaySource({SYMBOL: path}), Lake(lake)).ingest(SYMBOL, [date(2021, 4, 22)])
+    assert str(path) in str(info.value)
+    assert not list(lake.rglob("*.parquet"))
+
+
+def test_a_ccxt_row_in_microseconds_is_rejected_not_dropped(tmp_path):
+    """An exchange that answers one minute in µs: the row reaches validation, is refused and
+    counted, and its minute is re-requested."""
+    day = date(2021, 4, 22)
+    start = day_start_ms(day)
+    stray = start + 600 * MINUTE_MS
+    candles = read_candle_file(BTC).filter(pl.col("ts").is_between(start, start + DAY_MS, "left"))
+    answers = [list(r) for r in candles.rows()]
+    answers[600][0] = stray * 1000
+
+    def fetch_ohlcv(symbol, timeframe, since, limit, params):
+        # The exchange answers the minute's request with the row, its time in µs.
+        def minute(ts: int) -> int:
+            return stray if ts == stray * 1000 else ts
+
+        return [r for r in answers if since <= minute(r[0]) <= params["until"]][:limit]
+
+    source = CcxtSource("binance")
+    source.client.load_markets = lambda: {SYMBOL: {}}
+    source.client.markets = {SYMBOL: {}}
+    source.client.fetch_ohlcv = fetch_ohlcv
+    source.client.milliseconds = lambda: start + 2 * DAY_MS
+    source.page_limit = 1_440
+
+    (outcome,) = Ingestor(source, Lake(tmp_path)).ingest(SYMBOL, [day])
+
+    assert outcome.rejected.select("ts", "reason").rows() == [
+        (stray * 1000, "timestamp in microseconds")
+    ]
+    assert outcome.report["rejected"] == 1
+    assert outcome.report["missing_found"] == 1 and outcome.report["imputed"] == 1
 
 
 def test_a_day_not_started_yet_is_refused_by_name(tmp_path):

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from candlestack.schema import MINUTE_MS, RAW_CANDLES, REJECTED
-from candlestack.validate import describe_rejections, validate
+from candlestack.validate import EARLIEST_MS, LATEST_MS, describe_rejections, validate
 
 START = 1_700_000_040_000 // MINUTE_MS * MINUTE_MS  # a minute boundary
 END = START + 10 * MINUTE_MS
@@ -48,6 +48,15 @@ GOOD = row(minute(0))
         (row(START - MINUTE_MS), "outside the requested range"),
         (row(END), "outside the requested range"),
         (row(END + 5 * MINUTE_MS), "outside the requested range"),
+        # The unit is told before the minute or the window: a minute in seconds is neither
+        # "not on the minute" nor a candle of 1970.
+        (row(minute(1) // 1000), "timestamp in seconds"),
+        (row(minute(1) * 1000), "timestamp in microseconds"),
+        (row(minute(1) * 1_000_000), "timestamp in nanoseconds"),
+        (row(-MINUTE_MS), "timestamp off the epoch"),
+        (row(0), "timestamp off the epoch"),
+        (row(EARLIEST_MS - MINUTE_MS), "timestamp off the epoch"),  # before 2009-01-03
+        (row(5 * 10**12), "timestamp off the epoch"),  # 2128 in ms
     ],
 )
 def test_each_bad_row_is_refused_with_its_reason(bad, reason):
@@ -57,6 +66,21 @@ def test_each_bad_row_is_refused_with_its_reason(bad, reason):
     assert rejected.height == 1
     assert rejected["reason"].to_list() == [reason]
     assert rejected.schema == REJECTED
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "refused"),
+    [
+        (EARLIEST_MS, EARLIEST_MS + MINUTE_MS, EARLIEST_MS - MINUTE_MS),  # 2009-01-03 00:00
+        (LATEST_MS - 2 * MINUTE_MS, LATEST_MS - MINUTE_MS, LATEST_MS),  # 2100-01-01 00:00
+    ],
+)
+def test_the_epoch_runs_from_bitcoins_genesis_to_2100(first, last, refused):
+    window = (min(first, refused), max(last, refused) + MINUTE_MS)
+    clean, rejected = validate(frame(row(first), row(last), row(refused)), *window)
+
+    assert clean["ts"].to_list() == [first, last]
+    assert rejected.select("ts", "reason").rows() == [(refused, "timestamp off the epoch")]
 
 
 def test_window_bounds_are_half_open():
