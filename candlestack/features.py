@@ -80,15 +80,24 @@ def _ema(period: int) -> int:
     return convergence_bars(2.0 / (period + 1))
 
 
+# Wilder's averages smooth moves (gains, losses, true ranges, directional moves), and a
+# seed's error counts relative to the average where the output is read: a seed 30x the
+# size of a quiet stretch's average weighs 30x more there. The warm-up assumes the seed is
+# at most this many times the average it is read against (volatility within two orders of
+# magnitude over ~350 bars; measured on the real series here: up to 16x).
+_MOVE_RANGE = 100
+_WILDER_TOLERANCE = WARMUP_TOLERANCE / _MOVE_RANGE
+
+
 def _wilder(period: int) -> int:
-    return convergence_bars(1.0 / period)
+    return convergence_bars(1.0 / period, _WILDER_TOLERANCE)
 
 
 # An output that is a ratio of two smoothed averages (RSI = 100 G / (G + L), +DI = 100 DM / TR,
 # DX, CMO, RVI) adds their relative errors: d ln(G / (G + L)) = L / (G + L) * (dG/G - dL/L),
 # so |error| <= |dG/G| + |dL/L|. Each average must then forget its seed to half the
 # tolerance for the output to stay within it.
-_RATIO_TOLERANCE = WARMUP_TOLERANCE / 2
+_RATIO_TOLERANCE = _WILDER_TOLERANCE / 2
 
 
 def _wilder_ratio(period: int) -> int:
@@ -543,24 +552,28 @@ def warmup_bars(specs: FeatureSet | FeatureSpec | Sequence[FeatureSpec]) -> int:
 
         k(a) = ceil(log(1e-9) / log(1 - a))
 
-    with a = 2 / (n + 1) for an EMA of period n and a = 1 / n for Wilder's smoothing (RSI,
-    ATR, ADX's DM/TR). An output that is a ratio of two smoothed averages (RSI, CMO, +DI,
-    -DI, DX, RVI) adds their relative errors, up to twice the seed's weight, so those
-    averages must forget their seeds to half the tolerance:
+    with a = 2 / (n + 1) for an EMA of period n. Wilder's smoothing (a = 1 / n: RSI, ATR,
+    ADX's DM/TR) averages moves, whose size changes with volatility: a seed's error counts
+    against the average where the output is read, so its seed must fade below 1e-9 / 100
+    (a seed up to 100 times that average). An output that is a ratio of two smoothed
+    averages (RSI, CMO, +DI, -DI, DX, RVI) adds their relative errors, so those averages
+    forget their seeds to half that again:
 
-        k(a) = ceil(log(1e-9 / 2) / log(1 - a))
+        k(a) = ceil(log(1e-9 / 100) / log(1 - a))      Wilder
+        k(a) = ceil(log(1e-9 / 200) / log(1 - a))      Wilder, in a ratio
 
     Smoothers chained one after another add their horizons (MACD: the slower of its EMAs
     plus the signal EMA; DEMA twice, T3 six times; ADX: DX's ratio, then its own smoothing);
     side by side the slower one counts. Adaptive ones take their slowest alpha (KAMA
     (2/31)^2, MAMA its slowlimit). So EMA(200): a = 2/201, k = 2,073, warm-up 199 + 2,073 =
-    2,272 bars; ATR(14): 14 + 280 = 294; RSI(14): 14 + 289 = 303; MACD(12, 26, 9): 33 + 270
+    2,272 bars; ATR(14): 14 + 342 = 356; RSI(14): 14 + 352 = 366; MACD(12, 26, 9): 33 + 270
     + 93 = 396.
 
-    The seed's weight bounds the error while the seed is about the size of the values that
-    follow it. A stretch of flat bars (an imputed outage) holds a Wilder average of moves
-    still, and the seed's share with it: flat bars do not count towards forgetting, so a
-    window whose warm-up overlaps one agrees less.
+    The bound holds while volatility stays within those two orders of magnitude over the
+    warm-up (on the real series here the seed was at most ~16 times the average). A
+    stretch of flat bars (an imputed outage) holds a Wilder average of moves still, and the
+    seed's share with it: flat bars do not count towards forgetting, so a window whose
+    warm-up overlaps one agrees less.
 
     For a set or list of features: the largest of them (the history a caller must load).
     Functions whose output depends on the start forever (OBV, AD, SAR, ...) are refused when

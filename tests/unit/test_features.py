@@ -268,7 +268,7 @@ def test_convergence_horizon_of_ema_200_is_about_2100_bars():
     k = convergence_bars(alpha)
     assert k == 2_073
     assert (1 - alpha) ** k <= 1e-9 < (1 - alpha) ** (k - 1)
-    assert convergence_bars(1 / 14) == 280  # Wilder's RSI(14), ATR(14)
+    assert convergence_bars(1 / 14) == 280  # an average of period 14, to 1e-9
     assert convergence_bars(1.0) == 0  # a period of 1 does not smooth
 
 
@@ -278,10 +278,11 @@ def test_warmup_of_the_default_set():
         "sma_20": 19,  # lookback only: a full window is exact
         "ema_50": 49 + 519,
         "ema_200": 199 + 2_073,
-        "rsi_14": 14 + 289,  # a ratio of two Wilder averages: half the tolerance each
+        # Wilder: a seed up to 100x the average; RSI, a ratio of two: half that again each.
+        "rsi_14": 14 + 352,
         "macd": 33 + 270 + 93,  # lookback + EMA(26) + signal EMA(9)
         "bbands": 19,
-        "atr_14": 14 + 280,
+        "atr_14": 14 + 342,
     }
     assert warmup_bars(DEFAULT_FEATURES) == 2_272
     first = datetime(2021, 5, 19, tzinfo=UTC)
@@ -383,27 +384,47 @@ def test_every_day_agrees_with_the_full_history_within_1e_9(shared_data, file):
             assert relative_error(ours[valid], reference[valid]) <= 1e-9, column
 
 
-def test_rsi_of_every_hour_agrees_with_the_full_history_within_1e_9(shared_data):
+@pytest.mark.parametrize(
+    "recording",
+    [
+        "tooyipjee_binance_ETHUSDT_1m.csv",
+        "tooyipjee_binance_BTCUSDT_1m.csv",
+        "cl8550_binanceus_BTCUSDT_1m.csv",
+    ],
+)
+@pytest.mark.parametrize(
+    "feature",
+    [
+        {"name": "rsi_14", "function": "RSI", "params": {"timeperiod": 14}},
+        {"name": "atr_14", "function": "ATR", "params": {"timeperiod": 14}},
+    ],
+    ids=["rsi_14", "atr_14"],
+)
+def test_wilder_indicators_of_every_hour_agree_with_the_full_history_within_1e_9(
+    recording, feature, shared_data
+):
     """Reported: RSI(14) of real ETH/USDT minutes reached 1.09e-9 relative with a warm-up
-    that only made its seed weigh 1e-9; RSI is a ratio of two averages, whose errors add.
-    Each hour of the series is computed on its own window, as a partition starting there
-    would be. Hours whose window overlaps the recording's outage are left out: its minutes
-    are forward-filled flat, and flat bars do not count towards the warm-up."""
-    path = OHLCV / "tooyipjee_binance_ETHUSDT_1m.csv"
+    that only made its seed weigh 1e-9: RSI is a ratio of two averages, whose errors add,
+    and a Wilder average's seed error counts against the (smaller) average of a quiet
+    stretch. Each hour of the series is computed on its own window, as a partition starting
+    there would be. Hours whose window overlaps an outage are left out: its minutes are
+    forward-filled flat, and flat bars do not count towards the warm-up."""
+    path = OHLCV / recording
     bars = minute_bars(path)
-    rsi = spec(name="rsi_14", function="RSI", params={"timeperiod": 14})
+    wilder = spec(**feature)
+    name = feature["name"]
     recorded = pl.read_csv(path, columns=["ts_ms"])["ts_ms"].cast(pl.Datetime("ms", "UTC"))
     outage = bars["ts"].filter(~bars["ts"].is_in(recorded))
-    first_hour = (bars["ts"][0] + timedelta(minutes=warmup_bars(rsi))).replace(minute=0) + HOUR
+    first_hour = (bars["ts"][0] + timedelta(minutes=warmup_bars(wilder))).replace(minute=0) + HOUR
     parts = []
     for start in pl.datetime_range(first_hour, bars["ts"][-1], HOUR, eager=True):
-        window = between(bars, window_start(start, rsi), start + HOUR)
+        window = between(bars, window_start(start, wilder), start + HOUR)
         if not window["ts"].is_in(outage).any():
-            parts.append(compute(window, [rsi], first_output_ts=start))
+            parts.append(compute(window, [wilder], first_output_ts=start))
     hours = pl.concat(parts)
-    joined = hours.join(compute(bars, [rsi]), on="ts", suffix="_full")
-    assert joined.height == hours.height > 600 * 60
-    ours, reference = joined["rsi_14"].to_numpy(), joined["rsi_14_full"].to_numpy()
+    joined = hours.join(compute(bars, [wilder]), on="ts", suffix="_full")
+    assert joined.height == hours.height > 300 * 60
+    ours, reference = joined[name].to_numpy(), joined[f"{name}_full"].to_numpy()
     assert relative_error(ours, reference) <= 1e-9
 
 
