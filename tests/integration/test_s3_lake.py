@@ -428,7 +428,7 @@ def test_candles_and_catalog_materialize_on_s3(env, s3, tmp_path, shared_data):
     result = dg.materialize([candles_1m], partition_key="2021-05-01|BTC-USDT", resources=resources)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"gaps": True, "ohlc_sanity": True}
+    assert checks == {"gaps": True, "ohlc_sanity": True, "revisions": True, "zero_volume": True}
     (materialization,) = result.asset_materializations_for_node("candles_1m")
     assert materialization.partition == "2021-05-01|BTC-USDT"
     assert materialization.metadata["days"].value == 19
