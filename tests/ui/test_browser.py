@@ -325,7 +325,11 @@ def strip_mark(text: str, symbol: str, day: date) -> str:
 
 def test_the_coverage_grid_shows_each_day_and_the_gap_day(browser, ui):
     text = view(
-        browser, f"{ui.url}/assets/candle_coverage", "coverage_months.png", "recent_days", "· absent"
+        browser,
+        f"{ui.url}/assets/candle_coverage",
+        "coverage_months.png",
+        "recent_days",
+        "· absent",
     )
     # The strip of every day of the lake, one line per symbol and month, one mark a day: the
     # first day is stored, the gap day after it is absent (·).
