@@ -780,12 +780,12 @@ class Lake:
         self.quarantined.append(Quarantined(path, target, damage.reason))
         return target
 
-    def quarantine_damaged(self, dataset: str) -> list[Quarantined]:
-        """Decode every month file of a dataset as `read_month` does, moving the damaged
-        ones aside; returns those."""
+    def quarantine_damaged(self, dataset: str, decode: bool = True) -> list[Quarantined]:
+        """Read every month file of a dataset as `read_month` does (or, without `decode`,
+        only its footer), moving the damaged ones aside; returns those."""
         moved = len(self.quarantined)
         for path in sorted(self.root.glob(FILES[dataset])):
-            self._healed(path, self._load_month)
+            self._healed(path, self._load_month if decode else self._load_footer)
         return self.quarantined[moved:]
 
     def files(self) -> list[LakePath]:
