@@ -309,7 +309,7 @@ def _read_bytes(path: LakePath, tail: int | None = None) -> _FileBytes | None:
             with path.fs.fs.open_input_file(path.path) as source:
                 size = source.size()
                 start = max(0, size - tail) if tail else 0
-                data = source.read_at(size - start, start).to_pybytes()
+                data = source.read_at(size - start, start)
             identity = (size,)
         else:
             with open(path, "rb") as source:
