@@ -202,13 +202,6 @@ class StoredMonth:
 
 
 @dataclass(frozen=True)
-class Quarantined:
-    path: LakePath  # where the damaged file was
-    moved_to: LakePath
-    reason: str
-
-
-@dataclass(frozen=True)
 class WriteResult:
     path: LakePath
     bytes: int
@@ -262,7 +255,7 @@ def day_hashes(frame: pl.DataFrame) -> dict[date, str]:
     return {day: digest.hexdigest() for day, digest in zip(values, digests, strict=True)}
 
 
-def mismatched_days(frame: pl.DataFrame, reports: dict[date, dict]) -> list[date]:
+def _mismatched_days(frame: pl.DataFrame, reports: dict[date, dict]) -> list[date]:
     """The days of a month file's rows that its footer does not vouch for: rows that do not
     hash to their day's content_hash, or rows of a day without a report."""
     if not frame.height:
@@ -397,7 +390,7 @@ def _move(path: LakePath, target: LakePath) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
     except FileNotFoundError:
-        raise
+        raise  # gone already: moved aside or replaced by another reader or writer
     except OSError as exc:
         raise LakeError(f"cannot move the damaged file {path} aside to {target}: {exc}") from exc
     _fsync_folder(path.parent)
@@ -505,7 +498,6 @@ class Lake:
     def __init__(self, root: LakePath | str) -> None:
         text = str(root)
         self.root: LakePath = s3_root(text) if text.startswith(S3_SCHEME) else Path(root)
-        self.quarantined: list[Quarantined] = []  # damaged files this lake moved aside
 
     @property
     def filesystem(self) -> S3Store | None:
@@ -622,7 +614,7 @@ class Lake:
         gap_table = pl.concat(gaps).sort("gap_start") if gaps else None
         key_value = _month_key_value(reports, gap_table)
         written = stored is None or self._footer(path) != key_value
-        if not written and (damaged := mismatched_days(stored.frame, stored.reports)):
+        if not written and (damaged := _mismatched_days(stored.frame, stored.reports)):
             # The footer is the one this write would store, but not all rows are its rows:
             # move the file aside and write the month again with the days still intact.
             self.quarantine(DamagedFileError(path, _hash_mismatch(damaged)))
@@ -740,7 +732,7 @@ class Lake:
         reports, gaps = _month_footer_of(path, key_value, got.identity)
         if columns is None and CHECKSUM_KEY not in key_value:
             # Written before page checksums: only its rows' hashes can tell they are intact.
-            damaged = mismatched_days(frame, reports)
+            damaged = _mismatched_days(frame, reports)
             if damaged:
                 raise DamagedFileError(path, _hash_mismatch(damaged), got.identity)
         return StoredMonth(path, frame, reports, gaps)
@@ -770,6 +762,8 @@ class Lake:
             _move(path, target)
         except FileNotFoundError:
             return None  # another reader or writer moved or replaced it meanwhile
+        except OSError as exc:
+            raise LakeError(f"cannot look at the damaged file {path}: {exc}") from exc
         log.error(
             "damaged lake file %s moved to %s (the next materialization of its partition "
             "rebuilds it): %s",
@@ -777,16 +771,13 @@ class Lake:
             target,
             damage.reason,
         )
-        self.quarantined.append(Quarantined(path, target, damage.reason))
         return target
 
-    def quarantine_damaged(self, dataset: str, decode: bool = True) -> list[Quarantined]:
+    def quarantine_damaged(self, dataset: str, decode: bool = True) -> None:
         """Read every month file of a dataset as `read_month` does (or, without `decode`,
-        only its footer), moving the damaged ones aside; returns those."""
-        moved = len(self.quarantined)
+        only its footer), moving the damaged ones aside."""
         for path in sorted(self.root.glob(FILES[dataset])):
             self._healed(path, self._load_month if decode else self._load_footer)
-        return self.quarantined[moved:]
 
     def files(self) -> list[LakePath]:
         """Every Parquet file of the lake, in path order (moved-aside and temp files are
@@ -804,7 +795,7 @@ class Lake:
         frame, key_value = _decode(path, got)
         if path.parent.name.startswith("month="):
             reports, _ = _month_footer_of(path, key_value, got.identity)
-            damaged = mismatched_days(frame, reports)
+            damaged = _mismatched_days(frame, reports)
             if damaged:
                 raise DamagedFileError(path, _hash_mismatch(damaged), got.identity)
         return got.size
