@@ -626,6 +626,15 @@ class Lake:
             again = self.write_month(
                 dataset, exchange, timeframe, symbol_key, month, {**intact, **days}
             )
+            lost = [day for day in damaged if day not in days]
+            if lost:
+                # The caller counted on days it did not write: fail it rather than let it
+                # report them stored. Its next run finds them not stored and rebuilds them.
+                raise DamagedFileError(
+                    path,
+                    f"{_hash_mismatch(lost)}: moved aside, and the month written again "
+                    "without them; its next materialization rebuilds them",
+                )
             return {day: again[day] for day, data in days.items() if data is not None}
         size = write_parquet_atomic(path, frame.to_arrow(), key_value) if written else None
         size = size if size is not None else path.stat().st_size

@@ -519,9 +519,11 @@ def assert_moved_aside_copy(lake: Lake, damaged: bytes, caplog) -> None:
     assert "do not hash to the content_hash in its footer" in caplog.text
 
 
-def test_an_unchanged_write_keeps_the_intact_days_and_drops_the_changed_one(lake, day_data, caplog):
+def test_an_unchanged_write_keeps_the_intact_days_and_fails_naming_the_dropped_one(
+    lake, day_data, caplog
+):
     """The changed day is not in the write: it is dropped (not stored, so rebuilt by the
-    next materialization), the intact day kept as it was."""
+    next materialization) and the write fails naming it; the intact day is kept as it was."""
     other = DAY + timedelta(days=1)
     path = path_of(lake)
     write(lake, {DAY: DayData(*day_data), other: shifted(day_data, 1)})
@@ -536,13 +538,34 @@ def test_an_unchanged_write_keeps_the_intact_days_and_drops_the_changed_one(lake
     )
     changed = path.read_bytes()
 
-    write(lake, {DAY: DayData(*day_data)})
+    with pytest.raises(DamagedFileError) as info:
+        write(lake, {DAY: DayData(*day_data)})
 
+    assert str(path) in str(info.value)
+    assert f"the rows of {other} do not hash" in str(info.value)
     stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
     assert list(stored.reports) == [DAY]
     assert stored.reports[DAY]["content_hash"] == intact_hash
     assert_frame_equal(stored.frame, day_data[0])
     assert_moved_aside_copy(lake, changed, caplog)
+
+
+def test_an_ingest_over_rows_changed_behind_the_footer_fails_naming_the_file_then_rebuilds(
+    lake,
+):
+    """Every day is final (kept, not fetched) and no page is damaged: only the write's
+    re-hash finds it; that run cannot deliver the days it kept, the next one fetches them."""
+    original = ingest_april(lake)
+    path = path_of(lake)
+    write_behind_the_footer(path, lambda rows: rows.with_columns(pl.col("close") * 1.01))
+
+    with pytest.raises(DamagedFileError) as info:
+        ingest_april(lake)
+    rebuilt = ingest_april(lake)
+
+    assert str(path) in str(info.value)
+    assert_frame_equal(rebuilt.frame, original.frame)
+    assert rebuilt.reports == original.reports
 
 
 def test_a_file_written_before_page_checksums_is_checked_by_its_content_hashes(
