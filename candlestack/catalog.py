@@ -161,7 +161,16 @@ def view_sql(lake: Lake) -> dict[str, str]:
 
 
 def build_catalog(lake: Lake, path: Path | str) -> dict[str, int]:
-    """(Re)build the catalog file; returns the row count of each view."""
+    """(Re)build the catalog file; returns the row count of each view.
+
+    Damaged files are moved aside first (their partitions are rebuilt at their next
+    materialization), so no view counts what cannot be read: candle files are decoded
+    whole, since the partitions and gaps views count their days complete; bar and feature
+    files have their footers read (a whole decode of each costs ~5 ms; their own builds
+    decode them, and `python -m candlestack.verify` checks every file)."""
+    lake.quarantine_damaged("ohlcv")
+    for dataset in ("bars", "features"):
+        lake.quarantine_damaged(dataset, decode=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -7,6 +7,7 @@ from datetime import date
 
 import polars as pl
 
+from candlestack.errors import LakeError
 from candlestack.lake import LakePath, scan_parquet
 from candlestack.schema import DAY_MS, MINUTE_MS
 
@@ -147,15 +148,20 @@ def sanity_failures(files: Iterable[tuple[str, date, LakePath]]) -> pl.DataFrame
             ],
             schema={"symbol": pl.String, "month": pl.Date, "path": pl.String},
         )
-        counts = (
-            scan_parquet([path for _, _, path in batch], include_file_paths="path")
-            .join(index.lazy(), on="path", maintain_order="left")
-            # Per file: a stray row of another month is charged to its own file, never
-            # merged with the day of the file that rightly holds it.
-            .group_by("path", "symbol", day.alias("date"), maintain_order=True)
-            .agg(rules.values())
-            .collect()
-        )
+        try:
+            counts = (
+                scan_parquet([path for _, _, path in batch], include_file_paths="path")
+                .join(index.lazy(), on="path", maintain_order="left")
+                # Per file: a stray row of another month is charged to its own file, never
+                # merged with the day of the file that rightly holds it.
+                .group_by("path", "symbol", day.alias("date"), maintain_order=True)
+                .agg(rules.values())
+                .collect()
+            )
+        except pl.exceptions.PolarsError as exc:
+            # polars' own message does not say which file it could not read.
+            files_read = ", ".join(str(path) for _, _, path in batch)
+            raise LakeError(f"cannot read {files_read} back: {exc}") from exc
         for row in counts.iter_rows(named=True):
             broken = {rule: row[rule] for rule in rules if row[rule]}
             if broken:

@@ -27,3 +27,14 @@ class FeatureInputError(CandlestackError):
 
 class LedgerError(CandlestackError):
     """The dry-run ledger cannot be opened, migrated or written as asked."""
+
+
+class DamagedFileError(LakeError):
+    """A lake file cannot be decoded, or its rows are not the ones its footer describes."""
+
+    def __init__(self, path: object, reason: str, identity: tuple | None = None) -> None:
+        super().__init__(f"{path} is damaged: {reason}")
+        self.path = path
+        self.reason = reason
+        # What the file was when judged (inode, size, mtime): only that file is moved aside.
+        self.identity = identity

@@ -117,7 +117,9 @@ class Ingestor:
         self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
     ) -> list[PartitionOutcome]:
         exchange, key = self.source.exchange, symbol_key(symbol)
-        stored = self.lake.read_month("ohlcv", exchange, "1m", key, month)
+        # Re-hashed: a re-fetched day is merged with the stored rows, and final days are
+        # kept as they are, so both must be the rows the footer vouches for.
+        stored = self.lake.read_month("ohlcv", exchange, "1m", key, month, rehash=True)
         stored_reports = stored.reports if stored else {}
         final = [
             d

@@ -2,7 +2,9 @@ import os
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from candlestack.gaps import fill, gap_report, missing_runs
@@ -77,3 +79,35 @@ def candle_day(raw: pl.DataFrame, day: date) -> tuple[pl.DataFrame, dict, pl.Dat
         "day_closed": True,
     }
     return candles, report, gaps
+
+
+# --- damaged lake files ---------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half of a file: a copy or a disk cut short."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def overwrite_with_garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def flip_data_bytes(path: Path) -> None:
+    """Flip 16 bytes in the middle of a Parquet file's data pages (between its leading
+    magic and its footer): its footer (reports, content hashes) still reads as it was."""
+    data = bytearray(path.read_bytes())
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    middle = footer_start // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+    pq.read_metadata(path)  # the footer still parses
+
+
+DAMAGE = {"truncated": truncate, "garbage": overwrite_with_garbage, "data": flip_data_bytes}
+
+
+def quarantined(lake_root: Path) -> list[Path]:
+    """The files moved aside under a lake's quarantine folder."""
+    return sorted(p for p in (lake_root / "_quarantine").rglob("*") if p.is_file())

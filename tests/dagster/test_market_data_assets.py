@@ -10,7 +10,10 @@ import pytest
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
 from resources import LakeResource, SyntheticSourceResource
+from tests.conftest import DAMAGE, quarantined
 from tests.dagster.conftest import ingest_months
+
+APRIL = date(2021, 4, 1)
 
 
 def _checks(result):
@@ -162,3 +165,48 @@ def test_freshness_counts_the_closed_minutes_of_today_not_stored(tmp_path):
     assert lags and all(minutes_today <= lag <= minutes_today + 2 for lag in lags.values()), lags
     assert not freshness.passed
     assert freshness.metadata["max_lag_minutes"].value == max(lags.values())
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_the_next_materialization_rebuilds_a_damaged_candle_month(resources, damage, caplog):
+    """Before, it failed reading the damaged footer (truncated, garbage), or kept the
+    damaged rows because the footer was unchanged (data)."""
+    instance = dg.DagsterInstance.ephemeral()
+    ingest_months(resources, instance, ("2021-04",))
+    lake = resources["lake"].lake
+    path = lake.month_path("ohlcv", "binance", "1m", "BTC-USDT", APRIL)
+    original = lake.read(path)
+    DAMAGE[damage](path)
+    damaged = path.read_bytes()
+
+    result = dg.materialize(
+        [candles_1m], partition_key="2021-04-01|BTC-USDT", resources=resources, instance=instance
+    )
+
+    assert result.success
+    assert _checks(result)["ohlc_sanity"].passed
+    assert lake.read(path).equals(original)
+    (moved,) = quarantined(lake.root)
+    assert moved.read_bytes() == damaged
+    assert f"damaged lake file {path} moved to {moved}" in caplog.text
+
+
+def test_coverage_and_catalog_do_not_count_a_month_whose_data_is_damaged(resources, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    ingest_months(resources, instance, ("2021-04",))
+    lake = resources["lake"].lake
+    DAMAGE["data"](lake.month_path("ohlcv", "binance", "1m", "BTC-USDT", APRIL))
+
+    def complete_days() -> tuple[int, int]:
+        coverage = dg.materialize([candle_coverage], resources=resources, instance=instance)
+        meta = coverage.asset_materializations_for_node("candle_coverage")[0].metadata
+        dg.materialize([catalog], resources=resources, instance=instance, selection=[catalog])
+        with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+            sql = "SELECT count(*) FROM partitions WHERE missing = 0 AND imputed = 0"
+            return meta["partitions_complete"].value, con.execute(sql).fetchone()[0]
+
+    assert complete_days() == (0, 0)
+    dg.materialize(
+        [candles_1m], partition_key="2021-04-01|BTC-USDT", resources=resources, instance=instance
+    )
+    assert complete_days() == (9, 9)

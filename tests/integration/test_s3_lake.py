@@ -29,8 +29,9 @@ from candlestack.lake import DayData, Lake
 from candlestack.sources.replay import ReplaySource
 from candlestack.sources.synthetic import SyntheticSource
 from candlestack.strategies.config import StrategyConfig
+from candlestack.verify import verify
 from resources import LakeResource, ReplaySourceResource
-from tests.conftest import EXCHANGE_INFO, REPLAY_FILES
+from tests.conftest import EXCHANGE_INFO, REPLAY_FILES, flip_data_bytes
 
 SYMBOLS = ("BTC/USDT", "ETH/USDT")
 DAYS = [date(2024, 1, 1) + timedelta(days=i) for i in range(3)]
@@ -385,6 +386,31 @@ def test_an_upload_cut_mid_way_leaves_the_previous_object(versioned, s3, endpoin
     assert len(versions(s3, versioned)) == 1
     assert_frame_equal(lake.read(path), candles)
     assert lake.read_day_report("synthetic", "BTC-USDT", DAYS[0])[0] == report
+
+
+def test_a_damaged_object_is_named_moved_aside_and_rebuilt_by_the_next_ingest(
+    versioned, s3, tmp_path
+):
+    root = f"s3://{versioned}/lake"
+    lake = Lake(root)
+    source = SyntheticSource(seed=7, symbols=SYMBOLS, clock=lambda: NOW_S)
+    (outcome, *_) = Ingestor(source, lake).ingest("BTC/USDT", DAYS)
+    original = lake.read(outcome.path)
+    key = outcome.path.path.removeprefix(f"{versioned}/")
+    local = tmp_path / "data.parquet"
+    local.write_bytes(s3.get_object(Bucket=versioned, Key=key)["Body"].read())
+    flip_data_bytes(local)
+    s3.put_object(Bucket=versioned, Key=key, Body=local.read_bytes())
+
+    found = verify(root)
+    assert list(found.bad) == [outcome.path]
+    Ingestor(source, Lake(root)).ingest("BTC/USDT", DAYS)
+
+    assert_frame_equal(lake.read(outcome.path), original)
+    (moved,) = keys(s3, versioned, "lake/_quarantine/")
+    assert moved.startswith(f"lake/_quarantine/{key.removeprefix('lake/')}.")
+    assert s3.get_object(Bucket=versioned, Key=moved)["Body"].read() == local.read_bytes()
+    assert verify(root).bad == {}
 
 
 # --- clear errors -----------------------------------------------------------------------

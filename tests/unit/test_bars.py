@@ -1,5 +1,6 @@
 """Bars of month files: chained timeframes equal the minutes' own bars bit for bit, and the
-reconcile check reads the stored file back, so a corrupted one is caught and named."""
+reconcile check reads the stored file back, so a corrupted one is caught and named; a file
+changed behind its footer's back is moved aside and rebuilt."""
 
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ def corrupt_keeping_the_footer(path, change) -> None:
     write_parquet_atomic(path, change(pl.read_parquet(path)).to_arrow(), footer)
 
 
+def build_changing_the_file_after_its_write(
+    lake: Lake, timeframe: str, change, monkeypatch
+) -> dict[date, object]:
+    """Rebuild April's bars of a timeframe, the stored file's rows changed behind its
+    footer's back between the write and the reconcile check's read-back of it."""
+    path = lake.month_path("bars", "binance", timeframe, "BTC-USDT", APRIL)
+    write_month = lake.write_month
+
+    def write_then_change(*args):
+        writes = write_month(*args)
+        corrupt_keeping_the_footer(path, change)
+        return writes
+
+    monkeypatch.setattr(lake, "write_month", write_then_change)
+    return {
+        o.day: o for o in BarBuilder(lake, "binance", SHARE).build(timeframe, "BTC-USDT", APRIL)
+    }
+
+
 @pytest.mark.parametrize("month", [APRIL, MAY])
 def test_chained_bars_equal_bars_straight_from_the_months_minutes(lake, month):
     outcomes = build_all(lake, month)
@@ -105,36 +125,36 @@ def test_a_rebuild_of_unchanged_bars_writes_nothing_and_reconciles(lake):
 
 
 @pytest.mark.parametrize("timeframe", [*CHAINED, "5m"])
-def test_a_corrupted_bar_file_is_caught_naming_the_column(lake, timeframe):
+def test_a_corrupted_bar_file_is_caught_naming_the_column(lake, timeframe, monkeypatch):
     build_all(lake, APRIL)
     bad_day = date(2021, 4, 27)
     path = lake.month_path("bars", "binance", timeframe, "BTC-USDT", APRIL)
     row = pl.read_parquet(path)["ts"].dt.date().to_list().index(bad_day)  # its first bar
-    corrupt_keeping_the_footer(
-        path,
+
+    outcomes = build_changing_the_file_after_its_write(
+        lake,
+        timeframe,
         lambda bars: bars.with_columns(
             close=pl.when(pl.int_range(pl.len()) == row)
             .then(pl.col("close") + 0.01)
             .otherwise("close")
         ),
+        monkeypatch,
     )
-
-    outcomes = {
-        o.day: o for o in BarBuilder(lake, "binance", SHARE).build(timeframe, "BTC-USDT", APRIL)
-    }
 
     assert outcomes[bad_day].mismatch == "differs from the minutes in close"
     assert [d for d, o in outcomes.items() if o.mismatch] == [bad_day]
 
 
-def test_a_bar_missing_from_a_chained_file_is_caught_with_the_counts(lake):
+def test_a_bar_missing_from_a_chained_file_is_caught_with_the_counts(lake, monkeypatch):
     build_all(lake, APRIL)
     bad_day = date(2021, 4, 22)
     path = lake.month_path("bars", "binance", "4h", "BTC-USDT", APRIL)
     start = pl.read_parquet(path)["ts"].dt.date().to_list().index(bad_day)
-    corrupt_keeping_the_footer(path, lambda bars: bars.filter(pl.int_range(pl.len()) != start))
 
-    outcomes = {o.day: o for o in BarBuilder(lake, "binance", SHARE).build("4h", "BTC-USDT", APRIL)}
+    outcomes = build_changing_the_file_after_its_write(
+        lake, "4h", lambda bars: bars.filter(pl.int_range(pl.len()) != start), monkeypatch
+    )
 
     assert outcomes[bad_day].mismatch == "5 bars stored, 6 from the minutes"
     assert [d for d, o in outcomes.items() if o.mismatch] == [bad_day]
@@ -157,3 +177,21 @@ def test_chained_bars_built_on_corrupted_source_bars_are_caught(lake):
 
     assert outcomes[bad_day].mismatch == "differs from the minutes in high"
     assert [d for d, o in outcomes.items() if o.mismatch] == [bad_day]
+
+
+def test_a_rebuild_moves_aside_a_bar_file_changed_behind_its_footer_and_writes_it_anew(lake):
+    """Its footer is the one the rebuild would write, so the write used to be skipped and
+    the changed rows kept; the rows no longer hash to the footer's content hashes."""
+    build_all(lake, APRIL)
+    path = lake.month_path("bars", "binance", "4h", "BTC-USDT", APRIL)
+    corrupt_keeping_the_footer(path, lambda bars: bars.with_columns(pl.col("close") * 1.01))
+    changed = path.read_bytes()
+
+    outcomes = BarBuilder(lake, "binance", SHARE).build("4h", "BTC-USDT", APRIL)
+
+    assert all(o.mismatch is None and o.skipped is None for o in outcomes)
+    assert lake.read_month("bars", "binance", "4h", "BTC-USDT", APRIL).frame.equals(
+        direct(lake, "4h", APRIL)
+    )
+    (moved,) = (lake.root / "_quarantine").rglob("data.parquet.*")
+    assert moved.read_bytes() == changed

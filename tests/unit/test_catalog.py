@@ -11,11 +11,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from candlestack.bars import BarBuilder
 from candlestack.catalog import build_catalog
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.sources.replay import ReplaySource, read_exchange_info
-from tests.conftest import OHLCV, SHARED
+from tests.conftest import DAMAGE, OHLCV, SHARED, quarantined, truncate
 
 BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
 ETH = OHLCV / "tooyipjee_binance_ETHUSDT_1m.csv"
@@ -207,3 +208,39 @@ def test_reader_keeps_working_while_the_catalog_is_rebuilt(tmp_path):
         old.close()
     # Once the old connection is closed, a new one in this process sees the rebuild too.
     assert query(path, "SELECT count(*), count(DISTINCT symbol) FROM ohlcv") == [(1440, 1)]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_the_days_of_a_damaged_candle_file_are_not_counted(tmp_path, damage):
+    """Before, a file whose data pages were damaged but whose footer read was counted
+    complete in the partitions view (and a truncated one failed the whole catalog)."""
+    lake = Lake(tmp_path / "lake")
+    ingest(lake, "BTC/USDT", DAYS)
+    ingest(lake, "ETH/USDT", DAYS)
+    damaged = lake.month_path("ohlcv", "binance", "1m", "ETH-USDT", DAYS[0])
+    DAMAGE[damage](damaged)
+    path = tmp_path / "catalog.duckdb"
+
+    counts = build_catalog(lake, path)
+
+    assert query(path, "SELECT DISTINCT symbol FROM partitions") == [("BTC-USDT",)]
+    assert counts["partitions"] == len(DAYS)
+    assert counts["ohlcv"] == len(DAYS) * 1440
+    assert not damaged.exists() and len(quarantined(lake.root)) == 1
+
+
+def test_a_truncated_bar_file_is_moved_aside_and_the_catalog_still_builds(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    ingest(lake, "BTC/USDT", DAYS)
+    builder = BarBuilder(lake, "binance", imputed_max_share=0.25)
+    for timeframe in ("5m", "1h"):
+        builder.build(timeframe, "BTC-USDT", DAYS[0])
+    damaged = lake.month_path("bars", "binance", "1h", "BTC-USDT", DAYS[0])
+    truncate(damaged)
+    path = tmp_path / "catalog.duckdb"
+
+    counts = build_catalog(lake, path)
+
+    assert query(path, "SELECT DISTINCT timeframe FROM bars") == [("5m",)]
+    assert counts["bars"] == len(DAYS) * 288
+    assert not damaged.exists() and len(quarantined(lake.root)) == 1

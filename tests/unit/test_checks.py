@@ -7,9 +7,11 @@ import pytest
 
 from candlestack import checks
 from candlestack.checks import ohlc_violations, sanity_failures
+from candlestack.errors import LakeError
 from candlestack.ingest import Ingestor, day_start_ms
 from candlestack.lake import Lake, month_of, write_parquet_atomic
 from candlestack.sources.synthetic import SyntheticSource
+from tests.conftest import truncate
 
 # Two days at the end of January and two at the start of February: two month files.
 DAYS = [date(2024, 1, 30) + timedelta(days=i) for i in range(4)]
@@ -85,3 +87,14 @@ def test_the_untouched_month_and_days_pass(tmp_path):
     february = [m for m in _months(outcomes) if m[1] == FEB]
 
     assert sanity_failures(february).is_empty()
+
+
+def test_a_month_file_that_cannot_be_read_back_is_named(tmp_path):
+    months = _months(_ingest(tmp_path))
+    damaged = months[-1][2]
+    truncate(damaged)
+
+    with pytest.raises(LakeError) as info:
+        sanity_failures(months)
+
+    assert f"cannot read {damaged} back" in str(info.value)

@@ -1,5 +1,5 @@
-"""The Parquet lake: month files of many days, idempotent atomic writes, footer reports
-and file encodings."""
+"""The Parquet lake: month files of many days, idempotent atomic writes, footer reports,
+file encodings, and damaged files moved aside and rebuilt."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ from polars.testing import assert_frame_equal
 
 import candlestack.lake as lake_module
 from candlestack.catalog import build_catalog
-from candlestack.errors import LakeError
+from candlestack.errors import DamagedFileError, LakeError
 from candlestack.gaps import gap_report
-from candlestack.ingest import day_start_ms
+from candlestack.ingest import Ingestor, day_start_ms
 from candlestack.lake import (
+    GAPS_KEY,
+    REPORT_KEY,
     DayData,
     Lake,
     content_hash,
@@ -34,8 +36,16 @@ from candlestack.lake import (
     write_parquet_atomic,
 )
 from candlestack.schema import CANDLES_1M, GAPS
-from candlestack.sources.replay import read_candle_file
-from tests.conftest import OHLCV, candle_day
+from candlestack.sources.replay import ReplaySource, read_candle_file
+from tests.conftest import (
+    DAMAGE,
+    OHLCV,
+    REPLAY_FILES,
+    candle_day,
+    flip_data_bytes,
+    quarantined,
+    truncate,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BTC = OHLCV / "tooyipjee_binance_BTCUSDT_1m.csv"
@@ -362,19 +372,278 @@ def test_read_of_foreign_parquet_names_the_file(lake, day_data):
         assert str(path) in str(info.value)
 
 
-def test_torn_file_raises_lake_error_naming_it(lake, day_data):
+# --- damaged files ----------------------------------------------------------------------
+
+
+def damaged_month(lake: Lake, day_data, damage: str) -> tuple[Path, bytes]:
+    """A stored month file of two days, damaged; returns its path and its damaged bytes."""
+    path = path_of(lake)
+    write(lake, {DAY: DayData(*day_data), DAY + timedelta(days=1): shifted(day_data, 1)})
+    DAMAGE[damage](path)
+    return path, path.read_bytes()
+
+
+def assert_moved_aside(lake: Lake, path: Path, damaged: bytes, caplog) -> None:
+    """The damaged file is gone from the lake, kept byte for byte under the quarantine
+    folder at its own relative path, and an ERROR log line names it and where it went."""
+    assert not path.exists()
+    (moved,) = quarantined(lake.root)
+    relative = path.relative_to(lake.root).as_posix()
+    assert moved.relative_to(lake.root / "_quarantine").as_posix().startswith(relative + ".")
+    assert moved.read_bytes() == damaged
+    (record,) = [r for r in caplog.records if r.name == "candlestack.lake"]
+    assert record.levelname == "ERROR"
+    assert str(path) in record.getMessage() and str(moved) in record.getMessage()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_month_file_is_moved_aside_named_and_reads_as_not_stored(
+    lake, day_data, damage, caplog
+):
+    path, damaged = damaged_month(lake, day_data, damage)
+
+    assert lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY) is None
+
+    assert_moved_aside(lake, path, damaged, caplog)
+    assert lake.day_reports("ohlcv", "binance", "1m", "BTC-USDT") == {}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_footer_read_moves_aside_a_file_whose_footer_is_damaged(lake, day_data, damage, caplog):
+    path, damaged = damaged_month(lake, day_data, damage)
+
+    assert lake.day_reports("ohlcv", "binance", "1m", "BTC-USDT") == {}
+    assert lake.read_day_report("binance", "BTC-USDT", DAY) is None
+
+    assert_moved_aside(lake, path, damaged, caplog)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_read_of_a_damaged_file_names_it_and_leaves_it(lake, day_data, damage):
+    path, damaged = damaged_month(lake, day_data, damage)
+
+    with pytest.raises(DamagedFileError) as info:
+        lake.read(path)
+
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == damaged
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_reports_do_not_count_the_days_of_a_damaged_file(lake, day_data, damage):
+    """The coverage grid counts the days `reports` lists: a file whose footer reads but
+    whose data does not decode must not count its days complete."""
+    may = date(2021, 5, 1)
+    write(lake, {may: shifted(day_data, 6)}, month=may)
+    damaged_month(lake, day_data, damage)
+
+    assert lake.reports("binance")["date"].to_list() == [may]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_read_days_and_newest_ts_skip_a_damaged_month(lake, day_data, damage):
+    may = date(2021, 5, 1)
+    path = path_of(lake, may)
+    write(lake, {DAY: DayData(*day_data)})
+    write(lake, {may: shifted(day_data, 6)}, month=may)
+    DAMAGE[damage](path)
+
+    rows = lake.read_days("ohlcv", "binance", "1m", "BTC-USDT", DAY, may)
+
+    assert_frame_equal(rows, day_data[0])
+    assert lake.newest_ts("ohlcv", "binance", "1m", "BTC-USDT") == day_data[1]["last_ts"]
+    assert not path.exists()
+
+
+def ingest_april(lake: Lake) -> pl.DataFrame:
+    days = [date(2021, 4, 24), DAY, date(2021, 4, 26)]
+    Ingestor(ReplaySource(REPLAY_FILES), lake).ingest("BTC/USDT", days)
+    return lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_rerun_of_the_ingest_rebuilds_a_damaged_month(lake, damage, caplog):
+    """Before, the write read the damaged footer and failed (truncated, garbage), or found
+    the footer unchanged and kept the damaged rows (data)."""
+    original = ingest_april(lake)
+    path = path_of(lake)
+    DAMAGE[damage](path)
+    damaged = path.read_bytes()
+
+    rebuilt = ingest_april(lake)
+
+    assert_frame_equal(rebuilt.frame, original.frame)
+    assert rebuilt.reports == original.reports
+    (moved,) = quarantined(lake.root)
+    assert moved.read_bytes() == damaged
+    assert str(path) in caplog.text
+
+
+def write_behind_the_footer(path: Path, change, checksums: bool = True) -> None:
+    """Rewrite a month file's rows through `change`, its footer (reports, content hashes)
+    kept: with checksums, every page is valid and only the hashes can tell; without, as a
+    file written before page checksums were."""
+    footer = {k: v for k, v in pq.read_schema(path).metadata.items() if k in (REPORT_KEY, GAPS_KEY)}
+    rows = change(pl.read_parquet(path)).to_arrow()
+    if checksums:
+        write_parquet_atomic(path, rows, footer)
+    else:
+        pq.write_table(
+            rows.replace_schema_metadata(footer),
+            path,
+            compression="zstd",
+            use_dictionary=False,
+            column_encoding=lake_module._encodings(rows.schema),
+        )
+
+
+def test_a_write_skipped_as_unchanged_re_hashes_the_rows_and_rewrites_changed_ones(
+    lake, day_data, caplog
+):
+    candles, report, gaps = day_data
+    path = path_of(lake)
+    write(lake, {DAY: DayData(candles, report, gaps)})
+    write_behind_the_footer(path, lambda rows: rows.with_columns(pl.col("close") * 1.01))
+    changed = path.read_bytes()
+
+    result = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
+
+    assert result.written is True
+    assert_frame_equal(lake.read(path), candles)
+    assert_moved_aside_copy(lake, changed, caplog)
+
+
+def assert_moved_aside_copy(lake: Lake, damaged: bytes, caplog) -> None:
+    (moved,) = quarantined(lake.root)
+    assert moved.read_bytes() == damaged
+    assert "do not hash to the content_hash in its footer" in caplog.text
+
+
+def test_an_unchanged_write_keeps_the_intact_days_and_fails_naming_the_dropped_one(
+    lake, day_data, caplog
+):
+    """The changed day is not in the write: it is dropped (not stored, so rebuilt by the
+    next materialization) and the write fails naming it; the intact day is kept as it was."""
+    other = DAY + timedelta(days=1)
+    path = path_of(lake)
+    write(lake, {DAY: DayData(*day_data), other: shifted(day_data, 1)})
+    intact_hash = lake.day_reports("ohlcv", "binance", "1m", "BTC-USDT")[DAY]["content_hash"]
+    write_behind_the_footer(
+        path,
+        lambda rows: rows.with_columns(
+            close=pl.when(pl.col("ts").dt.date() == other)
+            .then(pl.col("close") * 2)
+            .otherwise("close")
+        ),
+    )
+    changed = path.read_bytes()
+
+    with pytest.raises(DamagedFileError) as info:
+        write(lake, {DAY: DayData(*day_data)})
+
+    assert str(path) in str(info.value)
+    assert f"the rows of {other} do not hash" in str(info.value)
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert list(stored.reports) == [DAY]
+    assert stored.reports[DAY]["content_hash"] == intact_hash
+    assert_frame_equal(stored.frame, day_data[0])
+    assert_moved_aside_copy(lake, changed, caplog)
+
+
+def test_an_ingest_over_rows_changed_behind_the_footer_rebuilds_the_month(lake, caplog):
+    """No page is damaged: only re-hashing the rows tells. The ingest merges re-fetched days
+    with the stored rows and keeps final days as stored, so it re-hashes the month it reads:
+    the file is moved aside and the whole month fetched again in the same run."""
+    original = ingest_april(lake)
+    path = path_of(lake)
+    write_behind_the_footer(path, lambda rows: rows.with_columns(pl.col("close") * 1.01))
+    changed = path.read_bytes()
+
+    rebuilt = ingest_april(lake)
+
+    assert_frame_equal(rebuilt.frame, original.frame)
+    assert rebuilt.reports == original.reports
+    (moved,) = quarantined(lake.root)
+    assert moved.read_bytes() == changed
+    assert f"damaged lake file {path} moved to {moved}" in caplog.text
+
+
+def test_a_file_written_before_page_checksums_is_checked_by_its_content_hashes(
+    lake, day_data, caplog
+):
+    """Its damaged pages decode without an error: only re-hashing the rows tells."""
     path = path_of(lake)
     write(lake, {DAY: DayData(*day_data)})
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    write_behind_the_footer(path, lambda rows: rows, checksums=False)
+    flip_data_bytes(path)
+    damaged = path.read_bytes()
+    assert pq.read_table(path).num_rows == 1440  # decodes, wrongly
 
-    for read in (
-        lambda: lake.read(path),
-        lambda: lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY),
-    ):
-        with pytest.raises(LakeError) as info:
-            read()
-        assert str(path) in str(info.value)
+    assert lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY) is None
+    assert_moved_aside(lake, path, damaged, caplog)
+
+
+def test_a_file_written_before_page_checksums_and_intact_reads_as_stored(lake, day_data):
+    path = path_of(lake)
+    write(lake, {DAY: DayData(*day_data)})
+    write_behind_the_footer(path, lambda rows: rows, checksums=False)
+
+    stored = lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+
+    assert_frame_equal(stored.frame, day_data[0])
+    assert not quarantined(lake.root)
+
+
+def test_a_file_that_cannot_be_read_is_not_judged_damaged(lake, day_data, monkeypatch):
+    """A store that cannot be reached (here: the open fails) is an error, not damage."""
+    path = path_of(lake)
+    write(lake, {DAY: DayData(*day_data)})
+
+    def unreachable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lake_module, "open", unreachable, raising=False)
+    with pytest.raises(LakeError, match="cannot read") as info:
+        lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    monkeypatch.undo()
+
+    assert str(path) in str(info.value)
+    assert path.exists() and not quarantined(lake.root)
+
+
+def test_a_file_rewritten_since_it_was_found_damaged_is_left_in_place(lake, day_data):
+    path = path_of(lake)
+    write(lake, {DAY: DayData(*day_data)})
+    rewritten = path.read_bytes()
+    truncate(path)
+    with pytest.raises(DamagedFileError) as info:
+        lake._load_month(path)
+    path.write_bytes(rewritten)  # a writer replaces it meanwhile
+
+    assert lake.quarantine(info.value) is None
+
+    assert path.read_bytes() == rewritten
+    assert not quarantined(lake.root)
+
+
+def test_write_fsyncs_the_folder_after_the_rename(tmp_path, day_data, monkeypatch):
+    """Without it, a power cut right after the rename may bring back the old file."""
+    path = tmp_path / "month=2021-04" / "data.parquet"
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(
+        lake_module.os, "replace", lambda *a: (events.append("rename"), replace(*a))
+    )
+
+    def recording_fsync(fd):
+        kind = "folder" if os.path.samefile(f"/proc/self/fd/{fd}", path.parent) else "file"
+        events.append(f"fsync {kind}")
+        fsync(fd)
+
+    monkeypatch.setattr(lake_module.os, "fsync", recording_fsync)
+    write_parquet_atomic(path, day_data[0].to_arrow(), {})
+
+    assert events == ["fsync file", "rename", "fsync folder"]
 
 
 def test_reports_lists_each_stored_day(lake, day_data):
