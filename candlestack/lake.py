@@ -57,6 +57,9 @@ STALE_TEMP_SECONDS = 3600
 S3_SCHEME = "s3://"
 GAP_TABLE = {**GAPS, "gap_start": TS, "gap_end": TS}
 
+# write_month's default: it reads the stored month itself.
+_UNREAD = object()
+
 # A file of the lake: a local file, or an object under s3:// (UPath on S3Store).
 LakePath = Path | UPath
 
@@ -595,12 +598,15 @@ class Lake:
         symbol_key: str,
         month: date,
         days: dict[date, DayData | None],
+        stored: StoredMonth | object | None = _UNREAD,
     ) -> dict[date, WriteResult]:
         """Replace the given days of a month file (None removes a day), keeping its other
         days, in one atomic write; nothing is written when the file already holds exactly
-        this. Returns each given stored day's result."""
+        this. Returns each given stored day's result. `stored`: the month as the caller
+        has just read it (`read_month`), so it is not read twice."""
         path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
-        stored = self.read_month(dataset, exchange, timeframe, symbol_key, month)
+        if stored is _UNREAD:
+            stored = self.read_month(dataset, exchange, timeframe, symbol_key, month)
         wrong = [d for d in days if month_of(d) != month_of(month)]
         if wrong:
             raise LakeError(f"{path}: day {wrong[0]} is not in the month {month:%Y-%m}")
