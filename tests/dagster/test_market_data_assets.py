@@ -9,8 +9,8 @@ import pytest
 
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
-from resources import LakeResource, SyntheticSourceResource
-from tests.conftest import DAMAGE, quarantined
+from resources import LakeResource, ReplaySourceResource, SyntheticSourceResource
+from tests.conftest import DAMAGE, OHLCV, quarantined
 from tests.dagster.conftest import ingest_months
 
 APRIL = date(2021, 4, 1)
@@ -210,3 +210,29 @@ def test_coverage_and_catalog_do_not_count_a_month_whose_data_is_damaged(resourc
         [candles_1m], partition_key="2021-04-01|BTC-USDT", resources=resources, instance=instance
     )
     assert complete_days() == (9, 9)
+
+
+def test_a_venue_of_flat_volume_0_minutes_trips_the_zero_volume_warning(tmp_path):
+    """Binance.US's BTC/USDT of March 2023: real minutes, some of them flat with no volume
+    (9.1 % of 2023-03-04). The warn-level check names the days over the 5 % default, the
+    partition shows the share; the blocking checks pass, so nothing is held back."""
+    resources = {
+        "source": ReplaySourceResource(
+            files={"BTC/USDT": str(OHLCV / "cl8550_binanceus_BTCUSDT_1m.csv")},
+            exchange="binanceus",
+        ),
+        "lake": LakeResource(root=str(tmp_path / "lake")),
+    }
+    result = dg.materialize([candles_1m], partition_key="2023-03-01|BTC-USDT", resources=resources)
+    checks = _checks(result)
+    assert checks["gaps"].passed and checks["ohlc_sanity"].passed
+    zero_volume = checks["zero_volume"]
+    assert not zero_volume.passed
+    assert zero_volume.severity == dg.AssetCheckSeverity.WARN
+    failures = zero_volume.metadata["failures"].value
+    assert "| 2023-03-04 | BTC-USDT |" in failures
+    assert "| 2023-03-01 |" not in failures  # not one minute without a trade that day
+    (materialization,) = result.asset_materializations_for_node("candles_1m")
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    assert meta["zero_volume"] == 658  # the recording's README counts 658 such minutes
+    assert meta["zero_volume_share"] == 658 / meta["real"]
