@@ -78,6 +78,9 @@ class Ingestor:
         self.source = source
         self.lake = lake
         self.refetch_attempts = refetch_attempts
+        # Made once: an empty polars frame costs ~0.5 ms, and a year has 365 days.
+        self._no_candles = pl.DataFrame(schema=RAW_CANDLES)
+        self._no_revisions = pl.DataFrame(schema=REVISIONS)
 
     def path(self, symbol: str, day: date) -> LakePath:
         return self.lake.month_path("ohlcv", self.source.exchange, "1m", symbol_key(symbol), day)
@@ -150,7 +153,6 @@ class Ingestor:
         # keeps up to 30 days.
         size = path.stat().st_size if final else 0
         no_rows, none_rejected = pl.DataFrame(), pl.DataFrame(schema=REJECTED)
-        none_revised = pl.DataFrame(schema=REVISIONS)
         gaps = stored.gaps if final and stored.gaps is not None else None
         gaps_by_day = (
             {
@@ -175,7 +177,9 @@ class Ingestor:
             }
             write = WriteResult(path, size, report["content_hash"], written=False)
             kept = DayData(no_rows, report, gaps_by_day.get(day, no_gaps))
-            outcomes.append(self._outcome(symbol, day, kept, none_rejected, none_revised, write))
+            outcomes.append(
+                self._outcome(symbol, day, kept, none_rejected, self._no_revisions, write)
+            )
         return sorted(outcomes, key=lambda o: o.day)
 
     def _fetch(self, symbol: str, start_ms: int, end_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -183,10 +187,9 @@ class Ingestor:
             return pl.DataFrame(schema=RAW_CANDLES), pl.DataFrame(schema=REJECTED)
         return validate(self.source.fetch_candles(symbol, start_ms, end_ms), start_ms, end_ms)
 
-    @staticmethod
-    def _stored_real(stored: StoredMonth | None, day: date) -> pl.DataFrame:
+    def _stored_real(self, stored: StoredMonth | None, day: date) -> pl.DataFrame:
         if stored is None or day not in stored.reports:
-            return pl.DataFrame(schema=RAW_CANDLES)
+            return self._no_candles
         real = stored.day(day).filter(~pl.col("imputed")).drop("imputed")
         return real.with_columns(pl.col("ts").dt.epoch("ms")).cast(RAW_CANDLES)
 
@@ -239,12 +242,13 @@ class Ingestor:
             start = day_start_ms(day)
             end = min(start + DAY_MS, closed_end)
             stored_real = self._stored_real(stored, day)
-            revisions = self._revisions(_in(clean, start, end), stored_real)
-            if (
-                stored is not None
-                and day in stored.reports
-                and not stored.reports[day]["day_closed"]
-            ):
+            # Nothing stored (a backfill's days): nothing to revise, and no join to pay for.
+            revisions = (
+                self._revisions(_in(clean, start, end), stored_real)
+                if stored_real.height
+                else self._no_revisions
+            )
+            if revisions.height and not stored.reports[day]["day_closed"]:
                 # The newest candle of a day stored open may have been stored while forming:
                 # its final values are not a revision.
                 revisions = revisions.filter(pl.col("ts") != stored.day(day)["ts"].max())
@@ -258,12 +262,12 @@ class Ingestor:
                 previous,
                 stored_real,
             )
-            earlier = stored.day_revisions(day) if stored is not None else revisions.clear()
+            earlier = stored.day_revisions(day) if stored is not None else self._no_revisions
             data = DayData(
                 data.frame,
                 {**data.report, "revised": earlier.height + revisions.height},
                 data.gaps,
-                pl.concat([earlier, revisions]),
+                pl.concat([earlier, revisions]) if revisions.height else earlier,
             )
             previous = real
             finished.append((day, data, rejected_rows, revisions))
@@ -309,11 +313,12 @@ class Ingestor:
         delivers (missing, or refused by validation) is kept, never imputed over; the
         source's valid candles win (a changed one is a revision, recorded by the caller)."""
         fetched = clean
-        clean = (
-            pl.concat([clean, stored_real])
-            .unique("ts", keep="first", maintain_order=True)
-            .sort("ts")
-        )
+        if stored_real.height:
+            clean = (
+                pl.concat([clean, stored_real])
+                .unique("ts", keep="first", maintain_order=True)
+                .sort("ts")
+            )
         kept = clean.height - fetched.height
         first_pass = missing_runs(clean["ts"].to_numpy(), start, end)
         runs = first_pass
