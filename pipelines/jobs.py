@@ -18,7 +18,10 @@ from assets.dry_run import (
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
 from assets.partitions import candle_partitions, daily_partitions
+from candlestack.config import load_settings
+from candlestack.kill_switch import known_scope
 from candlestack.ledger import GLOBAL_SCOPE
+from candlestack.strategies.config import load_strategies
 from resources import LedgerResource
 
 ingest_candles_job = dg.define_asset_job(
@@ -89,6 +92,8 @@ def change_kill_switch(
     """Trip or reset the kill switch by hand; audited with the run that did it."""
     if not config.reason.strip():
         raise ValueError("a kill-switch change needs a reason")
+    strategies = load_strategies(load_settings().strategies).strategies
+    known_scope(config.scope, [s.name for s in strategies])
     book = ledger.open()
     by = f"dagster run {context.run_id}"
     change = book.trip if config.action == "trip" else book.reset

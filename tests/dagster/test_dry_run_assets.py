@@ -141,6 +141,22 @@ def test_kill_switch_job_trips_and_resets_with_an_audited_reason(live):
     assert by.startswith("dagster run ")
 
 
+def test_the_kill_switch_job_refuses_a_scope_that_is_no_strategy(live):
+    resources, ledger = live
+    config = {"action": "trip", "scope": f"{STRATEGY}p", "reason": "exchange maintenance"}
+    result = kill_switch.execute_in_process(
+        run_config={"ops": {"change_kill_switch": {"config": config}}},
+        resources={"ledger": resources["ledger"]},
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message
+    assert f"unknown kill-switch scope '{STRATEGY}p' (did you mean '{STRATEGY}'?)" in message
+    ledger.migrate()
+    assert ledger.kill_switch_states().is_empty()
+
+
 def audit_check(resources, instance) -> dg.AssetCheckEvaluation:
     result = dg.materialize([ledger_snapshot], resources=resources, instance=instance)
     (evaluation,) = result.get_asset_check_evaluations()

@@ -336,17 +336,37 @@ def test_kill_switch_cli_trips_and_resets_with_a_reason(tmp_path: Path):
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
-    refused = cli("trip", "--scope", "btc_fast_cross")
+    refused = cli("trip", "--scope", "btc_scalp")
     assert refused.returncode == 2 and "trip needs --reason" in refused.stderr
-    tripped = cli("trip", "--scope", "btc_fast_cross", "--reason", "fat finger on the exchange")
+    tripped = cli("trip", "--scope", "btc_scalp", "--reason", "fat finger on the exchange")
     assert tripped.returncode == 0, tripped.stderr
-    assert "btc_fast_cross: tripped" in tripped.stdout
+    assert "btc_scalp: tripped" in tripped.stdout
     ledger = Ledger(url)
-    assert ledger.tripped("btc_fast_cross") == "fat finger on the exchange"
-    assert cli("reset", "--scope", "btc_fast_cross", "--reason", "checked").returncode == 0
-    assert ledger.tripped("btc_fast_cross") is None
+    assert ledger.tripped("btc_scalp") == "fat finger on the exchange"
+    assert cli("reset", "--scope", "btc_scalp", "--reason", "checked").returncode == 0
+    assert ledger.tripped("btc_scalp") is None
     payloads = [json.loads(p) for p in ledger.audit_events().get_column("payload")]
     assert [p["by"].startswith("cli:") for p in payloads] == [True, True]
+
+
+def test_a_kill_switch_scope_that_is_no_strategy_is_refused_naming_the_known_ones(
+    tmp_path: Path,
+):
+    """Reported: `trip --scope btc_scalpp` said "tripped", and btc_scalp kept trading."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    env = {**os.environ, "CANDLESTACK_LEDGER_URL": url}
+    typo = subprocess.run(
+        [sys.executable, "-m", "candlestack.kill_switch", "trip", "--scope", "btc_scalpp",
+         "--reason", "maintenance"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert typo.returncode == 2
+    assert "unknown kill-switch scope 'btc_scalpp' (did you mean 'btc_scalp'?)" in typo.stderr
+    assert "'*', btc_ma_cross, btc_mean_reversion, btc_scalp, eth_breakout" in typo.stderr
+    ledger = Ledger(url)
+    ledger.migrate()
+    assert ledger.kill_switch_states().is_empty()  # nothing tripped, nothing audited
+    assert ledger.audit_events().is_empty()
 
 
 def test_an_order_under_the_min_notional_is_rejected_with_its_reason_never_filled(
