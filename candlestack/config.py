@@ -163,6 +163,13 @@ class Settings(BaseModel, frozen=True):
         )
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see README")
+        # Half a credential would be ignored (a key is only used with its secret): refuse it.
+        halves = {
+            n: bool(environ.get(n)) for n in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
+        }
+        if len(set(halves.values())) > 1:
+            present, absent = sorted(halves, key=halves.get, reverse=True)
+            raise ConfigError(f"{present} is set but {absent} is not: set both, or neither")
         for name in cls.model_fields:
             value = environ.get(ENV_PREFIX + name.upper())
             if value is None or value == "":

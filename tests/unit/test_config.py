@@ -44,6 +44,7 @@ def test_replay_files_json_and_other_typed_values():
             "CANDLESTACK_REFETCH_ATTEMPTS": "0",
             "CANDLESTACK_LAKE": "/tmp/lake",
             "CANDLESTACK_API_KEY": "not-a-setting-but-allowed",
+            "CANDLESTACK_API_SECRET": "its-pair",
         }
     )
     assert settings.replay_files == {
@@ -188,3 +189,16 @@ def test_wrong_case_variable_is_not_silently_ignored():
         assert "CANDLESTACK_Symbols" in str(exc)
     else:
         assert settings.symbols == ("ETH/USDT",)
+
+
+@pytest.mark.parametrize(
+    ("present", "absent"),
+    [
+        ("CANDLESTACK_API_SECRET", "CANDLESTACK_API_KEY"),
+        ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET"),
+    ],
+)
+def test_half_a_credential_is_refused_naming_the_missing_half(present, absent):
+    """Reported: a secret without its key was ignored silently (no keys were used)."""
+    with pytest.raises(ConfigError, match=f"{present} is set but {absent} is not"):
+        Settings.from_env({present: "canary"})
