@@ -9,7 +9,7 @@ import polars as pl
 
 from candlestack.errors import LakeError
 from candlestack.lake import LakePath, scan_parquet
-from candlestack.schema import DAY_MS, MINUTE_MS
+from candlestack.schema import DAY_MS, MINUTE_MS, MINUTES_PER_DAY
 
 # Month files read back per query: all of a range in one query held every candle of it in
 # memory at once (+120 MiB for a year of one symbol); four month files per query still made
@@ -61,7 +61,10 @@ def gap_failure(report: dict, imputed_max_share: float) -> str | None:
     reasons = []
     if report["missing"]:
         reasons.append(f"{report['missing']} minutes still missing")
-    share = report["imputed"] / report["expected"] if report["expected"] else 0.0
+    # A share of the whole day, open or closed: two imputed minutes among the open day's
+    # first hundred would otherwise block its bars (and the dry-run) until noon, though the
+    # day passes once closed.
+    share = report["imputed"] / MINUTES_PER_DAY
     if share > imputed_max_share:
         reasons.append(f"imputed share {share:.2%} > {imputed_max_share:.2%}")
     return "; ".join(reasons) or None
