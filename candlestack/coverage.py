@@ -11,7 +11,6 @@ from candlestack.config import symbol_key
 # Imputed days are graded by the share of their minutes imputed: a day of 1,022 invented
 # minutes must not look like a day of 3.
 IMPUTED_GRADES = (("imputed <1%", 0.01), ("imputed <10%", 0.10), ("imputed >=10%", None))
-STATUSES = ("complete", *(g for g, _ in IMPUTED_GRADES), "missing", "open", "absent")
 STATUS_MARK = {
     "complete": "█",
     "imputed <1%": "▓",

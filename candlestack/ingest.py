@@ -80,6 +80,7 @@ class Ingestor:
         self.refetch_attempts = refetch_attempts
         # Made once: an empty polars frame costs ~0.5 ms, and a year has 365 days.
         self._no_candles = pl.DataFrame(schema=RAW_CANDLES)
+        self._no_rejected = pl.DataFrame(schema=REJECTED)
         self._no_revisions = pl.DataFrame(schema=REVISIONS)
 
     def path(self, symbol: str, day: date) -> LakePath:
@@ -152,12 +153,12 @@ class Ingestor:
         # Built once, not per kept day: a polars frame costs ~0.5 ms to make, and a top-up
         # keeps up to 30 days.
         size = path.stat().st_size if final else 0
-        no_rows, none_rejected = pl.DataFrame(), pl.DataFrame(schema=REJECTED)
+        no_rows = pl.DataFrame()
         gaps = stored.gaps if final and stored.gaps is not None else None
         gaps_by_day = (
             {
-                key[0]: frame.drop("_day")
-                for key, frame in gaps.with_columns(_day=pl.col("gap_start").dt.date())
+                day_key[0]: frame.drop("_day")
+                for day_key, frame in gaps.with_columns(_day=pl.col("gap_start").dt.date())
                 .partition_by("_day", as_dict=True)
                 .items()
             }
@@ -178,13 +179,13 @@ class Ingestor:
             write = WriteResult(path, size, report["content_hash"], written=False)
             kept = DayData(no_rows, report, gaps_by_day.get(day, no_gaps))
             outcomes.append(
-                self._outcome(symbol, day, kept, none_rejected, self._no_revisions, write)
+                self._outcome(symbol, day, kept, self._no_rejected, self._no_revisions, write)
             )
         return sorted(outcomes, key=lambda o: o.day)
 
     def _fetch(self, symbol: str, start_ms: int, end_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
         if start_ms >= end_ms:
-            return pl.DataFrame(schema=RAW_CANDLES), pl.DataFrame(schema=REJECTED)
+            return self._no_candles, self._no_rejected
         return validate(self.source.fetch_candles(symbol, start_ms, end_ms), start_ms, end_ms)
 
     def _stored_real(self, stored: StoredMonth | None, day: date) -> pl.DataFrame:
@@ -241,23 +242,23 @@ class Ingestor:
         for day in run:
             start = day_start_ms(day)
             end = min(start + DAY_MS, closed_end)
+            fetched = _in(clean, start, end)
             stored_real = self._stored_real(stored, day)
             # Nothing stored (a backfill's days): nothing to revise, and no join to pay for.
             revisions = (
-                self._revisions(_in(clean, start, end), stored_real)
-                if stored_real.height
-                else self._no_revisions
+                self._revisions(fetched, stored_real) if stored_real.height else self._no_revisions
             )
             if revisions.height and not stored.reports[day]["day_closed"]:
-                # The newest candle of a day stored open may have been stored while forming:
-                # its final values are not a revision.
-                revisions = revisions.filter(pl.col("ts") != stored.day(day)["ts"].max())
+                # The newest real candle of a day stored open may have been stored while
+                # forming: its final values are not a revision.
+                forming = stored_real["ts"].max()
+                revisions = revisions.filter(pl.col("ts").dt.epoch("ms") != forming)
             data, rejected_rows, real = self._finish_day(
                 symbol,
                 day,
                 start,
                 end,
-                _in(clean, start, end),
+                fetched,
                 rejected.filter(pl.col("_day") == start // DAY_MS).drop("_day"),
                 previous,
                 stored_real,
@@ -357,7 +358,6 @@ class Ingestor:
             "real": real,
             "zero_volume": candles.filter(~pl.col("imputed") & (pl.col("volume") == 0)).height,
             "kept": kept,
-            "revised": 0,  # the caller counts the day's revisions
             "first_ts": candles["ts"].min(),
             "last_ts": candles["ts"].max(),
             "source": self.source.kind,
