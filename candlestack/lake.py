@@ -48,6 +48,7 @@ FILE_NAME = "data.parquet"
 REPORT_KEY = b"candlestack.report"
 GAPS_KEY = b"candlestack.gaps"
 REVISIONS_KEY = b"candlestack.revisions"
+_FOOTER_KEYS = (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)
 # Marks a file whose pages carry CRC32 checksums: decoding it checks every byte of its data.
 CHECKSUM_KEY = b"candlestack.page_checksums"
 QUARANTINE_FOLDER = "_quarantine"
@@ -203,6 +204,8 @@ class StoredMonth:
     reports: dict[date, dict]  # day -> its report, in day order
     gaps: pl.DataFrame | None  # gap ranges of every day (candle files only)
     revisions: pl.DataFrame | None = None  # revised candles of every day (candle files only)
+    # candlestack's footer entries as stored: a write compares them with its own to skip.
+    footer: dict[bytes, bytes] = field(default_factory=dict)
 
     def day(self, day: date) -> pl.DataFrame:
         return self.frame.filter(pl.col("ts").dt.date() == day)
@@ -648,7 +651,8 @@ class Lake:
         revised = [r for r in revisions if r.height]
         revision_table = pl.concat(revised).sort("ts", "revised_at") if revised else None
         key_value = _month_key_value(reports, gap_table, revision_table)
-        written = stored is None or self._footer(path) != key_value
+        # The stored footer as decoded with the rows: no second read of the file.
+        written = stored is None or stored.footer != key_value
         if not written and (damaged := _mismatched_days(stored.frame, stored.reports)):
             # The footer is the one this write would store, but not all rows are its rows:
             # move the file aside and write the month again with the days still intact.
@@ -790,7 +794,8 @@ class Lake:
             damaged = _mismatched_days(frame, reports)
             if damaged:
                 raise DamagedFileError(path, _hash_mismatch(damaged), got.identity)
-        return StoredMonth(path, frame, reports, gaps, revisions)
+        footer = {k: v for k, v in key_value.items() if k in _FOOTER_KEYS}
+        return StoredMonth(path, frame, reports, gaps, revisions, footer)
 
     def _healed(self, path: LakePath, load, *args):
         """load(path, *args), or None when the file is damaged: it is moved aside, so its
@@ -861,16 +866,6 @@ class Lake:
         reads move it aside)."""
         got = _read_bytes(path)
         return None if got is None else _decode(path, got)[0]
-
-    def _footer(self, path: LakePath) -> dict[bytes, bytes]:
-        try:
-            if isinstance(path, UPath):
-                metadata = pq.read_schema(path.path, filesystem=path.fs.fs).metadata or {}
-            else:
-                metadata = pq.read_schema(path).metadata or {}
-        except Exception as exc:
-            raise LakeError(f"cannot read the footer of {path}: {exc}") from exc
-        return {k: v for k, v in metadata.items() if k in (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)}
 
     def read_day_report(
         self, exchange: str, symbol_key: str, day: date
