@@ -175,31 +175,19 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         dg.AssetCheckSpec(
             AUDIT_CHECK,
             asset=LEDGER_KEY,
-            description="Every audit event hashes the previous one and the chain head matches: "
-            "fails on any edited, deleted or reordered event.",
+            description="Every audit event hashes the previous one, the chain head matches, and "
+            "every position, balance, fill, order, decision and kill-switch row is the one the "
+            "chain bound: fails on any edited, deleted or reordered event or row, and trips the "
+            "kill switch of every strategy.",
         )
     ],
 )
 def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
     book = ledger.open()
-    seq, head = book.audit_head()
-    previous = context.instance.get_latest_materialization_event(LEDGER_KEY)
-    orders = book.orders()
-    rejected = orders.filter(pl.col("status") == "rejected").height
-    metadata = {
-        "audit_events": seq,
-        "audit_head_hash": head,
-        "orders": orders.height,
-        "rejected_orders": rejected,
-        "rejection_rate": rejected / orders.height if orders.height else 0.0,
-        "kill_switch": dg.MetadataValue.md(kill_switch_table(book)),
-        "balances": dg.MetadataValue.md(md_table(book.balances())),
-        "positions": dg.MetadataValue.md(md_table(book.positions())),
-        "last_orders": dg.MetadataValue.md(md_table(orders.tail(10).drop("client_order_id"))),
-        "ledger": book.url,
-    }
     problems = book.verify_audit_chain()
+    seq, head = book.audit_head()
     # The head published last time must still be in the chain, with the same hash.
+    previous = context.instance.get_latest_materialization_event(LEDGER_KEY)
     if previous is not None and (published := previous.asset_materialization) is not None:
         old_seq = published.metadata.get("audit_events")
         old_hash = published.metadata.get("audit_head_hash")
@@ -211,7 +199,25 @@ def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
                     f"seq {old_seq.value}: no longer carries the hash published at the last "
                     "snapshot (the chain was rewritten)"
                 )
-    yield dg.MaterializeResult(metadata=metadata)
+    if problems:
+        book.trip_on_problems(problems, AUDIT_CHECK)
+        seq, head = book.audit_head()  # the trip is the newest event
+    orders = book.orders()
+    rejected = orders.filter(pl.col("status") == "rejected").height
+    yield dg.MaterializeResult(
+        metadata={
+            "audit_events": seq,
+            "audit_head_hash": head,
+            "orders": orders.height,
+            "rejected_orders": rejected,
+            "rejection_rate": rejected / orders.height if orders.height else 0.0,
+            "kill_switch": dg.MetadataValue.md(kill_switch_table(book)),
+            "balances": dg.MetadataValue.md(md_table(book.balances())),
+            "positions": dg.MetadataValue.md(md_table(book.positions())),
+            "last_orders": dg.MetadataValue.md(md_table(orders.tail(10).drop("client_order_id"))),
+            "ledger": book.url,
+        }
+    )
     yield dg.AssetCheckResult(
         check_name=AUDIT_CHECK,
         passed=not problems,

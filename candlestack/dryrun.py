@@ -361,6 +361,9 @@ class DryRun:
         last = self.ledger.last_decided(config.name, config.symbol, config.timeframe)
         if last is not None and last >= bar_ts:
             return RunOutcome([], already_decided=True, signals_ms=0.0)
+        # Before reading any position or balance: an edit outside the ledger trips "*", and
+        # the bars below are decided but blocked.
+        self.ledger.verify_or_trip("dry-run")
         bars = load_live_bars(self.lake, self.exchange, config, bar_ts, last)
         ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
         target = int(np.searchsorted(ts, _ms(bar_ts)))

@@ -15,7 +15,11 @@ What the ledger guarantees:
 - the audit log is append-only and hash-chained, and `chain_head` holds its last seq and
   hash in the same transaction, so `verify_audit_chain` finds an edited, deleted (the last
   one too) or reordered event. Whoever can write the database can still rebuild the whole
-  chain and its head: publishing `audit_head()` elsewhere (check metadata) catches that.
+  chain and its head: publishing `audit_head()` elsewhere (check metadata) catches that;
+- the chain vouches for the state: every write binds the digest of each state row it
+  inserted, changed or deleted (STATE_TABLES) into its audit event, so an edit of a
+  position, balance, fill, order, decision or kill switch row outside the ledger fails
+  `verify_audit_chain`, naming the table and the row.
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ AUDIT_KILL_SWITCH_TRIP = "kill_switch_trip"
 AUDIT_KILL_SWITCH_RESET = "kill_switch_reset"
 AUDIT_STRATEGY_CONFIG = "strategy_config"
 AUDIT_ERROR = "error"
+# Binds the rows a ledger held before its state was audited (migration 0003); at most one,
+# before any other bound state.
+AUDIT_STATE_BASELINE = "state_baseline"
+# The payload key of an event's state bindings: [[table, {pk column: value}, digest], ...],
+# digest None for a deleted row.
+STATE_KEY = "state"
 # A bar a run did not decide (catch-up policy "latest"): action none, note starting so.
 SKIPPED_PREFIX = "skipped:"
 
@@ -118,6 +128,20 @@ def chain_hash(
     """sha256 of one audit event, chained to the previous event's hash."""
     text_ = "|".join((prev_hash, str(seq), ts_iso, kind, strategy or "", payload))
     return hashlib.sha256(text_.encode()).hexdigest()
+
+
+def _digest_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # Naive: SQLite's UTC text read without the ledger's UTCDateTime (a migration).
+        return iso_utc(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return value
+
+
+def row_digest(table: str, row: Mapping[str, Any]) -> str:
+    """sha256 of one state row as the audit chain binds it. NULL columns are left out, so a
+    nullable column added later leaves the digests of the rows before it unchanged."""
+    body = {name: _digest_value(value) for name, value in row.items() if value is not None}
+    return hashlib.sha256(canonical_json({"table": table, "row": body}).encode()).hexdigest()
 
 
 def decision_key(strategy: str, symbol: str, timeframe: str, bar_ts: datetime) -> str:
@@ -461,6 +485,48 @@ class ChainHeadRow(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+# Every table whose rows the audit chain vouches for (the chain's own tables vouch for
+# themselves); the dry-run reads positions, balances and the kill switch from here.
+STATE_TABLES = (
+    StrategyConfigRow.__table__,
+    DecisionRow.__table__,
+    OrderRow.__table__,
+    FillRow.__table__,
+    PositionRow.__table__,
+    BalanceRow.__table__,
+    KillSwitchRow.__table__,
+)
+
+
+def _bind(conn: Connection, model: type[Base], **key: Any) -> list[Any]:
+    """The binding of one state row as it now stands in the transaction: [table, key,
+    digest], digest None when the row is gone."""
+    table = model.__table__
+    row = (
+        conn.execute(select(table).where(*(table.c[name] == value for name, value in key.items())))
+        .mappings()
+        .first()
+    )
+    return [table.name, key, row_digest(table.name, row) if row is not None else None]
+
+
+def state_rows(
+    conn: Connection, table: Any, batch_size: int = 10_000
+) -> Iterator[tuple[dict, str]]:
+    """(primary key, digest) of every row of a state table, in primary-key order."""
+    keys = [column.name for column in table.primary_key]
+    # On the statement: Connection.execution_options would stick to the caller's connection.
+    rows = conn.execute(
+        select(table).order_by(*table.primary_key).execution_options(yield_per=batch_size)
+    )
+    for row in rows.mappings():
+        yield {name: row[name] for name in keys}, row_digest(table.name, row)
+
+
+def _row_name(table: str, key: Mapping[str, Any]) -> str:
+    return f"{table} row " + ", ".join(f"{name}={value}" for name, value in key.items())
+
+
 # --- frames the UI, demo and drift checks read ----------------------------------------------
 
 _TS = pl.Datetime("us", "UTC")
@@ -754,7 +820,7 @@ class Ledger:
         self._refuse_if_tripped(conn, decision)
         try:
             with conn.begin_nested():
-                conn.execute(insert(DecisionRow).values(**self._decision_values(decision)))
+                result = conn.execute(insert(DecisionRow).values(**self._decision_values(decision)))
         except IntegrityError:
             # The callers' pre-check ran under the write lock, so only a writer bypassing the
             # lock gets here; the UNIQUE key keeps the bar executed once even then. The
@@ -762,15 +828,20 @@ class Ledger:
             if self._decision_exists(conn, decision.key):
                 return False
             raise
+        state = [_bind(conn, DecisionRow, id=result.inserted_primary_key[0])]
         if decision.order is not None:
             order_id = self._insert_order(conn, decision)
+            state.append(_bind(conn, OrderRow, id=order_id))
             if decision.fill is not None:
-                self._insert_fill(conn, order_id, decision.fill)
+                fill_id = self._insert_fill(conn, order_id, decision.fill)
+                state.append(_bind(conn, FillRow, id=fill_id))
         self._save_position(conn, decision)
         self._save_balance(conn, decision)
+        state.append(_bind(conn, PositionRow, strategy=decision.strategy, symbol=decision.symbol))
+        state.append(_bind(conn, BalanceRow, strategy=decision.strategy))
         events = [(AUDIT_DECISION, decision.strategy, decision.audit_payload())]
         events += [(e.kind, decision.strategy, e.payload) for e in decision.events]
-        self._append(conn, events)
+        append_events(conn, events, state)
         return True
 
     @staticmethod
@@ -829,8 +900,9 @@ class Ledger:
         return result.inserted_primary_key[0]
 
     @staticmethod
-    def _insert_fill(conn: Connection, order_id: int, fill: FillRecord) -> None:
-        conn.execute(insert(FillRow).values(order_id=order_id, **asdict(fill)))
+    def _insert_fill(conn: Connection, order_id: int, fill: FillRecord) -> int:
+        result = conn.execute(insert(FillRow).values(order_id=order_id, **asdict(fill)))
+        return result.inserted_primary_key[0]
 
     @staticmethod
     def _save_position(conn: Connection, decision: DecisionRecord) -> None:
@@ -865,7 +937,7 @@ class Ledger:
                 )
             ).first()
             if seen is None:
-                conn.execute(
+                result = conn.execute(
                     insert(StrategyConfigRow).values(
                         name=name,
                         config_hash=config_hash,
@@ -873,8 +945,9 @@ class Ledger:
                         first_seen=datetime.now(UTC),
                     )
                 )
+                state = [_bind(conn, StrategyConfigRow, id=result.inserted_primary_key[0])]
                 payload = {"name": name, "config_hash": config_hash}
-                self._append(conn, [(AUDIT_STRATEGY_CONFIG, name, payload)])
+                append_events(conn, [(AUDIT_STRATEGY_CONFIG, name, payload)], state)
         return config_hash
 
     # --- audit chain ----------------------------------------------------------------------
@@ -882,39 +955,7 @@ class Ledger:
     def append_audit(self, kind: str, strategy: str | None, payload: Mapping[str, Any]) -> int:
         """Append one standalone audit event; its seq."""
         with self._transaction() as conn:
-            return self._append(conn, [(kind, strategy, payload)])
-
-    @staticmethod
-    def _append(
-        conn: Connection, events: Sequence[tuple[str, str | None, Mapping[str, Any]]]
-    ) -> int:
-        """Chain `events` after the head; the caller holds the write lock. The last seq."""
-        seq, prev_hash = conn.execute(
-            select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
-        ).one()
-        rows = []
-        for kind, strategy, payload in events:
-            seq += 1
-            ts = datetime.now(UTC)
-            body = canonical_json(payload)
-            digest = chain_hash(prev_hash, seq, iso_utc(ts), kind, strategy, body)
-            rows.append(
-                {
-                    "seq": seq,
-                    "ts": ts,
-                    "kind": kind,
-                    "strategy": strategy,
-                    "payload": body,
-                    "prev_hash": prev_hash,
-                    "hash": digest,
-                }
-            )
-            prev_hash = digest
-        conn.execute(insert(AuditEventRow), rows)
-        conn.execute(
-            update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=seq, hash=prev_hash)
-        )
-        return seq
+            return append_events(conn, [(kind, strategy, payload)])
 
     def audit_count(self) -> int:
         with self._reading() as conn:
@@ -929,8 +970,10 @@ class Ledger:
         return seq, digest
 
     def verify_audit_chain(self, batch_size: int = 10_000) -> list[str]:
-        """Every break in the audit chain, each naming its seq; empty when the chain is intact."""
+        """Every break in the audit chain, each naming its seq, then every state row that
+        differs from what the chain bound, naming its table and row; empty when intact."""
         problems: list[str] = []
+        bound = _StateBindings()
         with self._reading() as conn:
             if not self._sqlite:
                 # One snapshot for the head and the events (SQLite's BEGIN gives one already).
@@ -966,15 +1009,32 @@ class Ledger:
                     )
                 if seq > head_seq:
                     problems.append(f"seq {seq}: beyond the chain head (seq {head_seq})")
+                problems += bound.add(seq, kind, payload)
                 expected, prev_hash = max(expected, seq + 1), row_hash
-        last = expected - 1
-        if last < head_seq:
-            problems.append(
-                _missing(expected, head_seq, f"deleted; the chain head is seq {head_seq}")
-            )
-        elif last == head_seq and prev_hash != head_hash:
-            problems.append(f"seq {head_seq}: hash differs from the chain head's")
+            last = expected - 1
+            if last < head_seq:
+                problems.append(
+                    _missing(expected, head_seq, f"deleted; the chain head is seq {head_seq}")
+                )
+            elif last == head_seq and prev_hash != head_hash:
+                problems.append(f"seq {head_seq}: hash differs from the chain head's")
+            # In the same snapshot as the chain: a write committing meanwhile is in neither.
+            for table in STATE_TABLES:
+                problems += bound.compare(table.name, state_rows(conn, table, batch_size))
         return problems
+
+    def verify_or_trip(self, by: str) -> list[str]:
+        """verify_audit_chain, tripping the kill switch on any problem (trip_on_problems)."""
+        problems = self.verify_audit_chain()
+        if problems:
+            self.trip_on_problems(problems, by)
+        return problems
+
+    def trip_on_problems(self, problems: Sequence[str], by: str) -> None:
+        """Trip every strategy ("*"), naming the first problem: no order is placed on a ledger
+        the chain does not vouch for. An edited row stays a problem until it is restored."""
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        self.trip(GLOBAL_SCOPE, f"ledger verification failed: {problems[0]}{more}", by)
 
     # --- kill switch ----------------------------------------------------------------------
 
@@ -1012,7 +1072,8 @@ class Ledger:
             conn.execute(update(KillSwitchRow).where(KillSwitchRow.scope == scope).values(**values))
         kind = AUDIT_KILL_SWITCH_TRIP if trip else AUDIT_KILL_SWITCH_RESET
         strategy = None if scope == GLOBAL_SCOPE else scope
-        self._append(conn, [(kind, strategy, {"scope": scope, "reason": reason, "by": by})])
+        payload = {"scope": scope, "reason": reason, "by": by}
+        append_events(conn, [(kind, strategy, payload)], [_bind(conn, KillSwitchRow, scope=scope)])
         return True
 
     def tripped(self, strategy: str) -> str | None:
@@ -1163,6 +1224,98 @@ class Ledger:
         with self._reading() as conn:
             rows = [tuple(row) for row in conn.execute(query)]
         return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def append_events(
+    conn: Connection,
+    events: Sequence[tuple[str, str | None, Mapping[str, Any]]],
+    state: Sequence[list[Any]] = (),
+) -> int:
+    """Chain `events` after the head, the last one binding the state rows the transaction
+    wrote (`_bind`); the caller holds the write lock. The last seq."""
+    seq, prev_hash = conn.execute(
+        select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
+    ).one()
+    if state:
+        *events, (kind, strategy, payload) = events
+        events.append((kind, strategy, {**payload, STATE_KEY: list(state)}))
+    rows = []
+    for kind, strategy, payload in events:
+        seq += 1
+        ts = datetime.now(UTC)
+        body = canonical_json(payload)
+        digest = chain_hash(prev_hash, seq, iso_utc(ts), kind, strategy, body)
+        rows.append(
+            {
+                "seq": seq,
+                "ts": ts,
+                "kind": kind,
+                "strategy": strategy,
+                "payload": body,
+                "prev_hash": prev_hash,
+                "hash": digest,
+            }
+        )
+        prev_hash = digest
+    conn.execute(insert(AuditEventRow), rows)
+    conn.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=seq, hash=prev_hash))
+    return seq
+
+
+class _StateBindings:
+    """What the audit chain says each state row holds: the latest digest bound to it."""
+
+    def __init__(self) -> None:
+        # table -> canonical key -> (digest, seq, key)
+        self._digests: dict[str, dict[str, tuple[str | None, int, dict]]] = {}
+        self._bound_since: int | None = None  # the first event binding state
+
+    def add(self, seq: int, kind: str, payload: str) -> list[str]:
+        """Take in one event's bindings; the problems it shows."""
+        if f'"{STATE_KEY}":' not in payload:  # most events bind nothing: skip the parse
+            return []
+        try:
+            bindings = json.loads(payload).get(STATE_KEY) or []
+        except (ValueError, AttributeError):
+            return []  # unreadable: the chain's hash check names the seq already
+        problems = []
+        if kind == AUDIT_STATE_BASELINE and self._bound_since is not None:
+            problems.append(
+                f"seq {seq}: a state baseline after the state bound at seq {self._bound_since} "
+                "(the ledger's state was re-baselined)"
+            )
+        if self._bound_since is None:
+            self._bound_since = seq
+        for table, key, digest in bindings:
+            self._digests.setdefault(table, {})[canonical_json(key)] = (digest, seq, key)
+        return problems
+
+    def compare(self, table: str, rows: Iterator[tuple[dict, str]]) -> list[str]:
+        """The rows of `table` against their bindings (consumed: call once per table)."""
+        problems = []
+        digests = self._digests.pop(table, {})
+        for key, digest in rows:
+            bound = digests.pop(canonical_json(key), None)
+            if bound is None:
+                problems.append(
+                    f"{_row_name(table, key)}: bound by no audit event (written outside the ledger)"
+                )
+            elif bound[0] is None:
+                problems.append(
+                    f"{_row_name(table, key)}: deleted at seq {bound[1]}, yet present "
+                    "(written outside the ledger)"
+                )
+            elif bound[0] != digest:
+                problems.append(
+                    f"{_row_name(table, key)}: edited outside the ledger (differs from the "
+                    f"state audited at seq {bound[1]})"
+                )
+        for digest, seq, key in digests.values():
+            if digest is not None:
+                problems.append(
+                    f"{_row_name(table, key)}: deleted outside the ledger (audited at seq {seq})"
+                )
+        return problems
 
 
 def _seen_values(seen: SeenBar | None) -> dict[str, Any]:

@@ -12,7 +12,14 @@ from sqlalchemy import create_engine, text
 from assets.dry_run import AUDIT_CHECK, DRIFT_CHECK, drift_checks, dry_run_assets, ledger_snapshot
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
-from candlestack.ledger import Ledger
+from candlestack.ledger import (
+    Balance,
+    DecisionRecord,
+    FillRecord,
+    Ledger,
+    OrderRecord,
+    Position,
+)
 from candlestack.sources.synthetic import SyntheticSource
 from pipelines.jobs import kill_switch
 from pipelines.sensors import dry_run_bars
@@ -183,6 +190,83 @@ def test_audit_check_fails_on_an_edited_or_deleted_event(live):
     deleted = audit_check(resources, instance)
     assert not deleted.passed and "seq 1: missing" in deleted.description
     engine.dispose()
+
+
+def hold(ledger: Ledger, bar_ts: datetime) -> None:
+    """A filled buy of the strategy on `bar_ts`: an order, a fill, a position, a balance."""
+    fill_at = bar_ts + timedelta(minutes=1)
+    ledger.migrate()
+    ledger.record_decision(
+        DecisionRecord(
+            strategy=STRATEGY,
+            symbol="BTC/USDT",
+            timeframe="1m",
+            bar_ts=bar_ts,
+            entry_signal=True,
+            exit_signal=False,
+            action="buy",
+            order=OrderRecord(side="buy", amount=0.01, price=60_000.0, status="filled"),
+            fill=FillRecord(60_000.0, 0.01, 0.6, filled_at=fill_at, bar_ts=fill_at),
+            position=Position(0.01, 60_000.0, 0.6, opened_at=fill_at),
+            balance=Balance(cash=9_399.4, realised_pnl=0.0, fees=0.6, peak_equity=10_000.0),
+        )
+    )
+
+
+LEDGER_EDITS = {
+    "kill_switch": "UPDATE kill_switch SET tripped = false WHERE scope = 'btc_scalp'",
+    "fills": "UPDATE fills SET price = price * 0.5",
+    "balances": "UPDATE balances SET cash = cash + 100000",
+    "positions": "UPDATE positions SET amount = amount * 2",
+}
+
+
+@pytest.mark.parametrize("table", LEDGER_EDITS)
+def test_an_edited_ledger_table_fails_the_audit_check_and_blocks_the_next_bar(live, table):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    (request,) = tick(instance, resources).run_requests
+    newest = datetime.fromisoformat(request.tags["candlestack/bar_open"])
+    hold(ledger, newest - timedelta(minutes=3))
+    if table == "kill_switch":
+        ledger.trip(STRATEGY, "exchange maintenance", "operator")
+    assert audit_check(resources, instance).passed
+
+    engine = create_engine(resources["ledger"].url)
+    with engine.begin() as conn:
+        conn.execute(text(LEDGER_EDITS[table]))
+    engine.dispose()
+    evaluation = audit_check(resources, instance)
+    assert not evaluation.passed
+    assert evaluation.description.startswith(f"{table} row "), evaluation.description
+    assert "edited outside the ledger" in evaluation.description
+    assert ledger.tripped(STRATEGY).startswith(f"ledger verification failed: {table} row ")
+
+    result = run(request, resources, instance)
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["kill_switch"].value.startswith("TRIPPED: ledger verification failed")
+    assert ledger.orders(STRATEGY).height == 1  # the seeded buy alone
+    assert ledger.decisions(STRATEGY).get_column("bar_ts").max() == newest
+
+
+def test_the_dry_run_refuses_a_ledger_it_cannot_verify(live):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    (request,) = tick(instance, resources).run_requests
+    newest = datetime.fromisoformat(request.tags["candlestack/bar_open"])
+    hold(ledger, newest - timedelta(minutes=3))
+    engine = create_engine(resources["ledger"].url)
+    with engine.begin() as conn:
+        conn.execute(text(LEDGER_EDITS["balances"]))
+    engine.dispose()
+
+    # No audit check ran: the dry-run verifies the ledger before it reads a balance.
+    run(request, resources, instance)
+    reason = ledger.tripped(STRATEGY)
+    assert reason.startswith("ledger verification failed: balances row strategy=btc_scalp")
+    trips = ledger.kill_switch_states().filter(pl.col("tripped"))
+    assert trips.select("scope", "changed_by").rows() == [("*", "dry-run")]
+    assert ledger.orders(STRATEGY).height == 1
 
 
 def test_drift_check_passes_on_identical_inputs(live):

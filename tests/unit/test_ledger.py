@@ -169,7 +169,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
         fresh.orders()
     fresh.migrate()
     fresh.migrate()
-    assert fresh.schema_revision() == head_revision() == "0002"
+    assert fresh.schema_revision() == head_revision() == "0003"
     assert counts(url) == dict.fromkeys(TABLES, 0)
     assert sql(url, "SELECT id, seq, hash FROM chain_head") == [(1, 0, GENESIS_HASH)]
     if url.startswith("postgresql"):
@@ -178,7 +178,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
 
     sql(url, f"UPDATE {VERSION_TABLE} SET version_num = '0099'")
     for call in (lambda ledger: ledger.migrate(), lambda ledger: ledger.audit_count()):
-        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0002"):
+        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0003"):
             call(open_ledger())
 
 
@@ -418,6 +418,106 @@ def test_verify_names_the_tampered_seq(url: str, ledger: Ledger, case: str):
     assert len(problems) == len(expected), problems
     for problem, start in zip(problems, expected, strict=True):
         assert problem.startswith(start), problems
+
+
+# --- the state the chain vouches for ---------------------------------------------------------
+
+STATE_TAMPERING = {
+    "re-arm a tripped kill switch": (
+        "UPDATE kill_switch SET tripped = false WHERE scope = 'ema'",
+        "kill_switch row scope=ema: edited outside the ledger",
+    ),
+    "halve a fill price": (
+        "UPDATE fills SET price = price * 0.5",
+        "fills row id=1: edited outside the ledger",
+    ),
+    "add cash": (
+        "UPDATE balances SET cash = cash + 100000",
+        "balances row strategy=ema: edited outside the ledger",
+    ),
+    "double a position": (
+        "UPDATE positions SET amount = amount * 2",
+        "positions row strategy=ema, symbol=BTC/USDT: edited outside the ledger",
+    ),
+    "delete a position": (
+        "DELETE FROM positions",
+        "positions row strategy=ema, symbol=BTC/USDT: deleted outside the ledger",
+    ),
+    "edit an order": (
+        "UPDATE orders SET amount = 1.0",
+        "orders row id=1: edited outside the ledger",
+    ),
+    "rewrite a decision": (
+        "UPDATE decisions SET entry_signal = NOT entry_signal",
+        "decisions row id=1: edited outside the ledger",
+    ),
+    "invent a balance": (
+        "INSERT INTO balances SELECT 'rsi', cash, realised_pnl, fees, peak_equity, updated_at "
+        "FROM balances",
+        "balances row strategy=rsi: bound by no audit event",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", STATE_TAMPERING)
+def test_an_edit_of_any_state_table_fails_the_chain_naming_the_row(
+    url: str, ledger: Ledger, case: str
+):
+    assert ledger.record_decision(buy())
+    assert ledger.trip("ema", "drawdown", by="test")
+    assert ledger.verify_audit_chain() == []
+    statement, expected = STATE_TAMPERING[case]
+    sql(url, statement)
+    problems = ledger.verify_audit_chain(batch_size=2)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_a_failed_verification_trips_every_strategy_and_blocks_the_next_order(
+    url: str, ledger: Ledger
+):
+    assert ledger.record_decision(buy())
+    sql(url, "UPDATE balances SET cash = cash + 100000")
+    assert ledger.tripped("rsi") is None
+    problems = ledger.verify_or_trip(by="test")
+    reason = ledger.tripped("rsi")
+    assert reason == f"ledger verification failed: {problems[0]}"
+    assert "balances row strategy=ema" in reason
+    with pytest.raises(LedgerError, match="kill switch tripped for rsi"):
+        ledger.record_decision(buy(strategy="rsi"))
+    # The trip is audited and bound, and the edit stays a problem: no second trip.
+    assert ledger.verify_or_trip(by="test") == problems
+    assert sql(url, "SELECT count(*) FROM kill_switch")[0][0] == 1
+
+
+def test_rows_written_before_the_state_was_audited_are_bound_by_one_baseline(
+    url: str, open_ledger: Callable[[], Ledger]
+):
+    old = open_ledger()
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "0002")
+    finally:
+        engine.dispose()
+    # What a 0002 ledger holds: state rows and events binding none of them.
+    sql(
+        url,
+        "INSERT INTO kill_switch VALUES ('ema', true, 'maintenance', :ts, 'operator')",
+        ts=T0,
+    )
+    old.migrate()
+    assert old.verify_audit_chain() == []
+    (kind,) = old.audit_events().get_column("kind").to_list()
+    assert kind == "state_baseline"
+    sql(url, "UPDATE kill_switch SET tripped = false")
+    assert old.verify_audit_chain()[0].startswith("kill_switch row scope=ema: edited")
+
+    # A second baseline (0003 run again over an edited ledger) does not launder the edit.
+    sql(url, f"UPDATE {VERSION_TABLE} SET version_num = '0002'")
+    old.migrate()
+    problems = old.verify_audit_chain()
+    assert [p.split(":")[0] for p in problems] == ["seq 2"], problems
+    assert "re-baselined" in problems[0]
 
 
 # --- kill switch ----------------------------------------------------------------------------
