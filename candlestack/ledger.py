@@ -112,9 +112,13 @@ def _utc(name: str, value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+# Built once: json.dumps with options builds an encoder per call, a third of verifying a row.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def canonical_json(payload: Any) -> str:
     """The one text form of an audit payload: what is stored and what is hashed."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL.encode(payload)
 
 
 def iso_utc(ts: datetime) -> str:
@@ -1266,8 +1270,8 @@ class _StateBindings:
     """What the audit chain says each state row holds: the latest digest bound to it."""
 
     def __init__(self) -> None:
-        # table -> canonical key -> (digest, seq, key)
-        self._digests: dict[str, dict[str, tuple[str | None, int, dict]]] = {}
+        # table -> primary key items -> (digest, seq, key)
+        self._digests: dict[str, dict[tuple, tuple[str | None, int, dict]]] = {}
         self._bound_since: int | None = None  # the first event binding state
 
     def add(self, seq: int, kind: str, payload: str) -> list[str]:
@@ -1287,7 +1291,7 @@ class _StateBindings:
         if self._bound_since is None:
             self._bound_since = seq
         for table, key, digest in bindings:
-            self._digests.setdefault(table, {})[canonical_json(key)] = (digest, seq, key)
+            self._digests.setdefault(table, {})[tuple(sorted(key.items()))] = (digest, seq, key)
         return problems
 
     def compare(self, table: str, rows: Iterator[tuple[dict, str]]) -> list[str]:
@@ -1295,7 +1299,7 @@ class _StateBindings:
         problems = []
         digests = self._digests.pop(table, {})
         for key, digest in rows:
-            bound = digests.pop(canonical_json(key), None)
+            bound = digests.pop(tuple(sorted(key.items())), None)
             if bound is None:
                 problems.append(
                     f"{_row_name(table, key)}: bound by no audit event (written outside the ledger)"
