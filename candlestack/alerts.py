@@ -196,7 +196,8 @@ def deliver(
     cover it yet. A target stops at its first failure; one that delivered everything moves
     past `scanned`, the newest event looked at, so events without alerts are not read again.
     """
-    secrets = [s for s in secrets if s]
+    # Longest first: a secret holding another (a URL and its password) is masked whole.
+    secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
     new_marks, sent, errors = dict(marks), {t.name: 0 for t in targets}, []
     for target in targets:
         mark = new_marks[target.name]
