@@ -184,10 +184,6 @@ class Settings(BaseModel, frozen=True):
         return "binance" if self.source in ("ccxt", "replay") else self.source
 
     @property
-    def has_credentials(self) -> bool:
-        return bool(os.environ.get("CANDLESTACK_API_KEY"))
-
-    @property
     def symbol_by_key(self) -> dict[str, str]:
         return {symbol_key(s): s for s in self.symbols}
 
