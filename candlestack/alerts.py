@@ -115,9 +115,9 @@ class Target:
 
     @property
     def shown(self) -> str:
-        """The URL without path or query, which may hold a token."""
+        """The URL without userinfo, path or query, which may hold a password or token."""
         parts = urlsplit(self.url)
-        return f"{self.name} ({parts.scheme}://{parts.netloc})"
+        return f"{self.name} ({parts.scheme}://{parts.netloc.rpartition('@')[2]})"
 
 
 Position = tuple[int, int]

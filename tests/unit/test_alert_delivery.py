@@ -146,6 +146,9 @@ def test_a_failed_post_names_the_target_but_never_the_token_in_its_url(refusing_
     with pytest.raises(AlertDeliveryError) as unreachable:
         post(Target("slack", "http://127.0.0.1:9" + TOKEN_PATH, "slack"), {"text": "x"}, 5)
     assert str(unreachable.value) == "slack (http://127.0.0.1:9): ConnectionError"
+    # Nor the credentials of a URL's userinfo.
+    basic_auth = Target("webhook", "https://candlestack:hook-pw@alerts.example:8443/hook")
+    assert basic_auth.shown == "webhook (https://alerts.example:8443)"
 
 
 def test_alert_settings_are_urls_and_errors_do_not_quote_them():
