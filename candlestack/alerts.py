@@ -115,9 +115,9 @@ class Target:
 
     @property
     def shown(self) -> str:
-        """The URL without path or query, which may hold a token."""
+        """The URL without userinfo, path or query, which may hold a password or token."""
         parts = urlsplit(self.url)
-        return f"{self.name} ({parts.scheme}://{parts.netloc})"
+        return f"{self.name} ({parts.scheme}://{parts.netloc.rpartition('@')[2]})"
 
 
 Position = tuple[int, int]
@@ -196,7 +196,8 @@ def deliver(
     cover it yet. A target stops at its first failure; one that delivered everything moves
     past `scanned`, the newest event looked at, so events without alerts are not read again.
     """
-    secrets = [s for s in secrets if s]
+    # Longest first: a secret holding another (a URL and its password) is masked whole.
+    secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
     new_marks, sent, errors = dict(marks), {t.name: 0 for t in targets}, []
     for target in targets:
         mark = new_marks[target.name]

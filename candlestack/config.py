@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Mapping
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
@@ -20,11 +22,50 @@ from candlestack.errors import ConfigError
 
 DEFAULT_SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
 ENV_PREFIX = "CANDLESTACK_"
+# Read by the ccxt source through dg.EnvVar, never as settings.
+CREDENTIAL_VARIABLES = ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
+# ccxt constructor options that are credentials (lower case), besides proxies and headers.
+CCXT_CREDENTIAL_OPTIONS = frozenset(
+    {
+        "apikey",
+        "secret",
+        "password",
+        "uid",
+        "login",
+        "twofa",
+        "privatekey",
+        "walletaddress",
+        "token",
+    }
+)
 
 
 def _looks_like_path(name: str) -> bool:
     # A ccxt symbol has one slash between base and quote, and never a dot-dot or backslash.
     return name.startswith(("/", ".", "~")) or ".." in name or "\\" in name or name.count("/") > 1
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password in a URL's userinfo, as written and decoded (none: [])."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # not a URL (a port that is no number, ...)
+        return []
+    return [password, unquote(password)] if password else []
+
+
+def ccxt_option_secrets(options: object, key: str = "") -> list[str]:
+    """The credentials in ccxt options: credential options, every header value, and the
+    password of any URL (a proxy's)."""
+    if isinstance(options, Mapping):
+        if key.lower() == "headers":
+            return [str(value) for value in options.values()]
+        return [s for k, v in options.items() for s in ccxt_option_secrets(v, str(k))]
+    if isinstance(options, list):
+        return [s for item in options for s in ccxt_option_secrets(item, key)]
+    if isinstance(options, str):
+        return [options] if key.lower() in CCXT_CREDENTIAL_OPTIONS else url_secrets(options)
+    return []
 
 
 def symbol_key(symbol: str) -> str:
@@ -143,30 +184,29 @@ class Settings(BaseModel, frozen=True):
         return "binance" if self.source in ("ccxt", "replay") else self.source
 
     @property
-    def has_credentials(self) -> bool:
-        return bool(os.environ.get("CANDLESTACK_API_KEY"))
-
-    @property
     def symbol_by_key(self) -> dict[str, str]:
         return {symbol_key(s): s for s in self.symbols}
+
+    def secrets(self) -> list[str]:
+        """Every credential these settings hold: the exchange keys, the ledger's password,
+        the webhook URLs and the ccxt options' credentials. Alerts mask each of them."""
+        values = [os.environ.get(name) for name in CREDENTIAL_VARIABLES]
+        values += [self.alert_webhook_url, self.slack_webhook_url]
+        values += url_secrets(self.ledger_url) + ccxt_option_secrets(self.ccxt_options)
+        return list(dict.fromkeys(value for value in values if value))
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         raw: dict[str, object] = {}
-        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | {
-            "CANDLESTACK_API_KEY",
-            "CANDLESTACK_API_SECRET",
-        }
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | set(CREDENTIAL_VARIABLES)
         unknown = sorted(
             key for key in environ if key.upper().startswith(ENV_PREFIX) and key not in known
         )
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see README")
         # Half a credential would be ignored (a key is only used with its secret): refuse it.
-        halves = {
-            n: bool(environ.get(n)) for n in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
-        }
+        halves = {n: bool(environ.get(n)) for n in CREDENTIAL_VARIABLES}
         if len(set(halves.values())) > 1:
             present, absent = sorted(halves, key=halves.get, reverse=True)
             raise ConfigError(f"{present} is set but {absent} is not: set both, or neither")

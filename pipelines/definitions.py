@@ -30,7 +30,8 @@ from pipelines.schedules import (
     snapshot_markets_daily,
 )
 from pipelines.sensors import dry_run_bars
-from resources import AlertResource, LakeResource, LedgerResource, source_resource
+from resources import AlertResource, LakeResource, ledger_resource, source_resource
+from resources.env import env_var_or
 
 settings = load_settings()
 
@@ -79,15 +80,11 @@ defs = dg.Definitions(
             catalog_path=str(settings.catalog),
             reports_path=str(settings.reports),
         ),
-        "ledger": LedgerResource(url=settings.ledger_url),
+        "ledger": ledger_resource(settings),
         # EnvVar: the UI shows the variables' names, never the webhook URLs (credentials).
         "alerts": AlertResource(
-            webhook_url=dg.EnvVar("CANDLESTACK_ALERT_WEBHOOK_URL")
-            if settings.alert_webhook_url
-            else None,
-            slack_webhook_url=dg.EnvVar("CANDLESTACK_SLACK_WEBHOOK_URL")
-            if settings.slack_webhook_url
-            else None,
+            webhook_url=env_var_or("CANDLESTACK_ALERT_WEBHOOK_URL", None),
+            slack_webhook_url=env_var_or("CANDLESTACK_SLACK_WEBHOOK_URL", None),
             ui_url=settings.ui_url,
         ),
     },

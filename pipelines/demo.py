@@ -134,7 +134,7 @@ def _print_dry_run(defs, runs) -> None:
     from assets.dry_run import enabled_strategies
     from candlestack.dryrun import latency_stats
 
-    ledger = defs.resources["ledger"].open()
+    ledger = defs.resources["ledger"].process_config_and_initialize().open()
     print(f"\ndry-run (paper trading only: nothing sends a real order), ledger {ledger.url}:")
     orders = ledger.orders()
     table = dict(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_cols=-1,
@@ -227,7 +227,7 @@ def main() -> int:
         instance=instance, run_config=QUIET, raise_on_error=False
     )
     lake = defs.resources["lake"].lake
-    exchange = defs.resources["source"].open().exchange
+    exchange = defs.resources["source"].process_config_and_initialize().open().exchange
     dry_runs = _dry_run_session(defs, instance, lake, exchange)
 
     reports = lake.reports(exchange).filter(pl.col("date") >= datetime.fromisoformat(first).date())

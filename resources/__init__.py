@@ -2,7 +2,7 @@
 
 from resources.alerts import AlertResource
 from resources.lake import LakeResource
-from resources.ledger import LedgerResource
+from resources.ledger import LedgerResource, ledger_resource
 from resources.sources import (
     CandleSourceResource,
     CcxtSourceResource,
@@ -19,5 +19,6 @@ __all__ = [
     "LedgerResource",
     "ReplaySourceResource",
     "SyntheticSourceResource",
+    "ledger_resource",
     "source_resource",
 ]

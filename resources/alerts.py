@@ -1,14 +1,10 @@
 """Where alerts go, as a Dagster resource: a generic JSON webhook and/or Slack."""
 
-import os
-
 import dagster as dg
 from pydantic import Field
 
 from candlestack.alerts import Target
-
-# Values that must never reach a payload, whatever an error message quotes.
-SECRET_VARIABLES = ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET")
+from candlestack.config import load_settings
 
 
 class AlertResource(dg.ConfigurableResource):
@@ -34,4 +30,5 @@ class AlertResource(dg.ConfigurableResource):
 
     @staticmethod
     def secrets() -> list[str]:
-        return [value for name in SECRET_VARIABLES if (value := os.environ.get(name))]
+        """Values that must never reach a payload, whatever an error message quotes."""
+        return load_settings().secrets()

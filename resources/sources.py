@@ -7,6 +7,7 @@ from pydantic import Field
 
 from candlestack.config import Settings
 from candlestack.sources import CandleSource, CcxtSource, ReplaySource, SyntheticSource
+from resources.env import env_var_or
 
 
 class CandleSourceResource(dg.ConfigurableResource):
@@ -45,7 +46,8 @@ class CcxtSourceResource(CandleSourceResource):
     exchange: str = "binance"
     options_json: str = Field(
         "{}",
-        description="ccxt constructor options as JSON: urls, options, timeout, proxies, ...",
+        description="ccxt constructor options as JSON: urls, options, timeout, proxies, "
+        "headers, ...; given as EnvVar, since proxies and headers may hold credentials",
     )
     sandbox: bool = False
     api_key: str | None = None
@@ -70,10 +72,10 @@ def source_resource(settings: Settings) -> CandleSourceResource:
     if settings.source == "ccxt":
         return CcxtSourceResource(
             exchange=settings.exchange_id,
-            options_json=json.dumps(settings.ccxt_options),
+            options_json=env_var_or("CANDLESTACK_CCXT_OPTIONS", json.dumps(settings.ccxt_options)),
             sandbox=settings.ccxt_sandbox,
-            api_key=dg.EnvVar("CANDLESTACK_API_KEY") if settings.has_credentials else None,
-            secret=dg.EnvVar("CANDLESTACK_API_SECRET") if settings.has_credentials else None,
+            api_key=env_var_or("CANDLESTACK_API_KEY", None),
+            secret=env_var_or("CANDLESTACK_API_SECRET", None),
             **common,
         )
     if settings.source == "replay":

@@ -1,37 +1,50 @@
-"""A canary API key and secret, configured for the ccxt source, never get stored or printed.
+"""Canary credentials, configured for the ccxt source and the ledger, never get stored,
+printed or shown in the UI.
 
 The whole demo (`python -m pipelines.demo`: ingest, bars, features, markets, backtests,
-catalog, dry-run) runs in a subprocess against the loopback FakeBinance with the canary as
-CANDLESTACK_API_KEY and CANDLESTACK_API_SECRET. Then every byte it left behind is searched:
-everything under the isolated DAGSTER_HOME (run and event-log SQLite), the lake, the
-catalog, the ledger, the reports, and its stdout and stderr, for the canary as is and as
-base64, URL-encoded, JSON-escaped or hex. Parquet and DuckDB compress their pages and Dagster
-zlib-compresses its run snapshots inside SQLite, so decoded values and metadata are searched
-as well as raw bytes. A positive control plants the canary in each kind of file, so a search
-that cannot find it fails; a key passed as plain resource config instead of dg.EnvVar is
-caught (in the zlib-compressed job snapshot).
+catalog, dry-run) runs in a subprocess against the loopback FakeBinance with canaries as
+CANDLESTACK_API_KEY and CANDLESTACK_API_SECRET, as the password of the PostgreSQL ledger in
+CANDLESTACK_LEDGER_URL, and in CANDLESTACK_CCXT_OPTIONS as the password of the HTTP proxy
+every exchange request goes through and as a header value. Then every byte it left behind is
+searched: everything under the isolated DAGSTER_HOME (run and event-log SQLite), the lake,
+the catalog, the ledger's tables, the reports, its stdout and stderr, and the answers of a
+real dagster-webserver's GraphQL (the Resources pages and the launchpad's default config),
+for the canaries as is and as base64, URL-encoded, JSON-escaped or hex. Parquet and DuckDB
+compress their pages and Dagster zlib-compresses its run snapshots inside SQLite, so decoded
+values and metadata are searched as well as raw bytes. A positive control plants the canary
+in each kind of file, so a search that cannot find it fails; a credential passed as plain
+resource config instead of dg.EnvVar is caught (in the zlib-compressed job snapshot and in
+the UI's configured values).
 """
 
 import base64
 import binascii
 import hashlib
 import hmac
+import http.client
 import json
+import os
 import secrets
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+import uuid
 import zlib
 from contextlib import closing, suppress
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import dagster as dg
 import duckdb
 import polars as pl
+import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -42,15 +55,18 @@ from tests.conftest import REPLAY_FILES, isolated_env
 from tests.integration.fake_binance import FakeBinance
 
 ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # trust auth: any password is accepted
 SAPI_PREFIX = "/sapi/v1"
 # ccxt's binance asks this signed endpoint for currencies in load_markets when it has keys.
 CURRENCIES_PATH = f"{SAPI_PREFIX}/capital/config/getall"
 # The last whole day of the shared Binance CSVs (2021-04-20 20:42 .. 2021-05-20 20:40); the
 # demo's 7 days end on it and skip the 2021-04-25 maintenance gap.
 LAST_FULL_DAY = date(2021, 5, 19)
-# What the demo and the alerts must leave behind under tmp_path (tests/conftest.py
-# isolated_env, and the receiver's folder of alert bodies); everything there is searched.
-STORES = ("dagster_home", "lake", "catalog.duckdb", "ledger.sqlite", "reports", "alerts")
+# What the demo, the alerts and the webserver must leave behind under tmp_path
+# (tests/conftest.py isolated_env, the receiver's folder of alert bodies, the webserver's
+# output); everything there is searched. The ledger is in PostgreSQL, searched on its own.
+STORES = ("dagster_home", "lake", "catalog.duckdb", "reports", "alerts", "webserver.log")
 # After the demo, in its environment: a run that fails (the exchange refuses the API key on
 # its first candle request, a fault the test queues), the same month again (days before the
 # exchange has any candle fail the gaps check, not the run) and a kill-switch trip, each
@@ -95,6 +111,53 @@ EXCHANGE_FOLDER = "fake_exchange"
 KEY_REFUSED = '{"code":-2015,"msg":"Invalid API-key, IP, or permissions for action."}'
 DAY_MS = 86_400_000
 SQLITE_HEADER = b"SQLite format 3\0"
+# A header the ccxt options add to every request (an API gateway's token, say).
+TOKEN_HEADER = "X-Api-Token"
+PROXY_USER = "candlestack"
+HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "transfer-encoding"}
+# workspace.yaml's location, and the repository a module-level `defs` becomes.
+REPOSITORY = {"repositoryLocationName": "candlestack", "repositoryName": "__repository__"}
+# The Deployment -> Resources list, then each resource's page as the UI asks for it
+# (dagster-webserver's ResourceRootQuery with its ResourceDetailsFragment).
+RESOURCES_QUERY = """
+query ($repo: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $repo) {
+    __typename
+    ... on ResourceDetailsList { results { name configuredValues { key value type } } }
+    ... on PythonError { message }
+  }
+  repositoryOrError(repositorySelector: $repo) { ... on Repository { jobs { name } } }
+}
+"""
+RESOURCE_QUERY = """
+query ResourceRootQuery($resourceSelector: ResourceSelector!) {
+  topLevelResourceDetailsOrError(resourceSelector: $resourceSelector) {
+    __typename
+    ... on ResourceDetails {
+      id name description
+      configFields { name description configTypeKey isRequired defaultValueAsJson }
+      configuredValues { key value type }
+      nestedResources { name type resource { id name resourceType description } }
+      parentResources { name resource { id name resourceType description } }
+      assetKeysUsing { path }
+      schedulesUsing sensorsUsing
+      jobsOpsUsing { jobName opHandleIDs }
+      resourceType
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+# The launchpad's scaffold of a job's config: resources' defaults are in it.
+LAUNCHPAD_QUERY = """
+query ($selector: PipelineSelector!) {
+  runConfigSchemaOrError(selector: $selector) {
+    __typename
+    ... on RunConfigSchema { rootDefaultYaml }
+    ... on PythonError { message }
+  }
+}
+"""
 
 
 class SignedFakeBinance(FakeBinance):
@@ -171,6 +234,20 @@ def _sqlite_texts(path: Path) -> list[bytes]:
     return texts
 
 
+def postgres_texts(database: str) -> list[bytes]:
+    """Every value of every table in the database's schemas (the ledger's tables)."""
+    texts = []
+    with psycopg.connect(f"{PG_SERVER}/{database}") as con:
+        tables = con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE "
+            "table_schema NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        for schema, table in tables:
+            rows = con.execute(f'SELECT * FROM "{schema}"."{table}"').fetchall()
+            texts.append(json.dumps(rows, default=str).encode())
+    return texts
+
+
 def search(roots: list[Path], texts: dict[str, bytes], canaries: list[str]) -> list[str]:
     """Where any form of any canary occurs: 'place: form'."""
     needles = [
@@ -196,6 +273,23 @@ def _shifted_csv(source: Path, target: Path, shift_ms: int) -> Path:
     frame = pl.read_csv(source).with_columns(pl.col("ts_ms") + shift_ms)
     frame.write_csv(target)
     return target
+
+
+@pytest.fixture
+def database():
+    """A throwaway database on the real PostgreSQL server, dropped afterwards."""
+    name = f"canary_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{PG_SERVER}/test", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {PG_SERVER} is unreachable (CI provides it): {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(f"{PG_SERVER}/test", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -236,7 +330,110 @@ class AlertReceiver(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
-def test_search_finds_a_planted_canary(tmp_path):
+class ForwardProxy(ThreadingHTTPServer):
+    """Loopback HTTP forward proxy, as a paid one behind credentials: it records each
+    request's Proxy-Authorization and TOKEN_HEADER, then forwards it to its target."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                seen.append((self.headers["Proxy-Authorization"], self.headers[TOKEN_HEADER]))
+                target = urlsplit(self.path)  # a proxy is asked for the absolute URL
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "proxy-authorization"
+                }
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    path = target.path + (f"?{target.query}" if target.query else "")
+                    upstream.request(self.command, path, body or None, headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in HOP_BY_HOP | {"content-length"}:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.seen = seen
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def graphql(url: str, query: str, **variables) -> bytes:
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(
+        f"{url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.read()
+
+
+def ui_answers(url: str, server: subprocess.Popen, log: Path) -> dict[str, bytes]:
+    """The webserver's GraphQL answers, once its code location has loaded: the resources
+    list, each resource's page and each job's launchpad scaffold."""
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            listing = graphql(url, RESOURCES_QUERY, repo=REPOSITORY)
+            if b'"ResourceDetailsList"' in listing:
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"dagster-webserver lists no resources:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    data = json.loads(listing)["data"]
+    answers = {"graphql resources": listing}
+    for resource in data["allTopLevelResourceDetailsOrError"]["results"]:
+        selector = {**REPOSITORY, "resourceName": resource["name"]}
+        answers[f"graphql resource {resource['name']}"] = graphql(
+            url, RESOURCE_QUERY, resourceSelector=selector
+        )
+    for job in data["repositoryOrError"]["jobs"]:
+        selector = {
+            "pipelineName": job["name"],
+            "repositoryName": REPOSITORY["repositoryName"],
+            "repositoryLocationName": REPOSITORY["repositoryLocationName"],
+        }
+        answers[f"graphql launchpad {job['name']}"] = graphql(
+            url, LAUNCHPAD_QUERY, selector=selector
+        )
+    return answers
+
+
+def configured_values(answers: dict[str, bytes]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(resource, field) -> (value, type) as the Resources list shows them."""
+    listing = json.loads(answers["graphql resources"])["data"]
+    return {
+        (resource["name"], value["key"]): (value["value"], value["type"])
+        for resource in listing["allTopLevelResourceDetailsOrError"]["results"]
+        for value in resource["configuredValues"]
+    }
+
+
+def test_search_finds_a_planted_canary(tmp_path, database):
     """Positive control: the canary planted once in each kind of file is found there."""
     canary = _canary("key")
     plain = tmp_path / "dagster_home" / "compute.log"
@@ -260,37 +457,51 @@ def test_search_finds_a_planted_canary(tmp_path):
     with closing(sqlite3.connect(runs)) as con, con:
         con.execute("CREATE TABLE snapshots (body BLOB)")
         con.execute("INSERT INTO snapshots VALUES (?)", [zlib.compress(canary.encode())])
+    with psycopg.connect(f"{PG_SERVER}/{database}") as con:
+        con.execute("CREATE TABLE audit (seq int, payload text)")
+        con.execute("INSERT INTO audit SELECT i, 'row ' || i FROM generate_series(1, 1000) i")
+        con.execute("INSERT INTO audit VALUES (0, %s)", [json.dumps({"note": canary})])
     found = search(
         [tmp_path / "dagster_home", tmp_path / "lake", catalog],
-        {"stdout": quote(canary).encode()},
+        {"stdout": quote(canary).encode(), "ledger": b"\n".join(postgres_texts(database))},
         [canary],
     )
     places = {f.rsplit(": ", 1)[0] for f in found}
-    assert {"stdout", str(plain), f"{column} (decoded)", f"{metadata} (decoded)"} <= places
-    assert {f"{catalog} (decoded)", f"{runs} (decoded)"} <= places
+    assert {"stdout", "ledger", str(plain), f"{column} (decoded)"} <= places
+    assert {f"{metadata} (decoded)", f"{catalog} (decoded)", f"{runs} (decoded)"} <= places
     assert str(runs) not in places  # compressed: only the decoded search sees it
     assert any(f.endswith("base64+2") for f in found if f.startswith(str(plain)))
     assert search([tmp_path / "lake"], {}, [_canary("other")]) == []
 
 
-def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypatch):
+def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, database, monkeypatch):
     key, secret, hook = _canary("key"), _canary("secret"), _canary("webhook")
+    ledger_password, proxy_password, token = _canary("ledger"), _canary("proxy"), _canary("header")
+    canaries = [key, secret, hook, ledger_password, proxy_password, token]
     today = datetime.now(UTC).date()
     receiver = AlertReceiver(tmp_path / "alerts")
+    proxy = ForwardProxy()
     # Before the shared candles begin (30 days before their last), in the partitions: its
     # month is ingested after the demo, once refused by the exchange and once for real.
     empty_day = today - timedelta(days=40)
     url = f"http://127.0.0.1:{fake_exchange.port}"
     options = fake_exchange.ccxt_config()
     options["urls"]["api"]["sapi"] = url + SAPI_PREFIX
+    proxy_address = f"127.0.0.1:{proxy.server_port}"
+    proxy_url = f"http://{PROXY_USER}:{quote(proxy_password, safe='')}@{proxy_address}"
+    options |= {"enableRateLimit": False, "httpProxy": proxy_url, "headers": {TOKEN_HEADER: token}}
+    ledger_url = (
+        f"postgresql+psycopg://postgres:{quote(ledger_password, safe='')}@127.0.0.1:5432/{database}"
+    )
     env = isolated_env(
         tmp_path,
         source="ccxt",
         symbols="BTC/USDT,ETH/USDT",
         start_date=empty_day.isoformat(),
-        ccxt_options=json.dumps({**options, "enableRateLimit": False}),
+        ccxt_options=json.dumps(options),
         api_key=key,
         api_secret=secret,
+        ledger_url=ledger_url,
         # A webhook URL is a credential too (Slack's carry a token): it must stay out of
         # what is stored and of the alerts themselves.
         alert_webhook_url=f"http://127.0.0.1:{receiver.server_port}/hook/{hook}",
@@ -304,27 +515,54 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         timeout=900,
     )
     assert demo.returncode == 0, demo.stderr.decode()[-3000:]
-    fake_exchange.inject("500", 1, body=KEY_REFUSED)
-    alerts = subprocess.run(
-        [sys.executable, "-c", RAISE_ALERTS, empty_day.isoformat()],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        timeout=600,
-    )
-    assert alerts.returncode == 0, alerts.stderr.decode()[-3000:]
+    # The UI as an operator opens it, started while the alerts are raised.
+    port = str(free_port())
+    log = tmp_path / "webserver.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [BIN / "dagster-webserver", "-h", "127.0.0.1", "-p", port, "-w", "workspace.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        fake_exchange.inject("500", 1, body=KEY_REFUSED)
+        alerts = subprocess.run(
+            [sys.executable, "-c", RAISE_ALERTS, empty_day.isoformat()],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )
+        assert alerts.returncode == 0, alerts.stderr.decode()[-3000:]
+        answers = ui_answers(f"http://127.0.0.1:{port}", server, log)
+    finally:
+        # This server's process group only: other dagster processes may share the machine.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
     assert fake_exchange.pending_faults == [], "the refused key never reached the client"
     receiver.shutdown()
+    proxy.shutdown()
     kinds = sorted(alert["kind"] for alert in receiver.received)
     assert kinds == ["check_failure", "kill_switch", "run_failure"], receiver.received
     by_kind = {alert["kind"]: alert for alert in receiver.received}
     assert "AuthenticationError" in by_kind["run_failure"]["message"]
     assert by_kind["check_failure"]["where"]["check"] == "gaps"
+    ledger = postgres_texts(database)
+    assert any(b"btc_ma_cross" in text for text in ledger), "the demo wrote no ledger there"
     output = {
         "demo stdout": demo.stdout,
         "demo stderr": demo.stderr,
         "alerts stdout": alerts.stdout,
         "alerts stderr": alerts.stderr,
+        **answers,
+        "ledger": b"\n".join(ledger),
     }
     assert b"ccxt source, 2 symbols" in demo.stdout
     assert fake_exchange.errors == []
@@ -338,16 +576,29 @@ def test_canary_secret_never_stored_or_printed(tmp_path, fake_exchange, monkeypa
         expected = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
         assert query["signature"] == expected
     assert any(q.get("symbol") == "ETHUSDT" for q in fake_exchange.requests_to("/api/v3/klines"))
-    # The same settings in-process: the client the resource opens holds the canary key.
-    for name in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET"):
+    # Every exchange request went through the proxy with its credentials and the header.
+    credentials = base64.b64encode(f"{PROXY_USER}:{proxy_password}".encode()).decode()
+    assert len(proxy.seen) == len(fake_exchange.requests)
+    assert set(proxy.seen) == {(f"Basic {credentials}", token)}
+    # The same settings in-process: the client the resource opens holds the canaries.
+    for name in ("CANDLESTACK_API_KEY", "CANDLESTACK_API_SECRET", "CANDLESTACK_CCXT_OPTIONS"):
         monkeypatch.setenv(name, env[name])
     resource = source_resource(Settings.from_env(env))
     with dg.build_resources({"source": resource}) as built:
         client = built.source.open().client
     assert (client.apiKey, client.secret) == (key, secret)
+    assert (client.httpProxy, client.headers) == (proxy_url, {TOKEN_HEADER: token})
 
+    # The UI answered with every resource: the webhook's variable proves it read them.
+    values = configured_values(answers)
+    assert values[("alerts", "webhook_url")] == ("CANDLESTACK_ALERT_WEBHOOK_URL", "ENV_VAR")
+    assert {"source", "lake", "ledger", "alerts"} <= {name for name, _ in values}
     missing = [name for name in STORES if not (tmp_path / name).exists()]
     assert missing == [], "the demo wrote elsewhere: the search would miss it"
     assert list((tmp_path / "lake").rglob("*.parquet")), "the demo wrote no lake"
     written = [p for p in tmp_path.iterdir() if p.name != EXCHANGE_FOLDER]
-    assert search(written, output, [key, secret, hook]) == []
+    assert search(written, output, canaries) == []
+    # What the UI shows instead: the variables' names.
+    assert values[("ledger", "url")] == ("CANDLESTACK_LEDGER_URL", "ENV_VAR")
+    assert values[("source", "options_json")] == ("CANDLESTACK_CCXT_OPTIONS", "ENV_VAR")
+    assert values[("source", "api_key")] == ("CANDLESTACK_API_KEY", "ENV_VAR")

@@ -105,6 +105,21 @@ def test_secrets_are_masked_in_every_payload():
     assert "sk-LIVE-123" not in seen[1]["text"] and "invalid key ***" in seen[1]["text"]
 
 
+def test_a_secret_holding_another_is_masked_whole():
+    proxy = "http://trader:proxy-pw@10.0.0.7:3128"
+    seen = []
+    deliver(
+        [Pending((1, 0), alert(1, f"no answer through {proxy} (user trader, proxy-pw)"))],
+        1,
+        [Target("webhook", "http://h/hook")],
+        {"webhook": Mark(0)},
+        timeout=1,
+        secrets=["proxy-pw", proxy],
+        send=lambda target, payload, timeout: seen.append(payload),
+    )
+    assert seen[0]["message"] == "no answer through *** (user trader, ***)"
+
+
 @pytest.fixture
 def refusing_server():
     class Handler(BaseHTTPRequestHandler):
@@ -131,6 +146,9 @@ def test_a_failed_post_names_the_target_but_never_the_token_in_its_url(refusing_
     with pytest.raises(AlertDeliveryError) as unreachable:
         post(Target("slack", "http://127.0.0.1:9" + TOKEN_PATH, "slack"), {"text": "x"}, 5)
     assert str(unreachable.value) == "slack (http://127.0.0.1:9): ConnectionError"
+    # Nor the credentials of a URL's userinfo.
+    basic_auth = Target("webhook", "https://candlestack:hook-pw@alerts.example:8443/hook")
+    assert basic_auth.shown == "webhook (https://alerts.example:8443)"
 
 
 def test_alert_settings_are_urls_and_errors_do_not_quote_them():

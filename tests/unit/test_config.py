@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from candlestack.config import DEFAULT_SYMBOLS, Settings, symbol_key
+from candlestack.config import CREDENTIAL_VARIABLES, DEFAULT_SYMBOLS, Settings, symbol_key
 from candlestack.errors import ConfigError
 
 
@@ -202,3 +202,42 @@ def test_half_a_credential_is_refused_naming_the_missing_half(present, absent):
     """Reported: a secret without its key was ignored silently (no keys were used)."""
     with pytest.raises(ConfigError, match=f"{present} is set but {absent} is not"):
         Settings.from_env({present: "canary"})
+
+
+def test_secrets_are_every_credential_the_settings_hold(monkeypatch):
+    monkeypatch.setenv("CANDLESTACK_API_KEY", "key-1")
+    monkeypatch.setenv("CANDLESTACK_API_SECRET", "secret-1")
+    options = {
+        "httpProxy": "http://trader:proxy-pw@127.0.0.1:8080",
+        "proxies": {"https": "https://other:pw%2F2@proxy.example:3128"},
+        "headers": {"X-Api-Token": "token-1", "User-Agent": "candlestack"},
+        "password": "trading-pw",
+        "urls": {"api": {"public": "https://mirror.example/api/v3"}},
+        "timeout": 10000,
+    }
+    settings = Settings.from_env(
+        {
+            "CANDLESTACK_LEDGER_URL": "postgresql+psycopg://cs:p%40ss@db:5432/cs",
+            "CANDLESTACK_CCXT_OPTIONS": json.dumps(options),
+            "CANDLESTACK_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/x",
+        }
+    )
+    assert set(settings.secrets()) == {
+        "key-1",
+        "secret-1",
+        "https://hooks.slack.com/services/T/B/x",
+        "p%40ss",  # as the URL writes it, and as it is sent
+        "p@ss",
+        "proxy-pw",
+        "pw%2F2",
+        "pw/2",
+        "token-1",
+        "candlestack",  # every header value: headers are where tokens go
+        "trading-pw",
+    }
+
+
+def test_the_default_settings_hold_no_secret(monkeypatch):
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert Settings.from_env({}).secrets() == []
