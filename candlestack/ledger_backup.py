@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alembic import command
+from psycopg import sql
 from sqlalchemy import Connection, Integer, create_engine, delete, func, insert, inspect, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -252,8 +253,16 @@ def _copy_rows(source: Connection, target: Connection) -> None:
         present = {column["name"] for column in inspect(target).get_columns(table.name)}
         columns = [column for column in table.columns if column.name in present]
         rows = source.execution_options(yield_per=BATCH_ROWS).execute(select(*columns))
-        for part in rows.partitions():
-            target.execute(insert(table), [dict(row._mapping) for row in part])
+        if target.dialect.name == "postgresql":
+            # COPY: several times faster than batched INSERTs, in the same transaction.
+            names = sql.SQL(", ").join(sql.Identifier(column.name) for column in columns)
+            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(table.name), names)
+            with target.connection.driver_connection.cursor().copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            for part in rows.partitions():
+                target.execute(insert(table), [dict(row._mapping) for row in part])
 
 
 # --- the target -----------------------------------------------------------------------------
