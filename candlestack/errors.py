@@ -38,3 +38,16 @@ class DamagedFileError(LakeError):
         self.reason = reason
         # What the file was when judged (inode, size, mtime): only that file is moved aside.
         self.identity = identity
+
+
+class BackupError(LedgerError):
+    """A ledger backup cannot be written, read or restored as asked."""
+
+
+class BrokenChainError(BackupError):
+    """A ledger (or its backup) whose audit chain does not verify: refused, never copied."""
+
+    def __init__(self, what: object, problems: list[str]) -> None:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        super().__init__(f"{what}: the audit chain does not verify ({len(problems)}): {shown}")
+        self.problems = problems
