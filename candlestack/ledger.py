@@ -1266,6 +1266,20 @@ def append_events(
     return seq
 
 
+def state_matches_chain(conn: Connection, tables: Sequence[Any]) -> bool:
+    """Whether every row of `tables` is the one the audit chain last bound (no row unbound,
+    edited or missing); the chain's own links are verify_audit_chain's business."""
+    bound = _StateBindings()
+    events = conn.execute(
+        select(AuditEventRow.seq, AuditEventRow.kind, AuditEventRow.payload)
+        .order_by(AuditEventRow.seq)
+        .execution_options(yield_per=10_000)
+    )
+    for seq, kind, payload in events:
+        bound.add(seq, kind, payload)
+    return not any(bound.compare(table.name, state_rows(conn, table)) for table in tables)
+
+
 class _StateBindings:
     """What the audit chain says each state row holds: the latest digest bound to it."""
 
