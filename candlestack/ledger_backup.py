@@ -90,6 +90,8 @@ def backup(url: str, to: Path) -> Summary:
     """Write a consistent, verified backup of the ledger at `url` to `to` (replaced whole)."""
     started = time.perf_counter()
     shown = _shown(url)
+    if _is_sqlite(url) and to.resolve() == _sqlite_path(url).resolve():
+        raise BackupError(f"{to} is the ledger itself: back it up to another file")
     with _partial(to, ".partial") as partial:
         if _is_sqlite(url):
             _copy_sqlite_file(_sqlite_path(url), partial)

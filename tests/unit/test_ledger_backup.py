@@ -399,6 +399,9 @@ def test_errors_name_the_file_or_the_ledger(
     err = refused("backup", "--to", str(tmp_path / "b.sqlite"))
     assert f"no ledger at {ledger_file}: not a file" in err
     assert not ledger_file.exists()
+    Ledger(f"sqlite:///{ledger_file}").migrate()
+    err = refused("backup", "--to", str(ledger_file))
+    assert f"{ledger_file} is the ledger itself: back it up to another file" in err
 
     down = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/test"
     err = refused("backup", "--to", str(tmp_path / "b.sqlite"), "--url", down)
