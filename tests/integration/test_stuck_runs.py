@@ -4,7 +4,6 @@ Each backfill ingests April 2021 (from its 28th) x 2 symbols in one run, with re
 the loopback Binance; while it should stay in the pool, the exchange holds every answer. The
 instance has the repository's pools: four slots per exchange."""
 
-import json
 import signal
 import subprocess
 import time
@@ -12,11 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
 from pipelines.stuck_runs import COMMAND
-from tests.conftest import REPLAY_FILES, isolated_env
-from tests.integration.daemon import BIN, ROOT
+from tests.conftest import REPLAY_FILES
+from tests.integration.daemon import BIN, ROOT, loopback_binance_env
 from tests.integration.fake_binance import FakeBinance
 
 POOL = "exchange-binance"
@@ -36,16 +34,7 @@ def binance(shared_data):
 
 @pytest.fixture
 def env(tmp_path, binance, monkeypatch):
-    env = isolated_env(
-        tmp_path,
-        source="ccxt",
-        symbols="BTC/USDT,ETH/USDT",
-        start_date="2021-04-28",
-        ccxt_options=json.dumps(binance.ccxt_config()),
-    )
-    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    config = {k: shipped[k] for k in ("run_coordinator", "concurrency", "telemetry")}
-    Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
+    env = loopback_binance_env(tmp_path, binance)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     return env
 
