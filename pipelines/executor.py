@@ -1,18 +1,23 @@
 """Dagster's in-process executor, with the run's process recorded and a pool wait that ends.
 
-Three things Dagster 1.13's in-process executor does not do, all about a step waiting for an
+Four things Dagster 1.13's in-process executor does not do, all about a step waiting for an
 exchange pool's slot (each exchange is a pool, see dagster.yaml):
 - it records nothing that tells a live run from one whose process was killed, so slots
   claimed by a `kill -9`'d backfill stay claimed for hours (pipelines.stuck_runs);
 - a SIGTERM or Ctrl-C while waiting is captured and never acted on: the wait goes on;
 - its wait never sleeps (InstanceConcurrencyContext.interval_to_next_pending_claim_check
-  returns min(0, ...)), so a waiting run spins a core and polls the storage.
+  returns min(0, ...)), so a waiting run spins a core and polls the storage;
+- on SQLite storage, two runs claiming at the same instant can both be given the last slot:
+  the storage reads the free slots, then writes, and SQLite ignores its SELECT ... FOR
+  UPDATE. Claims here are serialised by a lock file beside the storage.
 The execution itself is Dagster's, unchanged.
 """
 
+import fcntl
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -24,6 +29,7 @@ from dagster._core.execution.plan.execute_plan import inner_plan_execution_itera
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.executor.in_process import InProcessExecutor
+from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._utils.interrupts import check_captured_interrupt
 
 from pipelines.stuck_runs import COMMAND, WORKER_TAG, Worker, clean_up, describe
@@ -47,7 +53,8 @@ class PoolWait(InstanceConcurrencyContext):
             raise DagsterExecutionInterruptedError(
                 f"Interrupted while {step_key} waited for a slot of pool {concurrency_key}"
             )
-        claimed = super().claim(concurrency_key, step_key, step_priority)
+        with self._claims_serialised():
+            claimed = super().claim(concurrency_key, step_key, step_priority)
         now = time.monotonic()
         if not claimed and now - self._holders_checked.get(concurrency_key, -1e9) >= (
             HOLDERS_CHECK_S
@@ -55,6 +62,26 @@ class PoolWait(InstanceConcurrencyContext):
             self._holders_checked[concurrency_key] = now
             claimed = self._free_dead_holders(concurrency_key, step_key)
         return claimed
+
+    def free_step(self, step_key: str) -> None:
+        # Freeing assigns the slot to a waiting step: the same read-then-write as a claim.
+        with self._claims_serialised():
+            super().free_step(step_key)
+
+    def __exit__(self, *exc_info) -> None:
+        with self._claims_serialised():
+            super().__exit__(*exc_info)
+
+    @contextmanager
+    def _claims_serialised(self) -> Iterator[None]:
+        storage = self._instance.event_log_storage
+        if not isinstance(storage, SqliteEventLogStorage):
+            yield  # PostgreSQL locks the slot rows it reads
+            return
+        # _base_dir: the folder of the storage's index.db, shared by every run of the instance.
+        with open(os.path.join(storage._base_dir, "pool_claims.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _free_dead_holders(self, pool: str, step_key: str) -> bool:
         """Fails the pool's holders whose process is gone, logs who holds it; claims again
@@ -68,8 +95,9 @@ class PoolWait(InstanceConcurrencyContext):
             log.warning(f"Pool {pool}: {line}")
         if cleanup.failed or cleanup.freed:
             self._pending_timeouts.pop(step_key, None)
-            if super().claim(pool, step_key):
-                return True
+            with self._claims_serialised():
+                if super().claim(pool, step_key):
+                    return True
         info = instance.event_log_storage.get_concurrency_info(pool)
         holders = [instance.get_run_by_id(r) for r in sorted(info.active_run_ids)]
         log.warning(
