@@ -16,7 +16,7 @@ from assets.backtests import strategies_file, strategy_upstream
 from assets.markdown import md_table
 from assets.market_data import EXCHANGE_POOL
 from candlestack.drift import drift_from_lake
-from candlestack.dryrun import DryRun, latency_stats, session_summary
+from candlestack.dryrun import LATENCY_WINDOW, DryRun, latency_stats
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
@@ -61,6 +61,10 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             "bars_decided": len(outcome.decisions),
             "close_to_fill_s": latency,
             "decision_compute_ms": last.compute_ms or 0.0,
+            # The whole step, not only the strategy's arithmetic: from the run's start
+            # (verification, lake reads, signals, fill) to the ledger commit.
+            "step_ms": outcome.step_ms,
+            "close_to_commit_s": (outcome.committed_at - last.bar_ts - bar).total_seconds(),
             "process_warm_up_ms": outcome.warm_up_ms,
             "position_amount": position.amount if position else 0.0,
             "cash": balance.cash,
@@ -75,9 +79,16 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             )
     else:
         metadata["note"] = "already decided by an earlier run: nothing executed twice"
-    decisions = ledger.decisions(strategy.name)
-    summary = session_summary(decisions, ledger.orders(strategy.name))
-    stats = latency_stats(decisions, strategy.timeframe)
+    if (verified := outcome.verification) is not None:
+        metadata |= {
+            "ledger_verification": "full" if verified.full else "since the checkpoint",
+            "ledger_events_verified": verified.events,
+        }
+    # Bounded reads, whatever the history: one row of running totals, the newest
+    # LATENCY_WINDOW decisions.
+    summary = ledger.session_totals(strategy.name)
+    recent = ledger.newest_decisions(strategy.name, LATENCY_WINDOW, timed=True)
+    stats = latency_stats(recent, strategy.timeframe)
     return metadata | {f"session_{k}": v for k, v in summary.items()} | stats
 
 
@@ -184,7 +195,8 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
 )
 def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
     book = ledger.open()
-    problems = book.verify_audit_chain()
+    # Full: every event and state row. Intact, it moves the dry-run's verified checkpoint.
+    problems = book.verify_audit_chain(checkpoint=True)
     seq, head = book.audit_head()
     # The head published last time must still be in the chain, with the same hash.
     previous = context.instance.get_latest_materialization_event(LEDGER_KEY)

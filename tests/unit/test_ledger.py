@@ -169,7 +169,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
         fresh.orders()
     fresh.migrate()
     fresh.migrate()
-    assert fresh.schema_revision() == head_revision() == "0003"
+    assert fresh.schema_revision() == head_revision() == "0004"
     assert counts(url) == dict.fromkeys(TABLES, 0)
     assert sql(url, "SELECT id, seq, hash FROM chain_head") == [(1, 0, GENESIS_HASH)]
     if url.startswith("postgresql"):
@@ -178,7 +178,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
 
     sql(url, f"UPDATE {VERSION_TABLE} SET version_num = '0099'")
     for call in (lambda ledger: ledger.migrate(), lambda ledger: ledger.audit_count()):
-        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0003"):
+        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0004"):
             call(open_ledger())
 
 
