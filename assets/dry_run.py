@@ -3,7 +3,9 @@
 `dryrun_<name>` is materialized once per closed bar by the dry-run sensor (run key
 strategy|symbol|timeframe|bar open). Its metadata is the bar's decision, the order and fill,
 position, balance, kill switch and latency; the UI plots the numbers across bars. Its `drift`
-check replays the backtest over the bars the dry-run decided. The `ledger` asset is a
+check replays the backtest over the bars the dry-run decided in its trailing window. What a
+step reads stays bounded as the ledger grows (running totals, the newest decisions, the
+audit events since the verified checkpoint). The `ledger` asset is a
 snapshot of the whole ledger with the `audit_chain` check. Nothing here sends a real order.
 """
 
@@ -138,7 +140,9 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         asset=dry_run_key(strategy),
         name=DRIFT_CHECK,
         description=f"The dry-run against its backtest replayed on the same bars over the last "
-        f"{tolerance.window_days} days: signal agreement >= {tolerance.min_signal_agreement:.0%}, "
+        f"{tolerance.window_days} days (replayed from the dry-run's last flat bar before them, "
+        f"with its cash there: the check reads that window, not the whole session): "
+        f"signal agreement >= {tolerance.min_signal_agreement:.0%}, "
         f"fill price within {tolerance.max_fill_price_diff_bps:g} bps, at most "
         f"{tolerance.max_unmatched_fills} unmatched fills, PnL within "
         f"{tolerance.max_pnl_diff:.2%} of capital. Differences are attributed.",
@@ -166,6 +170,8 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
             description="; ".join(report.failures) or "within tolerance",
             metadata={
                 **{k: float(v) for k, v in report.metrics.items()},
+                "window_days": tolerance.window_days,
+                "replay_from": report.replay_from.isoformat() if report.replay_from else "",
                 **{f"cause_{k.replace(' ', '_').replace('-', '_')}": v for k, v in causes.items()},
                 "attributions": dg.MetadataValue.md(md_table(report.attributions, limit=30)),
             },

@@ -413,6 +413,8 @@ class DecisionRow(Base):
     fill_open: Mapped[float | None] = mapped_column(Money)
     compute_ms: Mapped[float | None] = mapped_column(Double)
     run_id: Mapped[str | None] = mapped_column(String)
+    # 0004: the strategy's cash after the bar (where the drift check's replay starts from).
+    cash_after: Mapped[float | None] = mapped_column(Money)
 
 
 class OrderRow(Base):
@@ -661,6 +663,7 @@ DECISIONS = pl.Schema(
         "fill_open": pl.Float64,
         "compute_ms": pl.Float64,
         "run_id": pl.String,
+        "cash_after": pl.Float64,
     }
 )
 KILL_SWITCH = pl.Schema(
@@ -964,6 +967,7 @@ class Ledger:
             "note": decision.note,
             "compute_ms": decision.compute_ms,
             "run_id": decision.run_id,
+            "cash_after": decision.balance.cash,
             **_seen_values(decision.seen),
         }
 
@@ -1300,13 +1304,40 @@ class Ledger:
                 )
             ).scalar_one()
 
-    def orders(self, strategy: str | None = None) -> pl.DataFrame:
+    def orders(self, strategy: str | None = None, since: datetime | None = None) -> pl.DataFrame:
+        """Orders (of `strategy`; of its decisions on bars opening at or after `since`)."""
         query = select(*(getattr(OrderRow, name) for name in ORDERS)).order_by(OrderRow.id)
         if strategy is not None:
             query = query.where(OrderRow.strategy == strategy)
+        if since is not None:
+            query = query.join(DecisionRow, DecisionRow.key == OrderRow.decision_key).where(
+                DecisionRow.bar_ts >= since
+            )
         return self._frame(query, ORDERS)
 
-    def fills(self, strategy: str | None = None) -> pl.DataFrame:
+    def last_fills(self, strategy: str, until: datetime, last: int = 2) -> list[dict[str, Any]]:
+        """The strategy's `last` newest fills on bars opening at or before `until`, newest
+        first: side, fill bar, the decided bar and the cash the decision left (an indexed
+        read of the newest fills)."""
+        query = (
+            select(
+                OrderRow.side,
+                FillRow.bar_ts,
+                DecisionRow.bar_ts.label("decision_bar_ts"),
+                DecisionRow.cash_after,
+            )
+            .select_from(FillRow)
+            .join(OrderRow, OrderRow.id == FillRow.order_id)
+            .join(DecisionRow, DecisionRow.key == OrderRow.decision_key)
+            .where(OrderRow.strategy == strategy, FillRow.bar_ts <= until)
+            .order_by(FillRow.bar_ts.desc(), FillRow.id.desc())
+            .limit(last)
+        )
+        with self._reading() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def fills(self, strategy: str | None = None, after: datetime | None = None) -> pl.DataFrame:
+        """Fills in order (of `strategy`; only on bars opening after `after`)."""
         query = (
             select(
                 FillRow.order_id,
@@ -1325,6 +1356,8 @@ class Ledger:
         )
         if strategy is not None:
             query = query.where(OrderRow.strategy == strategy)
+        if after is not None:
+            query = query.where(FillRow.bar_ts > after)
         return self._frame(query, FILLS)
 
     def positions(self) -> pl.DataFrame:
