@@ -65,7 +65,7 @@ def build_lake(folder: Path, days: int):
 
 def seed(url: str, lake, config, first_bar: datetime, count: int) -> None:
     """`count` decisions on the bars from `first_bar` on, bound as the ledger binds them."""
-    from sqlalchemy import create_engine, insert, update
+    from sqlalchemy import create_engine, insert, inspect, text, update
 
     from candlestack.backtest import config_signals
     from candlestack.backtest_store import load_window
@@ -152,6 +152,16 @@ def seed(url: str, lake, config, first_bar: datetime, count: int) -> None:
             conn.execute(insert(AuditEventRow), events)
         conn.execute(insert(BalanceRow).values(**balance_row))
         conn.execute(update(ChainHeadRow).values(seq=bulk, hash=prev_hash))
+        if "decision_totals" in inspect(conn).get_table_names():
+            # The running totals each decision write keeps (schema 0004 on).
+            totals = dict.fromkeys(("orders", "rejected", "fills", "blocked"), 0)
+            conn.execute(
+                text(
+                    "INSERT INTO decision_totals VALUES (:strategy, :decisions, :orders, "
+                    ":rejected, :fills, :blocked, :skipped_entries)"
+                ),
+                {"strategy": STRATEGY, "decisions": bulk, "skipped_entries": 0, **totals},
+            )
     engine.dispose()
     for n in range(bulk, count):
         assert ledger.record_decision(record(n))

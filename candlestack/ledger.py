@@ -1084,7 +1084,7 @@ class Ledger:
             problems += _totals_problems(conn)
         self.last_verification = Verification(problems, *head, full=True, events=events)
         if checkpoint and not problems:
-            self._save_checkpoint(*head)
+            self._save_checkpoint(*head, forward_only=False)
         return problems
 
     def verify_or_trip(self, by: str) -> list[str]:
@@ -1170,15 +1170,15 @@ class Ledger:
         ).one()
         return seq, digest
 
-    def _save_checkpoint(self, seq: int, digest: str) -> None:
-        """Move the verified checkpoint forward to (seq, digest); never back."""
+    def _save_checkpoint(self, seq: int, digest: str, forward_only: bool = True) -> None:
+        """Set the verified checkpoint to (seq, digest): only forward after a window (a
+        concurrent verification may have gone further), anywhere after a full pass."""
         values = {"seq": seq, "hash": digest, "verified_at": datetime.now(UTC)}
+        where = [CheckpointRow.id == 1]
+        if forward_only:
+            where.append(CheckpointRow.seq <= seq)
         with self._transaction() as conn:
-            moved = conn.execute(
-                update(CheckpointRow)
-                .where(CheckpointRow.id == 1, CheckpointRow.seq <= seq)
-                .values(**values)
-            ).rowcount
+            moved = conn.execute(update(CheckpointRow).where(*where).values(**values)).rowcount
             if not moved and conn.execute(select(CheckpointRow.id)).first() is None:
                 conn.execute(insert(CheckpointRow).values(id=1, **values))
 
