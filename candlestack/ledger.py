@@ -1135,19 +1135,25 @@ class Ledger:
                     AuditEventRow.strategy == strategy, AuditEventRow.kind == AUDIT_DECISION
                 )
             ).scalar_one_or_none()
-            if saved is None or last is None or not 0 < saved.seq <= head[0]:
+            if saved is None or last is None or not 0 <= saved.seq <= head[0]:
                 return None
-            start = min(saved.seq, last)
+            # Seq 0: verified when the chain was empty, so the window is the whole chain.
+            start = min(saved.seq, last) or 1
             rows = conn.execute(
                 _EVENTS.where(AuditEventRow.seq >= start).order_by(AuditEventRow.seq)
             ).all()
-            anchor = next((row for row in rows if row.seq == saved.seq), None)
-            if rows[0].seq != start or anchor is None or anchor.hash != saved.hash:
+            if saved.seq == 0:
+                anchored, prev_hash = saved.hash == GENESIS_HASH, GENESIS_HASH
+            else:
+                anchor = next((row for row in rows if row.seq == saved.seq), None)
+                anchored = anchor is not None and anchor.hash == saved.hash
+                # The link into `start` was checked when `start` was verified (it is at or
+                # before the checkpoint); its own hash is recomputed with all the others.
+                prev_hash = rows[0].prev_hash if rows else GENESIS_HASH
+            if not rows or rows[0].seq != start or not anchored:
                 return None
             bound = _StateBindings()
-            # The link into `start` was checked when `start` was verified (it is at or before
-            # the checkpoint); its own hash is recomputed below with all the others.
-            problems, events = _chain_problems(rows, start, rows[0].prev_hash, head, bound)
+            problems, events = _chain_problems(rows, start, prev_hash, head, bound)
             reads = (
                 (PositionRow.__tablename__, {"strategy": strategy, "symbol": symbol}),
                 (BalanceRow.__tablename__, {"strategy": strategy}),
