@@ -171,33 +171,36 @@ def drift(
         attributed.add(row["bar_ts"])
 
     in_window = compared.filter(~pl.col("skipped"))
-    agree = 0
-    for row in compared.iter_rows(named=True):
+    same = (
+        ~pl.col("skipped")
+        & (pl.col("entry_signal") == pl.col("replay_entry"))
+        & (pl.col("exit_signal") == pl.col("replay_exit"))
+    ).fill_null(False)
+    compared = compared.with_columns(same.alias("same"))
+    agree = int(compared.get_column("same").sum())
+    # Only the bars that differ are visited (in order: an attribution depends on earlier ones).
+    for row in compared.filter(~pl.col("same")).iter_rows(named=True):
         if row["skipped"]:
             attribute(row, "bar not decided", row["note"])
             continue
         if row["replay_entry"] is None:
             attribute(row, "signal", "the bar is no longer in the lake")
             continue
-        same = (row["entry_signal"], row["exit_signal"]) == (
-            row["replay_entry"],
-            row["replay_exit"],
+        attribute(
+            row,
+            "signal",
+            f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
+            f"replay {row['replay_entry']}/{row['replay_exit']}",
         )
-        agree += same
-        if not same:
-            attribute(
-                row,
-                "signal",
-                f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
-                f"replay {row['replay_entry']}/{row['replay_exit']}",
-            )
     revised = compared.filter(pl.col("revised"))
     for row in revised.iter_rows(named=True):
         if row["bar_ts"] not in attributed:
             attribute(row, "bar revised", _revision_detail(row))
 
     fill_diffs, fill_findings = _fill_differences(fills, result.trades, since, bar_ms)
-    by_bar = {row["bar_ts"]: row for row in compared.iter_rows(named=True)}
+    signal_bars = pl.Series([ts for ts, _, _ in fill_findings], dtype=pl.Datetime("us", "UTC"))
+    found_rows = compared.filter(pl.col("bar_ts").is_in(signal_bars.implode()))
+    by_bar = {row["bar_ts"]: row for row in found_rows.iter_rows(named=True)}
     for signal_ts, what, detail in fill_findings:
         attribute(by_bar.get(signal_ts, {"bar_ts": signal_ts}), what, detail)
     unmatched = sum(what.endswith(" fill") for _, what, _ in fill_findings)
