@@ -404,7 +404,7 @@ def drift_from_lake(
     first = replay_from.date()
     last = decisions.get_column("bar_ts").max().date() + timedelta(days=1)
     window = load_window(lake, exchange, config.model_copy(update={"start": first, "end": last}))
-    rules = load_rules(lake, exchange, config.symbol)
+    rules = load_rules(lake, exchange, config.symbol, since=first)
     return drift(
         config,
         decisions,

@@ -388,7 +388,8 @@ class DryRun:
         first = target
         if last is not None:
             first = int(np.searchsorted(ts, _ms(last), side="right"))
-        rules = load_rules(self.lake, self.exchange, config.symbol)
+        first_day = _utc(int(ts[first])).date()
+        rules = load_rules(self.lake, self.exchange, config.symbol, since=first_day)
         context = _Window(bars, ts, untradable(bars), _imputed_minutes(bars), rules)
         quality = self._quality_trip(context, target)
         decisions = []
