@@ -1176,6 +1176,12 @@ class Ledger:
         ).one()
         return seq, digest
 
+    def save_checkpoint(self, seq: int, digest: str) -> None:
+        """Record that a full verification found the chain intact up to (seq, digest), the
+        head it read (Verification.head_seq, head_hash): the dry-run's per-bar verification
+        starts there."""
+        self._save_checkpoint(seq, digest, forward_only=False)
+
     def _save_checkpoint(self, seq: int, digest: str, forward_only: bool = True) -> None:
         """Set the verified checkpoint to (seq, digest): only forward after a window (a
         concurrent verification may have gone further), anywhere after a full pass."""
