@@ -365,20 +365,21 @@ def replay_start(
     """The newest bar at or before `since` on which the dry-run was flat, and its cash
     there, from the strategy's newest fills up to `since` (an indexed read of two): the
     bar its last sell filled on, or the bar of the buy still open at `since`, or `since`
-    itself when nothing filled before. None when the ledger does not say (decisions written
-    before the cash was recorded, schema 0004)."""
+    itself when nothing filled before; the cash is the one the sell's decision event
+    recorded. None when the ledger does not say (its events out of bar order)."""
     fills = ledger.last_fills(config.name, since, last=2)
     if not fills:
         return since, config.capital
     newest = fills[0]
     if newest["side"] == "sell":
-        start, cash = newest["bar_ts"], newest["cash_after"]
+        start, sold = newest["bar_ts"], newest
     elif len(fills) == 1:
-        start, cash = newest["decision_bar_ts"], config.capital
+        return newest["decision_bar_ts"], config.capital
     elif fills[1]["side"] == "sell":
-        start, cash = newest["decision_bar_ts"], fills[1]["cash_after"]
+        start, sold = newest["decision_bar_ts"], fills[1]
     else:
         return None  # two buys in a row: not a ledger this engine wrote
+    cash = ledger.cash_after(config.name, sold["decision_key"], sold["decision_bar_ts"])
     return None if cash is None else (start, cash)
 
 
@@ -390,7 +391,7 @@ def drift_from_lake(
     the newest bar before the window on which the dry-run was flat (replay_start), with
     the ledger's cash there, and only the decisions, orders, fills and bars from that bar
     on are read. A difference before that bar does not carry into the window; a session
-    whose ledger does not say where it was flat is replayed whole, as before 0004."""
+    whose ledger does not say where it was flat is replayed whole."""
     first_decided = ledger.first_decided(config.name)
     if first_decided is None:
         return DriftReport.empty()

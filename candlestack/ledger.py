@@ -413,8 +413,6 @@ class DecisionRow(Base):
     fill_open: Mapped[float | None] = mapped_column(Money)
     compute_ms: Mapped[float | None] = mapped_column(Double)
     run_id: Mapped[str | None] = mapped_column(String)
-    # 0004: the strategy's cash after the bar (where the drift check's replay starts from).
-    cash_after: Mapped[float | None] = mapped_column(Money)
 
 
 class OrderRow(Base):
@@ -663,7 +661,6 @@ DECISIONS = pl.Schema(
         "fill_open": pl.Float64,
         "compute_ms": pl.Float64,
         "run_id": pl.String,
-        "cash_after": pl.Float64,
     }
 )
 KILL_SWITCH = pl.Schema(
@@ -967,7 +964,6 @@ class Ledger:
             "note": decision.note,
             "compute_ms": decision.compute_ms,
             "run_id": decision.run_id,
-            "cash_after": decision.balance.cash,
             **_seen_values(decision.seen),
         }
 
@@ -1329,14 +1325,14 @@ class Ledger:
 
     def last_fills(self, strategy: str, until: datetime, last: int = 2) -> list[dict[str, Any]]:
         """The strategy's `last` newest fills on bars opening at or before `until`, newest
-        first: side, fill bar, the decided bar and the cash the decision left (an indexed
-        read of the newest fills)."""
+        first: side, fill bar, the decided bar and its decision key (an indexed read of the
+        newest fills)."""
         query = (
             select(
                 OrderRow.side,
                 FillRow.bar_ts,
                 DecisionRow.bar_ts.label("decision_bar_ts"),
-                DecisionRow.cash_after,
+                OrderRow.decision_key,
             )
             .select_from(FillRow)
             .join(OrderRow, OrderRow.id == FillRow.order_id)
@@ -1347,6 +1343,31 @@ class Ledger:
         )
         with self._reading() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    def cash_after(self, strategy: str, key: str, bar_ts: datetime) -> float | None:
+        """The strategy's cash after its decision `key` on the bar opening at `bar_ts`, as
+        that decision's audit event recorded it. The event is found by its place among the
+        strategy's decision events, counted from the newest (the decisions on later bars):
+        an indexed read bounded by those. None when the event found there is another bar's
+        (decisions written out of bar order)."""
+        with self._reading() as conn:
+            newer = conn.execute(
+                select(func.count())
+                .select_from(DecisionRow)
+                .where(DecisionRow.strategy == strategy, DecisionRow.bar_ts > bar_ts)
+            ).scalar_one()
+            payload = conn.execute(
+                select(AuditEventRow.payload)
+                .where(AuditEventRow.strategy == strategy, AuditEventRow.kind == AUDIT_DECISION)
+                .order_by(AuditEventRow.seq.desc())
+                .offset(newer)
+                .limit(1)
+            ).scalar_one_or_none()
+        try:
+            body = json.loads(payload) if payload is not None else {}
+            return float(body["balance"]["cash"]) if body.get("key") == key else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def fills(self, strategy: str | None = None, after: datetime | None = None) -> pl.DataFrame:
         """Fills in order (of `strategy`; only on bars opening after `after`)."""

@@ -11,8 +11,6 @@ Create Date: 2026-12-07
 - `audit_checkpoint`: the seq and hash of the newest audit event a verification found
   intact; the dry-run's per-bar verification starts there (Ledger.verify_for_trading).
   None here: the first verification after the upgrade is a full one.
-- `decisions.cash_after`: the strategy's cash after the bar, where the drift check's replay
-  restarts (NULL before 0004: that check then replays the whole session, as before).
 - indexes: audit events by (strategy, kind, seq), fills by bar, orders by decision.
 """
 
@@ -59,8 +57,6 @@ def upgrade() -> None:
             sa.PrimaryKeyConstraint("id", name="pk_audit_checkpoint"),
             sa.CheckConstraint("id = 1", name="ck_audit_checkpoint_single_row"),
         )
-    if "cash_after" not in {column["name"] for column in existing.get_columns("decisions")}:
-        op.add_column("decisions", sa.Column("cash_after", sa.Double(), nullable=True))
     for name, table, columns in INDEXES:
         if name not in {index["name"] for index in existing.get_indexes(table)}:
             op.create_index(name, table, columns)
@@ -114,5 +110,3 @@ def downgrade() -> None:
         op.drop_index(name, table)
     op.drop_table("audit_checkpoint")
     op.drop_table("decision_totals")
-    with op.batch_alter_table("decisions") as batch:  # SQLite drops a column by a copy
-        batch.drop_column("cash_after")
