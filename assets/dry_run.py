@@ -3,7 +3,9 @@
 `dryrun_<name>` is materialized once per closed bar by the dry-run sensor (run key
 strategy|symbol|timeframe|bar open). Its metadata is the bar's decision, the order and fill,
 position, balance, kill switch and latency; the UI plots the numbers across bars. Its `drift`
-check replays the backtest over the bars the dry-run decided. The `ledger` asset is a
+check replays the backtest over the bars the dry-run decided in its trailing window. What a
+step reads stays bounded as the ledger grows (running totals, the newest decisions, the
+audit events since the verified checkpoint). The `ledger` asset is a
 snapshot of the whole ledger with the `audit_chain` check. Nothing here sends a real order.
 """
 
@@ -16,7 +18,7 @@ from assets.backtests import strategies_file, strategy_upstream
 from assets.markdown import md_table
 from assets.market_data import EXCHANGE_POOL
 from candlestack.drift import drift_from_lake
-from candlestack.dryrun import DryRun, latency_stats, session_summary
+from candlestack.dryrun import LATENCY_WINDOW, DryRun, latency_stats
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
@@ -61,6 +63,10 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             "bars_decided": len(outcome.decisions),
             "close_to_fill_s": latency,
             "decision_compute_ms": last.compute_ms or 0.0,
+            # The whole step, not only the strategy's arithmetic: from the run's start
+            # (verification, lake reads, signals, fill) to the ledger commit.
+            "step_ms": outcome.step_ms,
+            "close_to_commit_s": (outcome.committed_at - last.bar_ts - bar).total_seconds(),
             "process_warm_up_ms": outcome.warm_up_ms,
             "position_amount": position.amount if position else 0.0,
             "cash": balance.cash,
@@ -75,9 +81,16 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
             )
     else:
         metadata["note"] = "already decided by an earlier run: nothing executed twice"
-    decisions = ledger.decisions(strategy.name)
-    summary = session_summary(decisions, ledger.orders(strategy.name))
-    stats = latency_stats(decisions, strategy.timeframe)
+    if (verified := outcome.verification) is not None:
+        metadata |= {
+            "ledger_verification": "full" if verified.full else "since the checkpoint",
+            "ledger_events_verified": verified.events,
+        }
+    # Bounded reads, whatever the history: one row of running totals, the newest
+    # LATENCY_WINDOW decisions.
+    summary = ledger.session_totals(strategy.name)
+    recent = ledger.newest_decisions(strategy.name, LATENCY_WINDOW, timed=True)
+    stats = latency_stats(recent, strategy.timeframe)
     return metadata | {f"session_{k}": v for k, v in summary.items()} | stats
 
 
@@ -127,7 +140,9 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         asset=dry_run_key(strategy),
         name=DRIFT_CHECK,
         description=f"The dry-run against its backtest replayed on the same bars over the last "
-        f"{tolerance.window_days} days: signal agreement >= {tolerance.min_signal_agreement:.0%}, "
+        f"{tolerance.window_days} days (replayed from the dry-run's last flat bar before them, "
+        f"with its cash there: the check reads that window, not the whole session): "
+        f"signal agreement >= {tolerance.min_signal_agreement:.0%}, "
         f"fill price within {tolerance.max_fill_price_diff_bps:g} bps, at most "
         f"{tolerance.max_unmatched_fills} unmatched fills, PnL within "
         f"{tolerance.max_pnl_diff:.2%} of capital. Differences are attributed.",
@@ -155,6 +170,8 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
             description="; ".join(report.failures) or "within tolerance",
             metadata={
                 **{k: float(v) for k, v in report.metrics.items()},
+                "window_days": tolerance.window_days,
+                "replay_from": report.replay_from.isoformat() if report.replay_from else "",
                 **{f"cause_{k.replace(' ', '_').replace('-', '_')}": v for k, v in causes.items()},
                 "attributions": dg.MetadataValue.md(md_table(report.attributions, limit=30)),
             },
@@ -184,7 +201,9 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
 )
 def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
     book = ledger.open()
+    # Full: every event and state row.
     problems = book.verify_audit_chain()
+    verified = book.last_verification
     seq, head = book.audit_head()
     # The head published last time must still be in the chain, with the same hash.
     previous = context.instance.get_latest_materialization_event(LEDGER_KEY)
@@ -202,6 +221,10 @@ def ledger_snapshot(context: dg.AssetExecutionContext, ledger: LedgerResource):
     if problems:
         book.trip_on_problems(problems, AUDIT_CHECK)
         seq, head = book.audit_head()  # the trip is the newest event
+    else:
+        # Intact, and the head published before still in it: the dry-run's per-bar
+        # verification may start from what was verified here.
+        book.save_checkpoint(verified.head_seq, verified.head_hash)
     orders = book.orders()
     rejected = orders.filter(pl.col("status") == "rejected").height
     yield dg.MaterializeResult(

@@ -1,4 +1,4 @@
-"""Benchmark: ledger writes and the full verification the dry-run runs before each run.
+"""Benchmark: ledger writes and the full verification the audit_chain check runs.
 
     python bench/ledger_verify.py [--bars 20000] [--postgres URL]
 

@@ -85,8 +85,10 @@ def load_window(lake: Lake, exchange: str, config: StrategyConfig) -> BarWindow:
     return BarWindow(bars=bars, start=start, end=end, day_hashes=hashes)
 
 
-def load_rules(lake: Lake, exchange: str, symbol: str) -> RuleBook:
-    snapshots = lake.read_markets(exchange)
+def load_rules(lake: Lake, exchange: str, symbol: str, since: date | None = None) -> RuleBook:
+    """The symbol's market rules (from the snapshot in force on `since` on, when given: a
+    dry-run bar reads the days it fills on, not the lake's whole history)."""
+    snapshots = lake.read_markets(exchange, since)
     if snapshots is None:
         raise LakeError(
             f"no market rules for {exchange} in {lake.root}: materialize the markets asset "

@@ -54,11 +54,12 @@ class DriftReport:
     metrics: dict[str, float | int]
     attributions: pl.DataFrame  # ATTRIBUTIONS, oldest first
     failures: list[str] = field(default_factory=list)  # tolerances exceeded
+    replay_from: datetime | None = None  # the first bar the backtest was replayed on
 
     @classmethod
-    def empty(cls) -> DriftReport:
+    def empty(cls, replay_from: datetime | None = None) -> DriftReport:
         """Nothing decided yet: nothing to compare."""
-        return cls({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS))
+        return cls({"bars_compared": 0}, pl.DataFrame(schema=ATTRIBUTIONS), [], replay_from)
 
     @property
     def passed(self) -> bool:
@@ -107,10 +108,13 @@ def drift(
     bars: pl.DataFrame,
     rules: ex.RuleBook,
     now: datetime,
+    replay_from: datetime | None = None,
+    capital: float | None = None,
 ) -> DriftReport:
-    """Compare a strategy's ledger (its decisions, orders and fills, all of them) with the
-    backtest replayed on `bars` (the lake's, warm-up included) over the trailing window
-    before `now`."""
+    """Compare a strategy's ledger (its decisions, orders and fills from a bar where it was
+    flat: all of them, or those from `replay_from` on) with the backtest replayed on `bars`
+    (the lake's, warm-up included) from that bar, flat, with `capital` (the ledger's cash
+    there; the configured capital when None), over the trailing window before `now`."""
     tolerance = config.dry_run.drift
     decisions = decisions.with_columns(
         pl.col("note").fill_null("").str.starts_with(SKIPPED_PREFIX).alias("skipped")
@@ -119,6 +123,8 @@ def drift(
     if decided.is_empty():
         return DriftReport.empty()
     first_ts, last_ts = decided.get_column("bar_ts").min(), decided.get_column("bar_ts").max()
+    if replay_from is not None:
+        first_ts = replay_from
     bar_ms = int(bars.get_column("ts").dt.epoch("ms").diff().min() or 0)
     bars = bars.filter(pl.col("ts") <= last_ts + timedelta(milliseconds=bar_ms))
     # The newest decision may have filled at the forming bar's open: until that bar is in
@@ -127,7 +133,8 @@ def drift(
     ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
     entry, exit_ = config_signals(config, bars)
     first = int(np.searchsorted(ts, int(first_ts.timestamp() * 1000)))
-    result = simulate(config, bars, ts, entry, exit_, rules, first)
+    replayed = config if capital is None else config.model_copy(update={"capital": capital})
+    result = simulate(replayed, bars, ts, entry, exit_, rules, first)
 
     since = now - timedelta(days=tolerance.window_days)
     untradable = untradable_expr(bars.columns)
@@ -152,43 +159,48 @@ def drift(
         .sort("bar_ts")
     )
     attributions: list[dict] = []
+    attributed: set[datetime] = set()  # the bars with an attribution
 
     def attribute(row: dict, what: str, detail: str) -> None:
         cause = _cause(row)
-        if cause == UNEXPLAINED and any(a["bar_ts"] < row["bar_ts"] for a in attributions):
+        if cause == UNEXPLAINED and attributed and min(attributed) < row["bar_ts"]:
             cause = FOLLOWS  # the position already differed: everything after it may
         attributions.append(
             {"bar_ts": row["bar_ts"], "what": what, "detail": detail, "cause": cause}
         )
+        attributed.add(row["bar_ts"])
 
     in_window = compared.filter(~pl.col("skipped"))
-    agree = 0
-    for row in compared.iter_rows(named=True):
+    same = (
+        ~pl.col("skipped")
+        & (pl.col("entry_signal") == pl.col("replay_entry"))
+        & (pl.col("exit_signal") == pl.col("replay_exit"))
+    ).fill_null(False)
+    compared = compared.with_columns(same.alias("same"))
+    agree = int(compared.get_column("same").sum())
+    # Only the bars that differ are visited (in order: an attribution depends on earlier ones).
+    for row in compared.filter(~pl.col("same")).iter_rows(named=True):
         if row["skipped"]:
             attribute(row, "bar not decided", row["note"])
             continue
         if row["replay_entry"] is None:
             attribute(row, "signal", "the bar is no longer in the lake")
             continue
-        same = (row["entry_signal"], row["exit_signal"]) == (
-            row["replay_entry"],
-            row["replay_exit"],
+        attribute(
+            row,
+            "signal",
+            f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
+            f"replay {row['replay_entry']}/{row['replay_exit']}",
         )
-        agree += same
-        if not same:
-            attribute(
-                row,
-                "signal",
-                f"dry-run entry/exit {row['entry_signal']}/{row['exit_signal']}, "
-                f"replay {row['replay_entry']}/{row['replay_exit']}",
-            )
     revised = compared.filter(pl.col("revised"))
     for row in revised.iter_rows(named=True):
-        if not any(a["bar_ts"] == row["bar_ts"] for a in attributions):
+        if row["bar_ts"] not in attributed:
             attribute(row, "bar revised", _revision_detail(row))
 
     fill_diffs, fill_findings = _fill_differences(fills, result.trades, since, bar_ms)
-    by_bar = {row["bar_ts"]: row for row in compared.iter_rows(named=True)}
+    signal_bars = pl.Series([ts for ts, _, _ in fill_findings], dtype=pl.Datetime("us", "UTC"))
+    found_rows = compared.filter(pl.col("bar_ts").is_in(signal_bars.implode()))
+    by_bar = {row["bar_ts"]: row for row in found_rows.iter_rows(named=True)}
     for signal_ts, what, detail in fill_findings:
         attribute(by_bar.get(signal_ts, {"bar_ts": signal_ts}), what, detail)
     unmatched = sum(what.endswith(" fill") for _, what, _ in fill_findings)
@@ -243,7 +255,7 @@ def drift(
             f"PnL differs by {pnl_diff:+.2f} ({metrics['pnl_diff_share_of_capital']:.3%} of "
             f"capital, tolerance {tolerance.max_pnl_diff:.3%})"
         )
-    return DriftReport(metrics, attributions_frame, failures)
+    return DriftReport(metrics, attributions_frame, failures, first_ts)
 
 
 def _revised_expr() -> pl.Expr:
@@ -347,23 +359,61 @@ def _count(frame: pl.DataFrame, predicate: pl.Expr) -> int:
     return frame.filter(predicate).height
 
 
+def replay_start(
+    ledger: Ledger, config: StrategyConfig, since: datetime
+) -> tuple[datetime, float] | None:
+    """The newest bar at or before `since` on which the dry-run was flat, and its cash
+    there, from the strategy's newest fills up to `since` (an indexed read of two): the
+    bar its last sell filled on, or the bar of the buy still open at `since`, or `since`
+    itself when nothing filled before; the cash is the one the sell's decision event
+    recorded. None when the ledger does not say (its events out of bar order)."""
+    fills = ledger.last_fills(config.name, since, last=2)
+    if not fills:
+        return since, config.capital
+    newest = fills[0]
+    if newest["side"] == "sell":
+        start, sold = newest["bar_ts"], newest
+    elif len(fills) == 1:
+        return newest["decision_bar_ts"], config.capital
+    elif fills[1]["side"] == "sell":
+        start, sold = newest["decision_bar_ts"], fills[1]
+    else:
+        return None  # two buys in a row: not a ledger this engine wrote
+    cash = ledger.cash_after(config.name, sold["decision_key"], sold["decision_bar_ts"])
+    return None if cash is None else (start, cash)
+
+
 def drift_from_lake(
     lake: Lake, exchange: str, ledger: Ledger, config: StrategyConfig, now: datetime
 ) -> DriftReport:
-    """`drift` of a strategy's whole dry-run session, with the lake's bars and rules now."""
-    decisions = ledger.decisions(config.name)
-    if decisions.is_empty():
+    """`drift` of a strategy's dry-run over the trailing window, with the lake's bars and
+    rules now. Bounded by the window, not by the session: the backtest is replayed from
+    the newest bar before the window on which the dry-run was flat (replay_start), with
+    the ledger's cash there, and only the decisions, orders, fills and bars from that bar
+    on are read. A difference before that bar does not carry into the window; a session
+    whose ledger does not say where it was flat is replayed whole."""
+    first_decided = ledger.first_decided(config.name)
+    if first_decided is None:
         return DriftReport.empty()
-    first = decisions.get_column("bar_ts").min().date()
+    since = now - timedelta(days=config.dry_run.drift.window_days)
+    start = replay_start(ledger, config, since)
+    bounded = start is not None and start[0] > first_decided
+    replay_from, capital = start if bounded else (first_decided, None)
+    decisions = ledger.decisions(config.name, since=replay_from)
+    if decisions.is_empty():
+        return DriftReport.empty(replay_from)
+    first = replay_from.date()
     last = decisions.get_column("bar_ts").max().date() + timedelta(days=1)
     window = load_window(lake, exchange, config.model_copy(update={"start": first, "end": last}))
-    rules = load_rules(lake, exchange, config.symbol)
+    rules = load_rules(lake, exchange, config.symbol, since=first)
     return drift(
         config,
         decisions,
-        ledger.orders(config.name),
-        ledger.fills(config.name),
+        ledger.orders(config.name, since=replay_from),
+        ledger.fills(config.name, after=replay_from),
         window.bars,
         rules,
         now,
+        replay_from if bounded else None,  # else: from the first bar decided, not skipped
+        capital,
     )

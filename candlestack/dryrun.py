@@ -31,6 +31,7 @@ from candlestack.errors import CandlestackError
 from candlestack.lake import Lake
 from candlestack.ledger import (
     AUDIT_ERROR,
+    ENTRY_SKIPPED_PREFIX,
     SKIPPED_PREFIX,
     Balance,
     DecisionRecord,
@@ -40,6 +41,7 @@ from candlestack.ledger import (
     OrderRecord,
     Position,
     SeenBar,
+    Verification,
 )
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.schema import MINUTE_MS
@@ -224,7 +226,7 @@ def _entry(
             if fill.untradable
             else "the next bar is not the next period"
         )
-        return replace(record, note=f"entry skipped: {why}")
+        return replace(record, note=f"{ENTRY_SKIPPED_PREFIX}: {why}")
     if blocked:
         return replace(record, action="blocked", note=f"buy not sent: {blocked}")
     rules = bar.rules
@@ -275,6 +277,11 @@ class RunOutcome:
     already_decided: bool  # the requested bar was decided before (by another run)
     signals_ms: float  # features and signals over the window, once per run
     warm_up_ms: float = 0.0  # first calls in this process (see warm_up)
+    # The whole step: from the run's start to the commit of its last decision (verification,
+    # lake reads, signals, fill wait, decisions and their ledger writes).
+    step_ms: float = 0.0
+    committed_at: datetime | None = None  # wall clock just after that commit
+    verification: Verification | None = None  # what the pre-trade verification read
 
 
 _warmed_up: set[str] = set()
@@ -358,12 +365,14 @@ class DryRun:
 
     def _run(self, bar_ts: datetime, run_id: str | None) -> RunOutcome:
         config = self.config
+        run_started = time.perf_counter()
         last = self.ledger.last_decided(config.name, config.symbol, config.timeframe)
         if last is not None and last >= bar_ts:
             return RunOutcome([], already_decided=True, signals_ms=0.0)
-        # Before reading any position or balance: an edit outside the ledger trips "*", and
-        # the bars below are decided but blocked.
-        self.ledger.verify_or_trip("dry-run")
+        # Before reading any position or balance: an edit outside the ledger of what the bar
+        # reads trips "*", and the bars below are decided but blocked (bounded work: see
+        # Ledger.verify_for_trading; the audit_chain check verifies everything).
+        verification = self.ledger.verify_for_trading(config.name, config.symbol, "dry-run")
         bars = load_live_bars(self.lake, self.exchange, config, bar_ts, last)
         ts = bars.get_column("ts").dt.epoch("ms").to_numpy()
         target = int(np.searchsorted(ts, _ms(bar_ts)))
@@ -379,7 +388,8 @@ class DryRun:
         first = target
         if last is not None:
             first = int(np.searchsorted(ts, _ms(last), side="right"))
-        rules = load_rules(self.lake, self.exchange, config.symbol)
+        first_day = _utc(int(ts[first])).date()
+        rules = load_rules(self.lake, self.exchange, config.symbol, since=first_day)
         context = _Window(bars, ts, untradable(bars), _imputed_minutes(bars), rules)
         quality = self._quality_trip(context, target)
         decisions = []
@@ -398,7 +408,16 @@ class DryRun:
                 )
             if record is not None:
                 decisions.append(record)
-        return RunOutcome(decisions, not decisions, signals_ms, warm_up_ms)
+        step_ms = (time.perf_counter() - run_started) * 1000
+        return RunOutcome(
+            decisions,
+            not decisions,
+            signals_ms,
+            warm_up_ms,
+            step_ms,
+            self._now(),
+            verification,
+        )
 
     def _bar(
         self, window: _Window, index: int, entry: bool, exit_: bool, quality: str | None
@@ -527,14 +546,18 @@ class _Window:
 
 def session_summary(decisions: pl.DataFrame, orders: pl.DataFrame) -> dict[str, Any]:
     """Counts a person checks first (a strategy's ledger decisions and orders): decisions,
-    orders, rejections, fills, blocked orders, skipped entries."""
+    orders, rejections, fills, blocked orders, skipped entries. The ledger keeps the same
+    counts as running totals (Ledger.session_totals), which a bar's metadata reads instead
+    of the whole history; this is their definition over the frames."""
     return {
         "decisions": decisions.height,
         "orders": orders.height,
         "rejected": orders.filter(pl.col("status") == "rejected").height,
         "fills": orders.filter(pl.col("status") == "filled").height,
         "blocked": decisions.filter(pl.col("action") == "blocked").height,
-        "skipped_entries": decisions.filter(pl.col("note").str.starts_with("entry skipped")).height,
+        "skipped_entries": decisions.filter(
+            pl.col("note").str.starts_with(ENTRY_SKIPPED_PREFIX)
+        ).height,
     }
 
 
@@ -543,9 +566,13 @@ LATENCY_WINDOW = 500
 
 
 def latency_stats(decisions: pl.DataFrame, timeframe: str) -> dict[str, float]:
-    """Decision compute time and close-to-fill-persisted latency, p50 and p95, over the
-    newest of a strategy's ledger decisions; latency only of bars decided live (within one
-    bar of their close: catch-up bars were late by definition)."""
+    """Decision compute time and close-to-fill latency, p50 and p95, over the newest
+    LATENCY_WINDOW of a strategy's ledger decisions with a compute time (the dry-run reads
+    just those: Ledger.newest_decisions(strategy, LATENCY_WINDOW, timed=True)); latency only
+    of bars decided live (within one bar of their close: catch-up bars were late by
+    definition). Latency runs to the decision's `decided_at`, taken just before its ledger
+    write: the step's own metadata adds step_ms and close_to_commit_s, measured after the
+    commit."""
     bar = timedelta(minutes=TIMEFRAME_MINUTES[timeframe])
     recent = (
         decisions.filter(pl.col("compute_ms").is_not_null())

@@ -749,9 +749,14 @@ class Lake:
                 return last
         return None
 
-    def read_markets(self, exchange: str) -> pl.DataFrame | None:
-        """Every daily market-rules snapshot of an exchange, with its `date`."""
+    def read_markets(self, exchange: str, since: date | None = None) -> pl.DataFrame | None:
+        """Every daily market-rules snapshot of an exchange, with its `date` (with `since`,
+        only those in force from that day on: the newest one at or before it, and later)."""
         files = sorted(self.root.glob(f"markets/exchange={exchange}/date=*/{FILE_NAME}"))
+        if since is not None:
+            days = [date.fromisoformat(path.parent.name[len("date=") :]) for path in files]
+            in_force = [k for k, day in enumerate(days) if day <= since]
+            files = files[in_force[-1] if in_force else 0 :]
         snapshots = [
             frame.with_columns(date=pl.lit(date.fromisoformat(path.parent.name[len("date=") :])))
             for path in files

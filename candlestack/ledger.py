@@ -52,6 +52,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
+    case,
     create_engine,
     delete,
     event,
@@ -101,6 +103,8 @@ AUDIT_STATE_BASELINE = "state_baseline"
 STATE_KEY = "state"
 # A bar a run did not decide (catch-up policy "latest"): action none, note starting so.
 SKIPPED_PREFIX = "skipped:"
+# The note of an entry the data policy skipped (the dry-run's; counted in decision_totals).
+ENTRY_SKIPPED_PREFIX = "entry skipped"
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -245,6 +249,18 @@ class LedgerState:
     balance: Balance | None
     tripped: str | None  # why the kill switch stops its orders; None: it may trade
     last_bar_ts: datetime | None  # the newest bar already decided for this symbol/timeframe
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a verification of the ledger found and how much it read."""
+
+    problems: list[str]
+    head_seq: int
+    head_hash: str
+    full: bool  # every event and state row (verify_audit_chain), or a bounded window
+    events: int = 0  # audit events hash-checked
+    rows: int | None = None  # state rows compared (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -405,6 +421,7 @@ class OrderRow(Base):
         CheckConstraint("side IN ('buy', 'sell')", name="side"),
         CheckConstraint("status IN ('filled', 'rejected')", name="status"),
         Index(None, "strategy"),
+        Index(None, "decision_key"),  # 0004: a window of decisions' orders (drift)
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -422,6 +439,7 @@ class OrderRow(Base):
 
 class FillRow(Base):
     __tablename__ = "fills"
+    __table_args__ = (Index(None, "bar_ts"),)  # 0004: the newest fills (drift's replay start)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     order_id: Mapped[int] = mapped_column(Integer, ForeignKey("orders.id"), unique=True)
@@ -467,6 +485,8 @@ class KillSwitchRow(Base):
 
 class AuditEventRow(Base):
     __tablename__ = "audit_events"
+    # 0004: a strategy's newest decision events (the per-bar verification's window).
+    __table_args__ = (Index(None, "strategy", "kind", "seq"),)
 
     # Assigned by the writer holding the lock, never by the database: gaps mean deletions.
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -487,6 +507,40 @@ class ChainHeadRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class CheckpointRow(Base):
+    """One row (0004): the seq and hash of the newest audit event a verification found the
+    chain intact up to. Not a state table: whatever it says, a per-bar verification
+    recomputes that event's hash and re-verifies the strategy's own events (see
+    Ledger.verify_for_trading), and the full verification ignores it."""
+
+    __tablename__ = "audit_checkpoint"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    verified_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DecisionTotalsRow(Base):
+    """Per strategy (0004): the session counts, kept by each decision write in its own
+    transaction so a bar's metadata reads one row, not the history. Derived, not bound by
+    the chain: the full verification recounts them from the rows it verified."""
+
+    __tablename__ = "decision_totals"
+
+    strategy: Mapped[str] = mapped_column(String, primary_key=True)
+    decisions: Mapped[int] = mapped_column(Integer)
+    orders: Mapped[int] = mapped_column(Integer)
+    rejected: Mapped[int] = mapped_column(Integer)
+    fills: Mapped[int] = mapped_column(Integer)
+    blocked: Mapped[int] = mapped_column(Integer)
+    skipped_entries: Mapped[int] = mapped_column(Integer)
+
+
+TOTALS = ("decisions", "orders", "rejected", "fills", "blocked", "skipped_entries")
 
 
 # Every table whose rows the audit chain vouches for (the chain's own tables vouch for
@@ -701,6 +755,7 @@ class Ledger:
             event.listen(self._engine, "connect", _sqlite_connect)
             event.listen(self._engine, "begin", _sqlite_begin)
         self._schema_checked = False
+        self.last_verification: Verification | None = None
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -841,12 +896,41 @@ class Ledger:
                 state.append(_bind(conn, FillRow, id=fill_id))
         self._save_position(conn, decision)
         self._save_balance(conn, decision)
-        state.append(_bind(conn, PositionRow, strategy=decision.strategy, symbol=decision.symbol))
-        state.append(_bind(conn, BalanceRow, strategy=decision.strategy))
+        self._count(conn, decision)
+        state += self._trading_state(conn, decision.strategy, decision.symbol)
         events = [(AUDIT_DECISION, decision.strategy, decision.audit_payload())]
         events += [(e.kind, decision.strategy, e.payload) for e in decision.events]
         append_events(conn, events, state)
         return True
+
+    @staticmethod
+    def _trading_state(conn: Connection, strategy: str, symbol: str) -> list[list[Any]]:
+        """The bindings of the rows the next bar of `strategy` reads (its position, balance
+        and the kill switches that stop it): each decision binds them again, unchanged or
+        not, so their newest bindings are never older than the strategy's last decision."""
+        return [
+            _bind(conn, PositionRow, strategy=strategy, symbol=symbol),
+            _bind(conn, BalanceRow, strategy=strategy),
+            _bind(conn, KillSwitchRow, scope=strategy),
+            _bind(conn, KillSwitchRow, scope=GLOBAL_SCOPE),
+        ]
+
+    @staticmethod
+    def _count(conn: Connection, decision: DecisionRecord) -> None:
+        """Add the decision to its strategy's running totals (decision_totals)."""
+        order = decision.order
+        added = {
+            "decisions": 1,
+            "orders": int(order is not None),
+            "rejected": int(order is not None and order.status == "rejected"),
+            "fills": int(order is not None and order.status == "filled"),
+            "blocked": int(decision.action == "blocked"),
+            "skipped_entries": int((decision.note or "").startswith(ENTRY_SKIPPED_PREFIX)),
+        }
+        where = DecisionTotalsRow.strategy == decision.strategy
+        columns = {name: getattr(DecisionTotalsRow, name) + n for name, n in added.items()}
+        if conn.execute(update(DecisionTotalsRow).where(where).values(**columns)).rowcount == 0:
+            conn.execute(insert(DecisionTotalsRow).values(strategy=decision.strategy, **added))
 
     @staticmethod
     def _decision_exists(conn: Connection, key: str) -> bool:
@@ -973,58 +1057,30 @@ class Ledger:
             ).one()
         return seq, digest
 
-    def verify_audit_chain(self, batch_size: int = 10_000) -> list[str]:
+    def verify_audit_chain(self, batch_size: int = 10_000, checkpoint: bool = False) -> list[str]:
         """Every break in the audit chain, each naming its seq, then every state row that
-        differs from what the chain bound, naming its table and row; empty when intact."""
+        differs from what the chain bound, naming its table and row, then any session total
+        that differs from a recount; empty when intact. With `checkpoint`, an intact chain
+        moves the verified checkpoint to its head (verify_for_trading starts there)."""
         problems: list[str] = []
         bound = _StateBindings()
         with self._reading() as conn:
             if not self._sqlite:
                 # One snapshot for the head and the events (SQLite's BEGIN gives one already).
                 conn.execution_options(isolation_level="REPEATABLE READ")
-            head_seq, head_hash = conn.execute(
-                select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
-            ).one()
+            head = self._head(conn)
             rows = conn.execution_options(yield_per=batch_size).execute(
-                select(
-                    AuditEventRow.seq,
-                    AuditEventRow.ts,
-                    AuditEventRow.kind,
-                    AuditEventRow.strategy,
-                    AuditEventRow.payload,
-                    AuditEventRow.prev_hash,
-                    AuditEventRow.hash,
-                ).order_by(AuditEventRow.seq)
+                _EVENTS.order_by(AuditEventRow.seq)
             )
-            expected, prev_hash = 1, GENESIS_HASH
-            for seq, ts, kind, strategy, payload, row_prev, row_hash in rows:
-                if seq < expected:
-                    problems.append(f"seq {seq}: out of range (seqs start at 1)")
-                elif seq > expected:
-                    problems.append(_missing(expected, seq - 1, "deleted"))
-                elif row_prev != prev_hash:
-                    problems.append(
-                        f"seq {seq}: prev_hash does not match the hash of seq {seq - 1} "
-                        "(an event was rewritten, replaced or reordered)"
-                    )
-                if chain_hash(row_prev, seq, iso_utc(ts), kind, strategy, payload) != row_hash:
-                    problems.append(
-                        f"seq {seq}: hash mismatch (ts, kind, strategy or payload edited)"
-                    )
-                if seq > head_seq:
-                    problems.append(f"seq {seq}: beyond the chain head (seq {head_seq})")
-                problems += bound.add(seq, kind, payload)
-                expected, prev_hash = max(expected, seq + 1), row_hash
-            last = expected - 1
-            if last < head_seq:
-                problems.append(
-                    _missing(expected, head_seq, f"deleted; the chain head is seq {head_seq}")
-                )
-            elif last == head_seq and prev_hash != head_hash:
-                problems.append(f"seq {head_seq}: hash differs from the chain head's")
+            chain, events = _chain_problems(rows, 1, GENESIS_HASH, head, bound)
+            problems += chain
             # In the same snapshot as the chain: a write committing meanwhile is in neither.
             for table in STATE_TABLES:
                 problems += bound.compare(table.name, state_rows(conn, table, batch_size))
+            problems += _totals_problems(conn)
+        self.last_verification = Verification(problems, *head, full=True, events=events)
+        if checkpoint and not problems:
+            self._save_checkpoint(*head, forward_only=False)
         return problems
 
     def verify_or_trip(self, by: str) -> list[str]:
@@ -1033,6 +1089,106 @@ class Ledger:
         if problems:
             self.trip_on_problems(problems, by)
         return problems
+
+    def verify_for_trading(self, strategy: str, symbol: str, by: str) -> Verification:
+        """What the dry-run verifies before a bar of `strategy` on `symbol`, in work bounded by
+        the events since the last verification, not by the ledger's history; trips every
+        strategy on any problem (trip_on_problems).
+
+        The window starts at the older of the verified checkpoint and the strategy's newest
+        decision event, and runs to the chain head. Every event in it is hash-checked and
+        linked, the checkpoint event must still carry the checkpoint's hash, and every state
+        row bound in it (so the strategy's position, balance and kill switches, which each
+        decision binds again, and the decisions, orders and fills written since) must be the
+        row its newest binding describes. Anything the window cannot vouch for (no
+        checkpoint, a checkpoint the chain does not hold, a row the next bar reads bound
+        before the window) falls back to the full verify_audit_chain. An edit of a row bound
+        only before the window (an old fill, an old decision) is not seen here: the full
+        verification (the audit_chain check, every 15 minutes) finds it and trips.
+        """
+        verification = self._verify_window(strategy, symbol)
+        if verification is None:
+            self.verify_audit_chain(checkpoint=True)
+            verification = self.last_verification
+        elif not verification.problems:
+            self._save_checkpoint(verification.head_seq, verification.head_hash)
+        self.last_verification = verification
+        if verification.problems:
+            self.trip_on_problems(verification.problems, by)
+        return verification
+
+    def _verify_window(self, strategy: str, symbol: str) -> Verification | None:
+        """verify_for_trading's bounded pass; None when only the full verification can tell."""
+        with self._reading() as conn:
+            if not self._sqlite:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            head = self._head(conn)
+            saved = conn.execute(
+                select(CheckpointRow.seq, CheckpointRow.hash).where(CheckpointRow.id == 1)
+            ).first()
+            last = conn.execute(
+                select(func.max(AuditEventRow.seq)).where(
+                    AuditEventRow.strategy == strategy, AuditEventRow.kind == AUDIT_DECISION
+                )
+            ).scalar_one_or_none()
+            if saved is None or last is None or not 0 <= saved.seq <= head[0]:
+                return None
+            # Seq 0: verified when the chain was empty, so the window is the whole chain.
+            start = min(saved.seq, last) or 1
+            rows = conn.execute(
+                _EVENTS.where(AuditEventRow.seq >= start).order_by(AuditEventRow.seq)
+            ).all()
+            if saved.seq == 0:
+                anchored, prev_hash = saved.hash == GENESIS_HASH, GENESIS_HASH
+            else:
+                anchor = next((row for row in rows if row.seq == saved.seq), None)
+                anchored = anchor is not None and anchor.hash == saved.hash
+                # The link into `start` was checked when `start` was verified (it is at or
+                # before the checkpoint); its own hash is recomputed with all the others.
+                prev_hash = rows[0].prev_hash if rows else GENESIS_HASH
+            if not rows or rows[0].seq != start or not anchored:
+                return None
+            bound = _StateBindings()
+            problems, events = _chain_problems(rows, start, prev_hash, head, bound)
+            reads = (
+                (PositionRow.__tablename__, {"strategy": strategy, "symbol": symbol}),
+                (BalanceRow.__tablename__, {"strategy": strategy}),
+                (KillSwitchRow.__tablename__, {"scope": strategy}),
+                (KillSwitchRow.__tablename__, {"scope": GLOBAL_SCOPE}),
+            )
+            if not all(bound.binds(table, key) for table, key in reads):
+                return None
+            rows_checked = 0
+            for table in STATE_TABLES:
+                keys = bound.keys(table.name)
+                rows_checked += len(keys)
+                problems += bound.compare(table.name, bound_rows(conn, table, keys))
+        return Verification(problems, *head, full=False, events=events, rows=rows_checked)
+
+    @staticmethod
+    def _head(conn: Connection) -> tuple[int, str]:
+        seq, digest = conn.execute(
+            select(ChainHeadRow.seq, ChainHeadRow.hash).where(ChainHeadRow.id == 1)
+        ).one()
+        return seq, digest
+
+    def save_checkpoint(self, seq: int, digest: str) -> None:
+        """Record that a full verification found the chain intact up to (seq, digest), the
+        head it read (Verification.head_seq, head_hash): the dry-run's per-bar verification
+        starts there."""
+        self._save_checkpoint(seq, digest, forward_only=False)
+
+    def _save_checkpoint(self, seq: int, digest: str, forward_only: bool = True) -> None:
+        """Set the verified checkpoint to (seq, digest): only forward after a window (a
+        concurrent verification may have gone further), anywhere after a full pass."""
+        values = {"seq": seq, "hash": digest, "verified_at": datetime.now(UTC)}
+        where = [CheckpointRow.id == 1]
+        if forward_only:
+            where.append(CheckpointRow.seq <= seq)
+        with self._transaction() as conn:
+            moved = conn.execute(update(CheckpointRow).where(*where).values(**values)).rowcount
+            if not moved and conn.execute(select(CheckpointRow.id)).first() is None:
+                conn.execute(insert(CheckpointRow).values(id=1, **values))
 
     def trip_on_problems(self, problems: Sequence[str], by: str) -> None:
         """Trip every strategy ("*"), naming the first problem: no order is placed on a ledger
@@ -1156,13 +1312,65 @@ class Ledger:
                 )
             ).scalar_one()
 
-    def orders(self, strategy: str | None = None) -> pl.DataFrame:
+    def orders(self, strategy: str | None = None, since: datetime | None = None) -> pl.DataFrame:
+        """Orders (of `strategy`; of its decisions on bars opening at or after `since`)."""
         query = select(*(getattr(OrderRow, name) for name in ORDERS)).order_by(OrderRow.id)
         if strategy is not None:
             query = query.where(OrderRow.strategy == strategy)
+        if since is not None:
+            query = query.join(DecisionRow, DecisionRow.key == OrderRow.decision_key).where(
+                DecisionRow.bar_ts >= since
+            )
         return self._frame(query, ORDERS)
 
-    def fills(self, strategy: str | None = None) -> pl.DataFrame:
+    def last_fills(self, strategy: str, until: datetime, last: int = 2) -> list[dict[str, Any]]:
+        """The strategy's `last` newest fills on bars opening at or before `until`, newest
+        first: side, fill bar, the decided bar and its decision key (an indexed read of the
+        newest fills)."""
+        query = (
+            select(
+                OrderRow.side,
+                FillRow.bar_ts,
+                DecisionRow.bar_ts.label("decision_bar_ts"),
+                OrderRow.decision_key,
+            )
+            .select_from(FillRow)
+            .join(OrderRow, OrderRow.id == FillRow.order_id)
+            .join(DecisionRow, DecisionRow.key == OrderRow.decision_key)
+            .where(OrderRow.strategy == strategy, FillRow.bar_ts <= until)
+            .order_by(FillRow.bar_ts.desc(), FillRow.id.desc())
+            .limit(last)
+        )
+        with self._reading() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def cash_after(self, strategy: str, key: str, bar_ts: datetime) -> float | None:
+        """The strategy's cash after its decision `key` on the bar opening at `bar_ts`, as
+        that decision's audit event recorded it. The event is found by its place among the
+        strategy's decision events, counted from the newest (the decisions on later bars):
+        an indexed read bounded by those. None when the event found there is another bar's
+        (decisions written out of bar order)."""
+        with self._reading() as conn:
+            newer = conn.execute(
+                select(func.count())
+                .select_from(DecisionRow)
+                .where(DecisionRow.strategy == strategy, DecisionRow.bar_ts > bar_ts)
+            ).scalar_one()
+            payload = conn.execute(
+                select(AuditEventRow.payload)
+                .where(AuditEventRow.strategy == strategy, AuditEventRow.kind == AUDIT_DECISION)
+                .order_by(AuditEventRow.seq.desc())
+                .offset(newer)
+                .limit(1)
+            ).scalar_one_or_none()
+        try:
+            body = json.loads(payload) if payload is not None else {}
+            return float(body["balance"]["cash"]) if body.get("key") == key else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def fills(self, strategy: str | None = None, after: datetime | None = None) -> pl.DataFrame:
+        """Fills in order (of `strategy`; only on bars opening after `after`)."""
         query = (
             select(
                 FillRow.order_id,
@@ -1181,6 +1389,8 @@ class Ledger:
         )
         if strategy is not None:
             query = query.where(OrderRow.strategy == strategy)
+        if after is not None:
+            query = query.where(FillRow.bar_ts > after)
         return self._frame(query, FILLS)
 
     def positions(self) -> pl.DataFrame:
@@ -1192,6 +1402,38 @@ class Ledger:
     def balances(self) -> pl.DataFrame:
         columns = (getattr(BalanceRow, name) for name in BALANCES)
         return self._frame(select(*columns).order_by(BalanceRow.strategy), BALANCES)
+
+    def session_totals(self, strategy: str) -> dict[str, int]:
+        """The strategy's session counts (decision_totals: one row, whatever the history):
+        decisions, orders, rejected, fills, blocked, skipped_entries."""
+        with self._reading() as conn:
+            row = conn.execute(
+                select(*(getattr(DecisionTotalsRow, name) for name in TOTALS)).where(
+                    DecisionTotalsRow.strategy == strategy
+                )
+            ).first()
+        return dict(zip(TOTALS, row or (0,) * len(TOTALS), strict=True))
+
+    def newest_decisions(self, strategy: str, last: int, timed: bool = False) -> pl.DataFrame:
+        """The strategy's `last` newest decisions (only those with a compute time, when
+        `timed`), oldest first: an indexed read of at most `last` rows."""
+        query = select(*(getattr(DecisionRow, name) for name in DECISIONS)).where(
+            DecisionRow.strategy == strategy
+        )
+        if timed:
+            query = query.where(DecisionRow.compute_ms.is_not(None))
+        query = query.order_by(
+            DecisionRow.bar_ts.desc(), DecisionRow.symbol.desc(), DecisionRow.timeframe.desc()
+        ).limit(last)
+        return self._frame(query, DECISIONS).reverse()
+
+    def first_decided(self, strategy: str) -> datetime | None:
+        """Open time of the strategy's first decided bar (an indexed read)."""
+        with self._reading() as conn:
+            value = conn.execute(
+                select(func.min(DecisionRow.bar_ts)).where(DecisionRow.strategy == strategy)
+            ).scalar_one_or_none()
+            return UTCDateTime().process_result_value(value, conn.dialect) if value else None
 
     def decisions(self, strategy: str, since: datetime | None = None) -> pl.DataFrame:
         """A strategy's decisions on bars opening at or after `since`, oldest first."""
@@ -1308,6 +1550,13 @@ class _StateBindings:
             self._digests.setdefault(table, {})[tuple(sorted(key.items()))] = (digest, seq, key)
         return problems
 
+    def binds(self, table: str, key: Mapping[str, Any]) -> bool:
+        return tuple(sorted(key.items())) in self._digests.get(table, {})
+
+    def keys(self, table: str) -> list[dict]:
+        """The primary keys of the rows of `table` bound so far."""
+        return [key for _, _, key in self._digests.get(table, {}).values()]
+
     def compare(self, table: str, rows: Iterator[tuple[dict, str]]) -> list[str]:
         """The rows of `table` against their bindings (consumed: call once per table)."""
         problems = []
@@ -1334,6 +1583,116 @@ class _StateBindings:
                     f"{_row_name(table, key)}: deleted outside the ledger (audited at seq {seq})"
                 )
         return problems
+
+
+_EVENTS = select(
+    AuditEventRow.seq,
+    AuditEventRow.ts,
+    AuditEventRow.kind,
+    AuditEventRow.strategy,
+    AuditEventRow.payload,
+    AuditEventRow.prev_hash,
+    AuditEventRow.hash,
+)
+
+
+def _chain_problems(
+    rows: Any, expected: int, prev_hash: str, head: tuple[int, str], bound: _StateBindings
+) -> tuple[list[str], int]:
+    """The breaks in `rows` (audit events in seq order, the first expected at `expected`
+    after `prev_hash`) up to the chain head, their bindings taken into `bound`; and how
+    many events were read."""
+    head_seq, head_hash = head
+    problems: list[str] = []
+    count = 0
+    for seq, ts, kind, strategy, payload, row_prev, row_hash in rows:
+        count += 1
+        if seq < expected:
+            problems.append(f"seq {seq}: out of range (seqs start at 1)")
+        elif seq > expected:
+            problems.append(_missing(expected, seq - 1, "deleted"))
+        elif row_prev != prev_hash:
+            problems.append(
+                f"seq {seq}: prev_hash does not match the hash of seq {seq - 1} "
+                "(an event was rewritten, replaced or reordered)"
+            )
+        if chain_hash(row_prev, seq, iso_utc(ts), kind, strategy, payload) != row_hash:
+            problems.append(f"seq {seq}: hash mismatch (ts, kind, strategy or payload edited)")
+        if seq > head_seq:
+            problems.append(f"seq {seq}: beyond the chain head (seq {head_seq})")
+        problems += bound.add(seq, kind, payload)
+        expected, prev_hash = max(expected, seq + 1), row_hash
+    last = expected - 1
+    if last < head_seq:
+        problems.append(_missing(expected, head_seq, f"deleted; the chain head is seq {head_seq}"))
+    elif last == head_seq and prev_hash != head_hash:
+        problems.append(f"seq {head_seq}: hash differs from the chain head's")
+    return problems, count
+
+
+def bound_rows(
+    conn: Connection, table: Any, keys: Sequence[Mapping[str, Any]], batch: int = 500
+) -> Iterator[tuple[dict, str]]:
+    """(primary key, digest) of the rows of `table` with these primary keys (those there)."""
+    names = [column.name for column in table.primary_key]
+    if len(names) == 1:
+        (name,) = names
+        values = [key[name] for key in keys]
+        chunks = [table.c[name].in_(values[k : k + batch]) for k in range(0, len(values), batch)]
+    else:
+        chunks = [and_(*(table.c[n] == key[n] for n in names)) for key in keys]
+    for condition in chunks:
+        for row in conn.execute(select(table).where(condition)).mappings():
+            yield {name: row[name] for name in names}, row_digest(table.name, row)
+
+
+def _totals_problems(conn: Connection) -> list[str]:
+    """decision_totals against a recount of the decisions and orders (the full pass only)."""
+    counted: dict[str, dict[str, int]] = {}
+
+    def count(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    skipped = func.substr(DecisionRow.note, 1, len(ENTRY_SKIPPED_PREFIX)) == ENTRY_SKIPPED_PREFIX
+    for strategy, n, blocked, skipped_entries in conn.execute(
+        select(
+            DecisionRow.strategy,
+            func.count(),
+            count(DecisionRow.action == "blocked"),
+            count(skipped),
+        ).group_by(DecisionRow.strategy)
+    ):
+        counted[strategy] = dict.fromkeys(TOTALS, 0) | {
+            "decisions": n,
+            "blocked": blocked,
+            "skipped_entries": skipped_entries,
+        }
+    for strategy, n, rejected, fills in conn.execute(
+        select(
+            OrderRow.strategy,
+            func.count(),
+            count(OrderRow.status == "rejected"),
+            count(OrderRow.status == "filled"),
+        ).group_by(OrderRow.strategy)
+    ):
+        counted.setdefault(strategy, dict.fromkeys(TOTALS, 0)).update(
+            orders=n, rejected=rejected, fills=fills
+        )
+    kept = {
+        row[0]: dict(zip(TOTALS, row[1:], strict=True))
+        for row in conn.execute(
+            select(DecisionTotalsRow.strategy, *(getattr(DecisionTotalsRow, n) for n in TOTALS))
+        )
+    }
+    problems = []
+    for strategy in sorted(counted.keys() | kept.keys()):
+        have, want = kept.get(strategy), counted.get(strategy)
+        if have != want:
+            problems.append(
+                f"decision_totals row strategy={strategy}: {have} differs from the recount "
+                f"{want} (edited outside the ledger)"
+            )
+    return problems
 
 
 def _seen_values(seen: SeenBar | None) -> dict[str, Any]:

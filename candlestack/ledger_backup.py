@@ -249,9 +249,13 @@ def _load_postgres(staged: Path, url: str, shown: str, force: bool) -> None:
 
 def _copy_rows(source: Connection, target: Connection) -> None:
     """Copy every ledger table's rows, in foreign-key order, through the models' types (UTC
-    timestamps on both backends); the columns are those the target's revision has."""
+    timestamps on both backends); the tables and columns are those the target's revision
+    has."""
     target.execute(delete(ChainHeadRow))  # the migrations seeded the genesis head
+    tables = set(inspect(target).get_table_names())
     for table in Base.metadata.sorted_tables:
+        if table.name not in tables:  # added by a later revision than the target's
+            continue
         present = {column["name"] for column in inspect(target).get_columns(table.name)}
         columns = [column for column in table.columns if column.name in present]
         rows = source.execution_options(yield_per=BATCH_ROWS).execute(select(*columns))

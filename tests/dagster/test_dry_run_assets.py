@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from assets.dry_run import AUDIT_CHECK, DRIFT_CHECK, drift_checks, dry_run_assets, ledger_snapshot
+from candlestack.dryrun import LATENCY_WINDOW, latency_stats, session_summary
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.ledger import (
@@ -293,3 +294,131 @@ def test_drift_check_passes_on_identical_inputs(live):
     # The figures are observed on the asset as well, so the UI plots drift over time.
     (observation,) = result.asset_observations_for_node(check.node_def.name)
     assert observation.metadata["drift_pnl_diff"].value == pytest.approx(0.0, abs=1e-9)
+
+
+def history(ledger: Ledger, newest: datetime, bars: int) -> None:
+    """`bars` decided bars before `newest`, the way the dry-run leaves them: a filled buy and
+    a filled sell every 40 bars, a rejected buy, a blocked one and a skipped entry among
+    them, each with its compute time and its fill two seconds after the close."""
+    ledger.migrate()
+    cash = 10_000.0
+    flat = Balance(cash=cash, realised_pnl=0.0, fees=0.0, peak_equity=cash)
+    for n in range(bars):
+        bar_ts = newest - (bars - n) * timedelta(minutes=1)
+        fill_at = bar_ts + timedelta(minutes=1)
+        common = {
+            "strategy": STRATEGY,
+            "symbol": "BTC/USDT",
+            "timeframe": "1m",
+            "bar_ts": bar_ts,
+            "entry_signal": False,
+            "exit_signal": False,
+            "action": "none",
+            "balance": flat,
+            "compute_ms": 1.0 + n % 7,
+            "decided_at": fill_at + timedelta(seconds=2 + n % 3),
+        }
+        step = n % 40
+        position = Position(0.01, 60_000.0, 0.6, opened_at=bar_ts) if 0 < step < 10 else None
+        if step == 0:
+            record = DecisionRecord(
+                **common | {"action": "buy", "entry_signal": True},
+                order=OrderRecord("buy", 0.01, 60_000.0, "filled"),
+                fill=FillRecord(60_000.0, 0.01, 0.6, filled_at=fill_at, bar_ts=fill_at),
+                position=Position(0.01, 60_000.0, 0.6, opened_at=fill_at),
+            )
+        elif step == 10:
+            record = DecisionRecord(
+                **common | {"action": "sell", "exit_signal": True},
+                order=OrderRecord("sell", 0.01, 60_000.0, "filled", reason="exit signal"),
+                fill=FillRecord(60_000.0, 0.01, 0.6, filled_at=fill_at, bar_ts=fill_at),
+            )
+        elif step == 20:
+            reason = "amount under the minimum"
+            order = OrderRecord("buy", 0.0001, 60_000.0, "rejected", reason)
+            record = DecisionRecord(**common | {"action": "buy"}, order=order)
+        elif step == 25:
+            record = DecisionRecord(**common | {"action": "blocked", "note": "buy not sent: x"})
+        elif step == 30:
+            record = DecisionRecord(**common | {"note": "entry skipped: imputed minutes"})
+        else:
+            record = DecisionRecord(**common, position=position)
+        assert ledger.record_decision(record)
+
+
+def test_a_step_reads_a_bounded_window_of_a_long_history(live, monkeypatch):
+    """With more decisions than LATENCY_WINDOW in the ledger, the step fetches no frame
+    longer than that and no full verification runs, and its session counts and latency
+    figures still equal those over the whole history."""
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    (request,) = tick(instance, resources).run_requests
+    newest = datetime.fromisoformat(request.tags["candlestack/bar_open"])
+    bars = LATENCY_WINDOW + 140
+    if newest - bars * timedelta(minutes=1) < datetime.combine(
+        newest.date() - timedelta(days=1), datetime.min.time(), UTC
+    ):
+        pytest.skip("the history would start before the lake's first day")
+    history(ledger, newest, bars)
+    assert audit_check(resources, instance).passed  # the periodic full verification
+
+    fetched: list[int] = []
+    full: list[bool] = []
+    frame, verify = Ledger._frame, Ledger.verify_audit_chain
+
+    def counting_frame(self, query, schema):
+        result = frame(self, query, schema)
+        fetched.append(result.height)
+        return result
+
+    def counting_verify(self, *args, **kwargs):
+        full.append(True)
+        return verify(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Ledger, "_frame", counting_frame)
+        patch.setattr(Ledger, "verify_audit_chain", counting_verify)
+        result = run(request, resources, instance)
+    assert result.success
+    assert max(fetched) <= LATENCY_WINDOW, fetched
+    assert not full
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["ledger_verification"].value == "since the checkpoint"
+    assert metadata["ledger_events_verified"].value <= 3
+
+    decisions, orders = ledger.decisions(STRATEGY), ledger.orders(STRATEGY)
+    assert decisions.height == bars + 1
+    counts = session_summary(decisions, orders)
+    assert counts["blocked"] > 0 and counts["skipped_entries"] > 0 and counts["rejected"] > 0
+    for name, value in counts.items():
+        assert metadata[f"session_{name}"].value == value, name
+    for name, value in latency_stats(decisions, "1m").items():
+        assert metadata[name].value == pytest.approx(value), name
+    # The SLO figure covers the whole step, of which the decision's arithmetic is a part.
+    assert metadata["step_ms"].value >= metadata["decision_compute_ms"].value
+    assert metadata["close_to_commit_s"].value >= metadata["close_to_fill_s"].value
+
+
+def test_a_recent_fill_edited_between_two_bars_blocks_the_next_one(live):
+    """No audit check between the bars: the per-bar verification, reading only the events
+    since its checkpoint, finds the edited fill and trips every strategy."""
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    first = tick(instance, resources)
+    newest = datetime.fromisoformat(json.loads(first.cursor)[STRATEGY])
+    behind = json.dumps({STRATEGY: (newest - timedelta(minutes=3)).isoformat()})
+    earlier, later, _ = tick(instance, resources, behind).run_requests
+    assert run(earlier, resources, instance).success  # verified: the checkpoint is set
+    hold(ledger, newest - timedelta(minutes=6))
+    engine = create_engine(resources["ledger"].url)
+    with engine.begin() as conn:
+        conn.execute(text(LEDGER_EDITS["fills"]))
+    engine.dispose()
+
+    result = run(later, resources, instance)
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["ledger_verification"].value == "since the checkpoint"
+    assert metadata["kill_switch"].value.startswith(
+        "TRIPPED: ledger verification failed: fills row id=1: edited outside the ledger"
+    )
+    assert ledger.orders(STRATEGY).height == 1  # the seeded buy alone

@@ -160,6 +160,51 @@ def test_identical_inputs_give_zero_drift(session: Session):
     assert report.attributions.is_empty()
 
 
+def test_drift_reads_its_window_from_the_last_flat_bar_and_equals_the_whole_replay(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+):
+    """The check runs a week after the session's middle: its window holds the second half.
+    It reads the ledger from the dry-run's last flat bar before the window only, and finds
+    what the replay of the whole session finds."""
+    config = strategy()
+    ledger = session.ledger
+    now = SESSION_START + SESSION_BARS // 2 * MINUTE + timedelta(days=7)
+    since = now - timedelta(days=7)
+    window = load_window(session.lake, "synthetic", config)
+    rules = load_rules(session.lake, "synthetic", SYMBOL)
+    whole = drift(
+        config,
+        ledger.decisions(config.name),
+        ledger.orders(config.name),
+        ledger.fills(config.name),
+        window.bars,
+        rules,
+        now,
+    )
+    fetched: list[int] = []
+    frame = Ledger._frame
+
+    def counting_frame(self, query, schema):
+        result = frame(self, query, schema)
+        fetched.append(result.height)
+        return result
+
+    monkeypatch.setattr(Ledger, "_frame", counting_frame)
+    report = drift_from_lake(session.lake, "synthetic", ledger, config, now)
+    monkeypatch.undo()
+
+    last_sell = ledger.fills(config.name).filter(
+        (pl.col("side") == "sell") & (pl.col("bar_ts") <= since)
+    )
+    assert not last_sell.is_empty(), "the session should have sold before its middle"
+    assert report.replay_from == last_sell.get_column("bar_ts").max()
+    assert SESSION_START < report.replay_from <= since
+    assert max(fetched) < SESSION_BARS - SESSION_BARS // 3, fetched
+    assert whole.metrics["bars_compared"] == SESSION_BARS - SESSION_BARS // 2
+    assert report.metrics == whole.metrics
+    assert report.passed and report.attributions.equals(whole.attributions)
+
+
 def test_a_fill_whose_bar_is_not_stored_yet_is_compared_later(session: Session):
     """The check runs right after a buy decision: its fill is the forming bar's open, which
     the lake does not hold yet, so the replay has not filled there either."""

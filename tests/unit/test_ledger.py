@@ -169,7 +169,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
         fresh.orders()
     fresh.migrate()
     fresh.migrate()
-    assert fresh.schema_revision() == head_revision() == "0003"
+    assert fresh.schema_revision() == head_revision() == "0004"
     assert counts(url) == dict.fromkeys(TABLES, 0)
     assert sql(url, "SELECT id, seq, hash FROM chain_head") == [(1, 0, GENESIS_HASH)]
     if url.startswith("postgresql"):
@@ -178,7 +178,7 @@ def test_migrate_twice_is_a_no_op_and_a_newer_schema_is_refused(
 
     sql(url, f"UPDATE {VERSION_TABLE} SET version_num = '0099'")
     for call in (lambda ledger: ledger.migrate(), lambda ledger: ledger.audit_count()):
-        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0003"):
+        with pytest.raises(LedgerError, match="revision 0099, newer than this code's head 0004"):
             call(open_ledger())
 
 
@@ -518,6 +518,211 @@ def test_rows_written_before_the_state_was_audited_are_bound_by_one_baseline(
     problems = old.verify_audit_chain()
     assert [p.split(":")[0] for p in problems] == ["seq 2"], problems
     assert "re-baselined" in problems[0]
+
+
+# --- bounded per-bar verification -----------------------------------------------------------
+
+
+def held(bar: int, strategy: str = "ema", **changes: object) -> DecisionRecord:
+    """A bar decided while holding buy()'s position: no order."""
+    position = Position(amount=0.01, entry_price=60_000.0, entry_fee=0.6, opened_at=T0 + BAR)
+    record = replace(buy(bar, strategy), action="none", order=None, fill=None, position=position)
+    return replace(record, entry_signal=False, **changes)
+
+
+def long_history(ledger: Ledger, bars: int) -> None:
+    """buy() on bar 0, then `bars` bars held, then a verification that leaves a checkpoint."""
+    assert ledger.record_decision(buy())
+    for bar in range(1, bars + 1):
+        assert ledger.record_decision(held(bar))
+    first = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert first.full and first.problems == []  # no checkpoint yet
+
+
+def test_the_per_bar_verification_reads_the_events_since_the_checkpoint(ledger: Ledger):
+    long_history(ledger, 60)
+    for bar in range(61, 64):
+        assert ledger.record_decision(held(bar))
+    verification = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert verification.problems == [] and not verification.full
+    # The three decisions since the checkpoint (the checkpoint event itself is the first),
+    # not the 64 in the ledger; each binds its decision, position, balance, kill switches.
+    assert verification.events == 4
+    assert verification.head_seq == ledger.audit_head()[0] == 64
+    assert verification.rows == 4 + 1 + 1 + 2
+    again = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert (again.events, again.full) == (1, False)  # nothing written since: the head alone
+
+
+def ema_trip_then_bar(ledger: Ledger, url: str) -> None:
+    ledger.trip("ema", "drawdown", by="test")
+    assert ledger.record_decision(held(62, action="none"))
+
+
+WHAT_A_BAR_READS = {
+    "re-arm a tripped kill switch": (
+        ema_trip_then_bar,
+        "UPDATE kill_switch SET tripped = false WHERE scope = 'ema'",
+        "kill_switch row scope=ema: edited outside the ledger",
+    ),
+    "add cash": (
+        None,
+        "UPDATE balances SET cash = cash + 100000",
+        "balances row strategy=ema: edited outside the ledger",
+    ),
+    "double a position": (
+        None,
+        "UPDATE positions SET amount = amount * 2",
+        "positions row strategy=ema, symbol=BTC/USDT: edited outside the ledger",
+    ),
+    "delete a position": (
+        None,
+        "DELETE FROM positions",
+        "positions row strategy=ema, symbol=BTC/USDT: deleted outside the ledger",
+    ),
+    "halve the newest fill's price": (
+        lambda ledger, url: ledger.record_decision(sell(62)),
+        "UPDATE fills SET price = price * 0.5 WHERE id = 2",
+        "fills row id=2: edited outside the ledger",
+    ),
+    "re-arm the global kill switch": (
+        lambda ledger, url: ledger.trip("*", "exchange outage", by="test"),
+        "UPDATE kill_switch SET tripped = false WHERE scope = '*'",
+        "kill_switch row scope=*: edited outside the ledger",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WHAT_A_BAR_READS)
+def test_the_per_bar_verification_catches_an_edit_of_what_the_bar_reads(
+    url: str, ledger: Ledger, case: str
+):
+    long_history(ledger, 60)
+    assert ledger.record_decision(held(61))
+    assert ledger.verify_for_trading("ema", "BTC/USDT", by="test").problems == []
+    before, statement, expected = WHAT_A_BAR_READS[case]
+    if before is not None:
+        before(ledger, url)
+    sql(url, statement)
+    verification = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert not verification.full and verification.events < 10
+    assert len(verification.problems) == 1, verification.problems
+    assert verification.problems[0].startswith(expected), verification.problems
+    assert ledger.tripped("rsi") == f"ledger verification failed: {verification.problems[0]}"
+
+
+def test_moving_the_checkpoint_forward_does_not_hide_an_edit_of_what_the_bar_reads(
+    url: str, ledger: Ledger
+):
+    long_history(ledger, 50)
+    assert ledger.record_decision(held(51))
+    sql(url, "UPDATE balances SET cash = cash + 100000")
+    # The tamperer also points the checkpoint at the head, as if all of it had been verified.
+    sql(url, "UPDATE audit_checkpoint SET seq = h.seq, hash = h.hash FROM chain_head h")
+    verification = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    # The window always reaches back to the strategy's newest decision, which bound it.
+    assert not verification.full
+    assert verification.problems[0].startswith("balances row strategy=ema: edited")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_checkpoint SET hash = 'forged'",
+        "UPDATE audit_checkpoint SET seq = 10000",
+        "UPDATE audit_checkpoint SET seq = 0",
+        "DELETE FROM audit_checkpoint",
+    ],
+)
+def test_a_checkpoint_the_chain_does_not_hold_falls_back_to_the_full_verification(
+    url: str, ledger: Ledger, statement: str
+):
+    long_history(ledger, 50)
+    sql(url, statement)
+    verification = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert verification.full and verification.problems == []
+    # ... which puts the checkpoint back where the chain is.
+    assert sql(url, "SELECT seq, hash FROM audit_checkpoint") == [ledger.audit_head()]
+    assert not ledger.verify_for_trading("ema", "BTC/USDT", by="test").full
+
+
+def test_an_edit_of_the_checkpoint_event_is_found(url: str, ledger: Ledger):
+    long_history(ledger, 50)
+    assert ledger.audit_head()[0] == 51
+    sql(url, """UPDATE audit_events SET payload = replace(payload, '"none"', '"sell"')
+                WHERE seq = 51""")  # fmt: skip
+    verification = ledger.verify_for_trading("ema", "BTC/USDT", by="test")
+    assert not verification.full
+    assert verification.problems == ["seq 51: hash mismatch (ts, kind, strategy or payload edited)"]
+
+
+def test_an_edit_of_an_old_fill_is_left_to_the_full_verification(url: str, ledger: Ledger):
+    """The documented limit of the per-bar pass: a row bound only before its window (here
+    the fill of the buy 60 bars back) is not read again; the audit_chain check's full
+    verification finds it."""
+    long_history(ledger, 60)
+    assert ledger.record_decision(held(61))
+    sql(url, "UPDATE fills SET price = price * 0.5 WHERE id = 1")
+    assert ledger.verify_for_trading("ema", "BTC/USDT", by="test").problems == []
+    assert ledger.verify_audit_chain()[0].startswith("fills row id=1: edited outside the ledger")
+
+
+def test_session_totals_equal_the_counts_over_the_whole_history(url: str, ledger: Ledger):
+    from candlestack.dryrun import session_summary
+
+    reason = REJECTION_REASONS[REJECT_MIN_COST]
+    rejected = OrderRecord(
+        side="buy", amount=0.0001, price=60_000.0, status="rejected", reason=reason
+    )
+    flat = {"order": None, "fill": None, "position": None}
+    for cycle in range(3):
+        bar = 10 * cycle
+        assert ledger.record_decision(buy(bar))
+        assert ledger.record_decision(held(bar + 1, note="hold"))
+        assert ledger.record_decision(sell(bar + 2))
+        assert ledger.record_decision(
+            replace(buy(bar + 3), fill=None, position=None, order=rejected)
+        )
+        assert ledger.record_decision(buy(bar + 4, action="none", note="entry skipped: x", **flat))
+        assert ledger.record_decision(buy(bar + 5, action="blocked", note="buy not sent", **flat))
+        assert ledger.record_decision(buy(bar + 6, action="none", note="Entry skipped", **flat))
+    assert ledger.record_decision(buy(strategy="rsi"))
+    expected = session_summary(ledger.decisions("ema"), ledger.orders("ema"))
+    assert expected == {
+        "decisions": 21,
+        "orders": 9,
+        "rejected": 3,
+        "fills": 6,
+        "blocked": 3,
+        "skipped_entries": 3,
+    }
+    assert ledger.session_totals("ema") == expected
+    assert ledger.session_totals("rsi")["fills"] == 1
+    assert ledger.session_totals("never") == dict.fromkeys(expected, 0)
+
+    # Migration 0004 counts the rows a ledger already holds the same way.
+    sql(url, "DELETE FROM decision_totals")
+    sql(url, f"UPDATE {VERSION_TABLE} SET version_num = '0003'")
+    ledger.migrate()
+    assert ledger.session_totals("ema") == expected
+    assert ledger.verify_audit_chain() == []
+
+    # Derived, not bound by the chain: the full verification recounts them.
+    sql(url, "UPDATE decision_totals SET fills = 0 WHERE strategy = 'ema'")
+    (problem,) = ledger.verify_audit_chain()
+    assert problem.startswith("decision_totals row strategy=ema: ")
+    assert problem.endswith("(edited outside the ledger)")
+
+
+def test_the_newest_decisions_are_read_with_a_limit(ledger: Ledger):
+    for bar in range(30):
+        timed = None if bar % 4 == 0 else float(bar)
+        assert ledger.record_decision(held(bar, compute_ms=timed))
+    newest = ledger.newest_decisions("ema", 10, timed=True)
+    everything = ledger.decisions("ema")
+    expected = everything.filter(pl.col("compute_ms").is_not_null()).tail(10)
+    assert newest.equals(expected)
+    assert ledger.newest_decisions("ema", 100).equals(everything)
 
 
 # --- kill switch ----------------------------------------------------------------------------
