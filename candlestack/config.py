@@ -90,6 +90,8 @@ class Settings(BaseModel, frozen=True):
     features: Path | None = None  # a YAML or JSON feature set; None: the default set
     strategies: Path | None = None  # a YAML or JSON strategies file; None: the built-in one
     reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
+    # The live collector's state, read by the metrics endpoint, alerts and the UI.
+    live_status: Path = Path("data/live/status.json")
     # The dry-run ledger: a SQLite file by default, or postgresql+psycopg://user@host/db.
     ledger_url: str = "sqlite:///data/ledger.sqlite"
     synthetic_seed: int = 7
