@@ -22,6 +22,7 @@ stored, so the next materialization rebuilds it from the source.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -52,6 +53,8 @@ _FOOTER_KEYS = (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)
 # Marks a file whose pages carry CRC32 checksums: decoding it checks every byte of its data.
 CHECKSUM_KEY = b"candlestack.page_checksums"
 QUARANTINE_FOLDER = "_quarantine"
+# Lock files of the month files' read-modify-write, apart from the data: no glob sees them.
+LOCK_FOLDER = "_locks"
 # One read of a file's end holds its footer (35 KiB for a month of 1m candles).
 FOOTER_TAIL_BYTES = 64 * 1024
 STALE_TEMP_SECONDS = 3600
@@ -562,6 +565,26 @@ class Lake:
         and UTC month (any day of it)."""
         folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
         return folder / f"month={month:%Y-%m}" / FILE_NAME
+
+    @contextlib.contextmanager
+    def month_lock(self, dataset: str, exchange: str, timeframe: str, symbol_key: str, month: date):
+        """Hold a month file's lock across a read-modify-write of it: the live collector and
+        the minutely REST top-up both rewrite the open month, and without it the second
+        writer would replace the first one's minutes with its older copy. An advisory
+        flock, across processes of this host; an object store has no such lock, so there one
+        writer of the open month (the collector, or the schedule) must run at a time."""
+        if isinstance(self.root, UPath):
+            yield
+            return
+        path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
+        lock = self.root / LOCK_FOLDER / path.relative_to(self.root).parent.with_suffix(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def month_files(
         self, dataset: str, exchange: str, timeframe: str, symbol_key: str
