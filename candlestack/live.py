@@ -270,8 +270,10 @@ class LiveCollector:
     # -- the stream (event loop) ---------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stream until `stop` is set; then finish the write in flight and close ccxt."""
+        """Stream until `stop` is set; then finish the write in flight (its hooks too) and
+        close ccxt. Closed candles not yet written are left to the next start's REST repair."""
         self._closed_waiting = asyncio.Event()
+        self._stopping = False
         try:
             await self._start()
             streaming = asyncio.create_task(self._stream())
@@ -281,10 +283,9 @@ class LiveCollector:
                 {streaming, persisting, stopping}, return_when=asyncio.FIRST_COMPLETED
             )
             streaming.cancel()
-            persisting.cancel()
             stopping.cancel()
-            # A write already handed to its thread runs to its end (an atomic rename, or
-            # nothing); cancelling only stops waiting for it.
+            self._stopping = True
+            self._closed_waiting.set()
             await asyncio.gather(streaming, persisting, return_exceptions=True)
             for task in done - {stopping}:
                 task.result()  # a task that ended on its own failed: raise why
@@ -408,9 +409,11 @@ class LiveCollector:
     async def _persist_loop(self) -> None:
         """Persist what closed, a batch at a time: every symbol closed since the last write
         goes in the next one, its symbols' month files written in parallel."""
-        while True:
+        while not self._stopping:
             await self._closed_waiting.wait()
             self._closed_waiting.clear()
+            if self._stopping:
+                return
             batch, self._unpersisted = self._unpersisted, []
             by_symbol: dict[str, int] = {}
             for symbol, ts in batch:
