@@ -53,7 +53,7 @@ _FOOTER_KEYS = (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)
 # Marks a file whose pages carry CRC32 checksums: decoding it checks every byte of its data.
 CHECKSUM_KEY = b"candlestack.page_checksums"
 QUARANTINE_FOLDER = "_quarantine"
-# Lock files of the month files' read-modify-write, apart from the data: no glob sees them.
+# Lock files of the month files' read-modify-writes, apart from the data; removed after use.
 LOCK_FOLDER = "_locks"
 # One read of a file's end holds its footer (35 KiB for a month of 1m candles).
 FOOTER_TAIL_BYTES = 64 * 1024
@@ -571,20 +571,30 @@ class Lake:
         """Hold a month file's lock across a read-modify-write of it: the live collector and
         the minutely REST top-up both rewrite the open month, and without it the second
         writer would replace the first one's minutes with its older copy. An advisory
-        flock, across processes of this host; an object store has no such lock, so there one
+        flock, across the processes of a host; an object store has no such lock, so there one
         writer of the open month (the collector, or the schedule) must run at a time."""
         if isinstance(self.root, UPath):
             yield
             return
-        path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
-        lock = self.root / LOCK_FOLDER / path.relative_to(self.root).parent.with_suffix(".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as handle:
+        folder = self.root / LOCK_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / f"{dataset}.{exchange}.{timeframe}.{symbol_key}.{month:%Y-%m}.lock"
+        while True:
+            handle = open(lock, "a")  # noqa: SIM115 -- held until the lock is released
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            # The holder before us removed the file after its write: lock the new one.
+            handle.close()
+        try:
+            yield
+        finally:
+            # Removed while still held, so the lake keeps no lock files between writes.
+            lock.unlink(missing_ok=True)
+            handle.close()
 
     def month_files(
         self, dataset: str, exchange: str, timeframe: str, symbol_key: str
