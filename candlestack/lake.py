@@ -519,9 +519,17 @@ FILES = {
 class Lake:
     """Paths and I/O of one lake root: a local folder, or an s3://bucket/prefix."""
 
-    def __init__(self, root: LakePath | str) -> None:
+    def __init__(self, root: LakePath | str, keep_months: bool = False) -> None:
+        """`keep_months`: keep the month each symbol folder last read or wrote in memory, and
+        read it again only when its file changed (another writer): for a long-running writer
+        of the open month, the live collector, whose every minute would otherwise decode and
+        re-hash the whole month. Local lakes only."""
         text = str(root)
         self.root: LakePath = s3_root(text) if text.startswith(S3_SCHEME) else Path(root)
+        # symbol folder -> (the file's identity when kept, the month as read or written)
+        self._kept: dict[LakePath, tuple[tuple, StoredMonth]] | None = (
+            {} if keep_months and isinstance(self.root, Path) else None
+        )
 
     @property
     def filesystem(self) -> S3Store | None:
@@ -624,7 +632,20 @@ class Lake:
         rows are also hashed against its footer's content_hash (~6 ms for a month of 1m
         candles): what a page checksum cannot see, rows rewritten behind the footer."""
         path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
-        return self._healed(path, self._load_month, None, rehash)
+        if self._kept is None:
+            return self._healed(path, self._load_month, None, rehash)
+        try:
+            identity = _identity(path)
+        except FileNotFoundError:
+            return None
+        kept = self._kept.get(path.parent.parent)
+        if kept is not None and kept[1].path == path and kept[0] == identity:
+            return kept[1]
+        # Identified before the read: a file replaced meanwhile is read again next time.
+        stored = self._healed(path, self._load_month, None, rehash)
+        if stored is not None:
+            self._kept[path.parent.parent] = (identity, stored)
+        return stored
 
     def write_month(
         self,
@@ -714,6 +735,13 @@ class Lake:
                 )
             return {day: again[day] for day, data in days.items() if data is not None}
         size = write_parquet_atomic(path, frame.to_arrow(), key_value) if written else None
+        if written and self._kept is not None:
+            # What a read of the new file would return, without reading it.
+            footer = _month_footer_of(path, key_value, ())
+            self._kept[path.parent.parent] = (
+                _identity(path),
+                StoredMonth(path, frame, *footer, key_value),
+            )
         size = size if size is not None else path.stat().st_size
         return {
             day: WriteResult(path, size, reports[day]["content_hash"], written)

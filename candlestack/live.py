@@ -44,7 +44,7 @@ from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.validate import validate
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("candlestack.live")  # also when run as __main__
 
 TIMEFRAME = "1m"
 # Latency samples kept per symbol: a day of minutes, enough for any percentile.
@@ -201,7 +201,8 @@ def _streaming_exchange_class(exchange_id: str) -> type:
 class LiveCollector:
     """Streams 1m candles of `symbols` and persists each closed one into `lake`.
 
-    `rest` repairs what the stream missed; `exchange_config` is the ccxt constructor config
+    `lake` is best made with `keep_months` (the open month stays in memory between
+    writes). `rest` repairs what the stream missed; `exchange_config` is the ccxt constructor config
     (the REST source's own options: urls, including `urls.api.ws`, timeout, proxies).
     `on_persisted` hooks are called in the event loop after each streamed candle is in the
     lake. `state` is the collector's live state (see CollectorState).
@@ -258,7 +259,7 @@ class LiveCollector:
         )
         return cls(
             settings.symbols,
-            Lake(settings.lake),
+            Lake(settings.lake, keep_months=True),
             rest,
             settings.ccxt_options,
             refetch_attempts=settings.refetch_attempts,
@@ -294,7 +295,16 @@ class LiveCollector:
             await self.exchange.close()
 
     async def _start(self) -> None:
-        await self.exchange.load_markets()
+        failures = 0
+        while True:
+            try:
+                await self.exchange.load_markets()
+                break
+            except ccxt.NetworkError as exc:
+                delay = self._backoff(failures)
+                failures += 1
+                log.warning("cannot load the markets (%s): retry in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
         for symbol in self.symbols:
             market = self.exchange.market(symbol)
             self._market_ids[market["id"]] = symbol
@@ -335,14 +345,19 @@ class LiveCollector:
             except ccxt.NetworkError as exc:
                 log.warning("stream lost: %s: %s", type(exc).__name__, exc)
             self.state.connected = False
-            delay = min(self.backoff_max_seconds, self.backoff_base_seconds * 2**failures)
-            delay = random.uniform(delay / 2, delay)
+            delay = self._backoff(failures)
             failures += 1
             self.state.reconnects += 1
             for symbol_state in self.state.symbols.values():
                 symbol_state.reconnects += 1
             log.info("reconnecting in %.2f s (attempt %d)", delay, failures)
             await asyncio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential in the failures in a row, capped, with jitter: reconnecting clients
+        do not all come back at the same instant."""
+        delay = min(self.backoff_max_seconds, self.backoff_base_seconds * 2**failures)
+        return random.uniform(delay / 2, delay)
 
     def _drop_connections(self, error: Exception) -> None:
         # ccxt's own way out of a dead socket (its ping-pong timeout): fail the client, so
@@ -380,7 +395,12 @@ class LiveCollector:
             return False
         newest = self._newest_closed.get(symbol)
         if newest is not None and ts <= newest:
-            reason = "duplicate kline" if ts == newest and closed else "out-of-order kline"
+            reason = "out-of-order kline"
+            if ts == newest and closed:
+                held = self._streamed[symbol].get(ts)
+                # A closed minute sent again with other values: the exchange corrected it.
+                # Left to the REST pass that finalises the day, which records the revision.
+                reason = "late correction" if held not in (None, candle) else "duplicate kline"
             self.reject(symbol, reason, f"{datetime.fromtimestamp(ts / 1000, UTC):%F %R}")
             return False
         if ts < self._forming.get(symbol, ts):
@@ -415,23 +435,25 @@ class LiveCollector:
             if self._stopping:
                 return
             batch, self._unpersisted = self._unpersisted, []
-            by_symbol: dict[str, int] = {}
+            by_symbol: dict[str, list[int]] = {}
             for symbol, ts in batch:
-                by_symbol[symbol] = max(ts, by_symbol.get(symbol, ts))
-            # Snapshots: the event loop keeps adding candles while the threads write.
-            work = [(s, end, dict(self._streamed[s])) for s, end in by_symbol.items()]
-            loop = asyncio.get_running_loop()
-            written = await asyncio.gather(
-                *(loop.run_in_executor(self._write_pool, self._persist, *w) for w in work),
-                return_exceptions=True,
+                by_symbol.setdefault(symbol, []).append(ts)
+            await asyncio.gather(*(self._persist_symbol(s, ts) for s, ts in by_symbol.items()))
+
+    async def _persist_symbol(self, symbol: str, closed: list[int]) -> None:
+        # A snapshot: the event loop keeps adding candles while the thread writes.
+        streamed = dict(self._streamed[symbol])
+        loop = asyncio.get_running_loop()
+        try:
+            repaired = await loop.run_in_executor(
+                self._write_pool, self._persist, symbol, max(closed), streamed
             )
-            for (symbol, newest, _), result in zip(work, written, strict=True):
-                if isinstance(result, BaseException):
-                    # Retried with the symbol's next closed candle.
-                    log.error("%s: persisting failed: %s", symbol, result, exc_info=result)
-                    self._unpersisted.extend((s, ts) for s, ts in batch if s == symbol)
-                    continue
-                self._persisted(symbol, newest, result, [ts for s, ts in batch if s == symbol])
+        except Exception as exc:
+            # Retried with the symbol's next closed candle.
+            log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
+            self._unpersisted.extend((symbol, ts) for ts in closed)
+            return
+        self._persisted(symbol, max(closed), repaired, closed)
 
     def _persist(self, symbol: str, newest: int, streamed: dict[int, Candle]) -> int:
         """Ingest the symbol's days through `newest` from the stream (and REST for what the
@@ -439,9 +461,12 @@ class LiveCollector:
         source = StreamedCandles(self.rest, streamed, newest + MINUTE_MS, self._rest_lock)
         last_day = _day_of(newest)
         stored = self.state.symbols[symbol].newest_closed_ts
-        # From the day of the newest stored minute: a restart after midnight finishes the
-        # day before too. A lake without the symbol starts with the open day.
-        first_day = _day_of(stored) if stored is not None and stored < newest else last_day
+        # From the day of the newest stored minute (a restart after midnight finishes the
+        # day before too), within the open month: older months are the backfill's. A lake
+        # without the symbol starts with the open day.
+        first_day = last_day
+        if stored is not None and stored < newest:
+            first_day = max(_day_of(stored), last_day.replace(day=1))
         days = [first_day + timedelta(days=n) for n in range((last_day - first_day).days + 1)]
         Ingestor(source, self.lake, self.refetch_attempts).ingest(symbol, days, keep_closed=True)
         return source.repaired

@@ -165,7 +165,7 @@ def not_streamed(frame: pl.DataFrame, running: Running, symbol: str) -> list[int
 
 def test_streamed_day_equals_a_rest_backfill_of_the_same_minutes(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "streamed")
+    lake = Lake(tmp_path / "streamed", keep_months=True)
     running = collector(lake, ws, rest)
     running.wait_streamed("ETH/USDT", 8)
     running.wait_streamed("BTC/USDT", 8)
@@ -205,7 +205,7 @@ def test_streamed_day_equals_a_rest_backfill_of_the_same_minutes(servers, tmp_pa
 
 def test_a_connection_dropped_mid_minute_is_repaired_over_rest(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / "lake", keep_months=True)
     # The first reconnect waits 0.75-1.5 s: two to four replayed minutes go by unstreamed.
     running = collector(lake, ws, rest, backoff_base_seconds=1.5)
     running.wait_streamed("BTC/USDT", 3)
@@ -227,7 +227,7 @@ def test_a_connection_dropped_mid_minute_is_repaired_over_rest(servers, tmp_path
 
 def test_a_server_restart_is_repaired_over_rest(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / "lake", keep_months=True)
     running = collector(lake, ws, rest, backoff_base_seconds=0.2, backoff_max_seconds=0.5)
     running.wait_streamed("BTC/USDT", 3)
     ws.stop()
@@ -246,7 +246,7 @@ def test_a_server_restart_is_repaired_over_rest(servers, tmp_path):
 
 def test_a_collector_restart_resumes_from_the_lake(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / "lake", keep_months=True)
     first = collector(lake, ws, rest)
     first.wait_streamed("BTC/USDT", 3)
     first.stop()
@@ -266,7 +266,7 @@ def test_a_collector_restart_resumes_from_the_lake(servers, tmp_path):
 
 def test_bad_input_is_rejected_and_counted_while_the_stream_goes_on(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / "lake", keep_months=True)
     running = collector(lake, ws, rest)
     running.wait_streamed("BTC/USDT", 2)
     # Sent right after a minute closed: the next minute is forming, for a whole minute.
@@ -304,7 +304,7 @@ def test_bad_input_is_rejected_and_counted_while_the_stream_goes_on(servers, tmp
 
 def test_a_stalled_socket_is_reconnected_within_the_timeout(servers, tmp_path):
     ws, rest = servers
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / "lake", keep_months=True)
     stall_seconds = 1.5
     running = collector(lake, ws, rest, stall_seconds=stall_seconds, backoff_base_seconds=0.1)
     running.wait_streamed("BTC/USDT", 2)
@@ -336,7 +336,8 @@ def test_sigterm_mid_stream_exits_cleanly_and_leaves_no_partial_file(servers, tm
         "CANDLESTACK_CCXT_OPTIONS": json.dumps(ccxt_options(ws, rest)),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "candlestack.live"],
+        # faulthandler: a collector that hangs shows where, on SIGABRT.
+        [sys.executable, "-X", "faulthandler", "-m", "candlestack.live"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -351,7 +352,12 @@ def test_sigterm_mid_stream_exits_cleanly_and_leaves_no_partial_file(servers, tm
         wait_until(lambda: lake.newest_ts("ohlcv", "binance", "1m", "ETH-USDT") > first, 10)
         time.sleep(MINUTE_SECONDS * 0.9)
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=15)
+        try:
+            output, _ = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            output, _ = process.communicate()
+            raise AssertionError(f"no exit within 15 s of SIGTERM:\n{output}") from None
     finally:
         process.kill()
     assert process.returncode == 0, output
