@@ -264,6 +264,40 @@ def test_a_collector_restart_resumes_from_the_lake(servers, tmp_path):
         assert repaired_over_rest(rest, symbol, missed)
 
 
+def test_the_minutely_rest_top_up_and_the_collector_share_the_open_month(servers, tmp_path):
+    """The schedule's REST top-up keeps running beside the collector: both rewrite the open
+    month, and still every minute is stored once, with its recorded values."""
+    ws, rest = servers
+    lake = Lake(tmp_path / "lake", keep_months=True)
+    running = collector(lake, ws, rest)
+    source = CcxtSource("binance", ccxt_options(ws, rest))
+    source.client.milliseconds = ws.now_ms
+    topping_up = threading.Event()
+    top_ups = []
+
+    def top_up() -> None:
+        ingestor = Ingestor(source, Lake(tmp_path / "lake"))
+        while not topping_up.is_set():
+            for symbol in SYMBOLS:
+                top_ups.extend(ingestor.ingest(symbol, [DAY], keep_closed=True))
+
+    thread = threading.Thread(target=top_up)
+    thread.start()
+    try:
+        running.wait_streamed("BTC/USDT", 8)
+        running.wait_streamed("ETH/USDT", 1)
+    finally:
+        topping_up.set()
+        thread.join(10)
+    running.stop()
+
+    assert sum(o.write.written for o in top_ups) >= 2, "the top-up never wrote: no contest"
+    for symbol in SYMBOLS:
+        assert_every_minute_once(lake, symbol)
+        report = lake.month_reports("ohlcv", "binance", "1m", symbol.replace("/", "-"), DAY)
+        assert report[DAY]["revised"] == 0
+
+
 def test_bad_input_is_rejected_and_counted_while_the_stream_goes_on(servers, tmp_path):
     ws, rest = servers
     lake = Lake(tmp_path / "lake", keep_months=True)

@@ -903,3 +903,22 @@ def test_a_month_lock_makes_a_second_writer_wait_and_leaves_no_lock_file(lake):
     assert order == ["first in", "first out", "second in"]
     assert other_waited < 0.1
     assert [p for p in lake.root.rglob("*") if p.is_file()] == []
+
+
+def test_a_kept_month_is_what_a_read_returns_and_another_writer_is_seen(tmp_path, day_data):
+    """keep_months (the live collector's) hands back the month it wrote, equal to a read of
+    the file, and reads the file again once another writer has replaced it."""
+    keeping = Lake(tmp_path / "lake", keep_months=True)
+    other = Lake(tmp_path / "lake")
+    write(keeping, {DAY: DayData(*day_data)})
+
+    kept = keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY, rehash=True)
+    read = other.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY, rehash=True)
+    assert kept is keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert_frame_equal(kept.frame, read.frame)
+    assert (kept.reports, kept.footer) == (read.reports, read.footer)
+    assert_frame_equal(kept.gaps, read.gaps)
+
+    write(other, {DAY + timedelta(days=1): shifted(day_data, 1)})
+    again = keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert list(again.reports) == [DAY, DAY + timedelta(days=1)]
