@@ -202,10 +202,10 @@ class LiveCollector:
     """Streams 1m candles of `symbols` and persists each closed one into `lake`.
 
     `lake` is best made with `keep_months` (the open month stays in memory between
-    writes). `rest` repairs what the stream missed; `exchange_config` is the ccxt constructor config
-    (the REST source's own options: urls, including `urls.api.ws`, timeout, proxies).
-    `on_persisted` hooks are called in the event loop after each streamed candle is in the
-    lake. `state` is the collector's live state (see CollectorState).
+    writes). `rest` repairs what the stream missed. `exchange_config` is the ccxt
+    constructor config, the REST source's own options (urls, `urls.api.ws` among them,
+    timeout, proxies). `on_persisted` hooks are called in the event loop after each
+    streamed candle is in the lake. `state` is the collector's live state.
     """
 
     def __init__(
@@ -219,8 +219,9 @@ class LiveCollector:
         stall_seconds: float = 90.0,
         backoff_base_seconds: float = 0.5,
         backoff_max_seconds: float = 30.0,
+        sandbox: bool = False,
         on_persisted: Sequence[Callable[[PersistedCandle], object]] = (),
-        write_threads: int = 2,
+        write_threads: int = 4,
     ) -> None:
         self.symbols = list(symbols)
         self.lake = lake
@@ -233,7 +234,10 @@ class LiveCollector:
         self.state = CollectorState({s: SymbolState(s) for s in self.symbols})
         exchange_class = _streaming_exchange_class(rest.exchange)
         self.exchange = exchange_class({"enableRateLimit": True, **(exchange_config or {})})
+        if sandbox:
+            self.exchange.set_sandbox_mode(True)
         self.exchange.collector = self
+        # More threads than cores: a write waits on fsync much of its time.
         self._write_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="live-write")
         self._rest_lock = threading.Lock()
         # Closed candles accepted, not yet persisted (symbol -> open time -> candle), and
@@ -265,6 +269,7 @@ class LiveCollector:
             refetch_attempts=settings.refetch_attempts,
             stall_seconds=settings.live_stall_seconds,
             backoff_max_seconds=settings.live_backoff_max_seconds,
+            sandbox=settings.ccxt_sandbox,
             **kwargs,
         )
 
@@ -276,7 +281,6 @@ class LiveCollector:
         self._closed_waiting = asyncio.Event()
         self._stopping = False
         try:
-            await self._start()
             streaming = asyncio.create_task(self._stream())
             persisting = asyncio.create_task(self._persist_loop())
             stopping = asyncio.create_task(stop.wait())
@@ -324,6 +328,7 @@ class LiveCollector:
     async def _stream(self) -> None:
         """Keep ccxt.pro's subscription alive: reconnect with capped, jittered exponential
         backoff after any error, and force a reconnect after `stall_seconds` of silence."""
+        await self._start()
         pairs = [[symbol, TIMEFRAME] for symbol in self.symbols]
         failures = 0
         while True:
@@ -342,7 +347,8 @@ class LiveCollector:
                 self._drop_connections(
                     ccxt.RequestTimeout(f"no kline within {self.stall_seconds} s")
                 )
-            except ccxt.NetworkError as exc:
+            except ccxt.BaseError as exc:
+                # A network error, or an error the server sent (Binance's {"error": ...}).
                 log.warning("stream lost: %s: %s", type(exc).__name__, exc)
             self.state.connected = False
             delay = self._backoff(failures)
@@ -376,7 +382,10 @@ class LiveCollector:
         """Judge one kline message; a closed candle accepted is queued to persist. Returns
         whether ccxt may handle it too (a kline of a market streamed, well formed)."""
         kline = message.get("k")
-        market_id = kline.get("s") if isinstance(kline, dict) else None
+        if not isinstance(kline, dict):
+            self.reject(None, "malformed kline", repr(message))
+            return False
+        market_id = kline.get("s")
         symbol = self._market_ids.get(market_id) if isinstance(market_id, str) else None
         if symbol is None:
             self.reject(None, "unknown symbol", f"kline of {market_id!r}")
