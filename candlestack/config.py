@@ -113,6 +113,10 @@ class Settings(BaseModel, frozen=True):
     # The Prometheus endpoint (python -m pipelines.metrics): loopback unless told otherwise.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=1, le=65535)
+    # The live collector (python -m candlestack.live): a socket silent this long is
+    # reconnected; reconnects back off exponentially, with jitter, up to the cap.
+    live_stall_seconds: float = Field(90.0, gt=0)
+    live_backoff_max_seconds: float = Field(30.0, gt=0)
 
     @field_validator("lake", mode="before")
     @classmethod
