@@ -92,6 +92,10 @@ class Settings(BaseModel, frozen=True):
     reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
     # The live collector's state, read by the metrics endpoint, alerts and the UI.
     live_status: Path = Path("data/live/status.json")
+    # Alerts: a symbol whose newest streamed candle closed longer ago than this; this many
+    # reconnects within 10 minutes.
+    live_max_buffer_age_seconds: float = Field(150.0, gt=0)
+    live_reconnect_storm: int = Field(5, ge=1)
     # The dry-run ledger: a SQLite file by default, or postgresql+psycopg://user@host/db.
     ledger_url: str = "sqlite:///data/ledger.sqlite"
     synthetic_seed: int = 7

@@ -135,3 +135,88 @@ def buffer_age_s(symbol_status: dict[str, Any], now: float) -> float | None:
     """Seconds since the newest closed candle in the lake closed (its open + 1 minute)."""
     newest = symbol_status.get("newest_closed_ts")
     return None if newest is None else now - (newest / 1000 + 60)
+
+
+# --- watching the feed (the live_feed sensor) --------------------------------------------
+
+DELAYED_BUFFER = "delayed_buffer"
+BUFFER_RECOVERED = "buffer_recovered"
+RECONNECT_STORM = "reconnect_storm"
+STORM_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class FeedEvent:
+    kind: str  # DELAYED_BUFFER, BUFFER_RECOVERED or RECONNECT_STORM
+    message: str
+    symbol: str | None = None
+    value: float | None = None  # the buffer age (s) or the reconnects in the window
+
+
+@dataclass
+class FeedWatch:
+    """What the watcher remembers between looks (the sensor's cursor)."""
+
+    delayed: list[str] = field(default_factory=list)  # symbols whose buffer is delayed now
+    reconnects: list[tuple[float, int]] = field(default_factory=list)  # (at, total) samples
+    storm: bool = False
+    observed_at: float = 0.0  # when the feed's state was last recorded as an observation
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> FeedWatch:
+        if not text:
+            return cls()
+        raw = json.loads(text)
+        raw["reconnects"] = [tuple(r) for r in raw["reconnects"]]
+        return cls(**raw)
+
+
+def watch_feed(
+    status: dict[str, Any],
+    now: float,
+    seen: FeedWatch,
+    *,
+    max_buffer_age_s: float,
+    storm_reconnects: int,
+) -> tuple[FeedWatch, list[FeedEvent]]:
+    """The episodes that began or ended since `seen`: a symbol whose newest stored closed
+    candle is older than `max_buffer_age_s` (also when the collector stopped writing), and
+    `storm_reconnects` or more reconnects within STORM_WINDOW_S."""
+    events, delayed = [], []
+    silent_s = now - status["updated_at"]
+    silence = (
+        f"; the collector has not written its status for {silent_s:.0f} s"
+        if (silent_s > 30)
+        else ""
+    )
+    for symbol, s in status["symbols"].items():
+        age = buffer_age_s(s, now)
+        if age is None or age <= max_buffer_age_s:
+            if symbol in seen.delayed:
+                events.append(
+                    FeedEvent(BUFFER_RECOVERED, f"{symbol}: live buffer current again", symbol)
+                )
+            continue
+        delayed.append(symbol)
+        if symbol not in seen.delayed:
+            message = (
+                f"{symbol}: newest streamed candle closed {age:.0f} s ago "
+                f"(threshold {max_buffer_age_s:.0f} s){silence}"
+            )
+            events.append(FeedEvent(DELAYED_BUFFER, message, symbol, age))
+    samples = [(at, n) for at, n in seen.reconnects if at >= now - STORM_WINDOW_S]
+    samples.append((now, status["reconnects"]))
+    if samples[0][1] > samples[-1][1]:  # the collector restarted: its counter began again
+        samples = samples[-1:]
+    in_window = samples[-1][1] - samples[0][1]
+    storm = in_window >= storm_reconnects
+    if storm and not seen.storm:
+        message = (
+            f"live feed reconnected {in_window} times in the last "
+            f"{STORM_WINDOW_S / 60:.0f} minutes (threshold {storm_reconnects})"
+        )
+        events.append(FeedEvent(RECONNECT_STORM, message, None, in_window))
+    return FeedWatch(delayed, samples, storm, seen.observed_at), events
