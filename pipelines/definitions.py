@@ -9,6 +9,7 @@ from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
 from pipelines.alerts import alert_sensors
+from pipelines.executor import worker_tracking_executor
 from pipelines.jobs import (
     backtest_job,
     build_bars_job,
@@ -29,7 +30,7 @@ from pipelines.schedules import (
     refresh_catalog_daily,
     snapshot_markets_daily,
 )
-from pipelines.sensors import dry_run_bars
+from pipelines.sensors import dry_run_bars, stuck_runs
 from resources import AlertResource, LakeResource, ledger_resource, source_resource
 from resources.env import env_var_or
 
@@ -61,7 +62,7 @@ defs = dg.Definitions(
         dry_run_checks_job,
         kill_switch,
     ],
-    sensors=[dry_run_bars, *alert_sensors],
+    sensors=[dry_run_bars, stuck_runs, *alert_sensors],
     schedules=[
         keep_open_day_current,
         finalise_yesterday,
@@ -71,8 +72,9 @@ defs = dg.Definitions(
         dry_run_checks_every_15_minutes,
     ],
     # Each job here is one heavy step plus light checks: on 2 cores a process per step
-    # only adds ~3 s of spawn and definitions reload per step (measured in bench/).
-    executor=dg.in_process_executor,
+    # only adds ~3 s of spawn and definitions reload per step (measured in bench/). It records
+    # the run's process, so a killed run's pool slots are freed (pipelines.stuck_runs).
+    executor=worker_tracking_executor,
     resources={
         "source": source_resource(settings),
         "lake": LakeResource(

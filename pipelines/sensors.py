@@ -1,4 +1,6 @@
-"""The dry-run sensor: a run of the dry-run job for each newly closed bar of each enabled
+"""The dry-run sensor, and the stuck-runs sensor (pipelines.stuck_runs).
+
+The dry-run sensor: a run of the dry-run job for each newly closed bar of each enabled
 strategy, keyed strategy|symbol|timeframe|bar open so no bar is requested twice.
 
 The cursor (kept by Dagster, so it survives daemon restarts) holds, per strategy, the open
@@ -21,10 +23,12 @@ from candlestack.lake import Lake
 from candlestack.ledger import decision_key
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
+from pipelines.stuck_runs import clean_up
 from resources import CandleSourceResource, LakeResource
 
 # The Dagster daemon's floor: a sensor is evaluated at most every 5 s.
 INTERVAL_SECONDS = 5
+STUCK_RUNS_INTERVAL_SECONDS = 60
 
 
 def closed_bars(lake: Lake, exchange: str, strategy: StrategyConfig, today: date) -> list[datetime]:
@@ -92,3 +96,17 @@ def dry_run_bars(
     if not requests:
         return dg.SensorResult(skip_reason="no newly closed bar", cursor=json.dumps(cursor))
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+
+
+@dg.sensor(
+    minimum_interval_seconds=STUCK_RUNS_INTERVAL_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Fails each run whose process on this host is gone (a killed backfill or "
+    "run worker) and frees its pool slots, and the slots of ended runs; names unfinished "
+    "runs it cannot verify (python -m pipelines.stuck_runs).",
+)
+def stuck_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    cleanup = clean_up(context.instance)
+    for line in cleanup.lines():
+        context.log.warning(line)
+    return dg.SkipReason(cleanup.summary())

@@ -1,5 +1,6 @@
 """A real dagster-daemon for the integration tests, and the live dry-run setup they share."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.sources.synthetic import SyntheticSource
@@ -27,6 +29,25 @@ strategies:
     params: {fast: 2, slow: 5, average: ema}
     dry_run: {enabled: true}
 """
+
+
+def loopback_binance_env(tmp_path: Path, binance, pool_limit: int | None = None) -> dict:
+    """Environment for runs that ingest BTC and ETH from 2021-04-28 with real ccxt from the
+    loopback Binance, on the repository's run queue and exchange pools (not its storage
+    paths); `pool_limit` replaces the pools' default limit."""
+    env = isolated_env(
+        tmp_path,
+        source="ccxt",
+        symbols="BTC/USDT,ETH/USDT",
+        start_date="2021-04-28",
+        ccxt_options=json.dumps(binance.ccxt_config()),
+    )
+    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = {k: shipped[k] for k in ("run_coordinator", "concurrency", "telemetry")}
+    if pool_limit is not None:
+        config["concurrency"]["pools"]["default_limit"] = pool_limit
+    Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
+    return env
 
 
 def start_daemon(env: dict) -> subprocess.Popen:

@@ -4,7 +4,6 @@ Runs queued together by the real CLI and launched by a real dagster-daemon each 
 symbol-month (three days of it, from CANDLESTACK_START_DATE) with real ccxt from the loopback
 Binance, which answers slowly and records the most requests it ever served at once."""
 
-import json
 import shutil
 import subprocess
 import time
@@ -12,10 +11,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
-from tests.conftest import REPLAY_FILES, isolated_env
-from tests.integration.daemon import BIN, ROOT, running_daemon
+from tests.conftest import REPLAY_FILES
+from tests.integration.daemon import BIN, ROOT, loopback_binance_env, running_daemon
 from tests.integration.fake_binance import FakeBinance
 
 POOL = "exchange-binance"
@@ -38,17 +36,7 @@ def binance(shared_data):
 def env(tmp_path, binance, monkeypatch):
     """The repository's run queue and pools (not its storage paths), with an exchange pool
     limit of 1, and a daemon running on it."""
-    env = isolated_env(
-        tmp_path,
-        source="ccxt",
-        symbols="BTC/USDT,ETH/USDT",
-        start_date="2021-04-28",
-        ccxt_options=json.dumps(binance.ccxt_config()),
-    )
-    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    config = {k: shipped[k] for k in ("run_coordinator", "concurrency", "telemetry")}
-    config["concurrency"]["pools"]["default_limit"] = 1
-    Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(config))
+    env = loopback_binance_env(tmp_path, binance, pool_limit=1)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     # The instance's storage exists before the daemon starts: a daemon and a CLI creating a
     # fresh SQLite storage at the same moment can stamp its schema twice ("more than one

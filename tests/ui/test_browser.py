@@ -397,7 +397,7 @@ def test_check_results_show_gaps_drift_and_audit_with_their_metadata(browser, ui
     assert re.search(r"head_hash [0-9a-f]{64}", text), text
 
 
-def test_automation_lists_the_dry_run_sensor_and_the_schedules(browser, ui):
+def test_automation_lists_the_sensors_and_the_schedules(browser, ui):
     schedules = (
         "keep_open_day_current",
         "finalise_yesterday",
@@ -408,6 +408,7 @@ def test_automation_lists_the_dry_run_sensor_and_the_schedules(browser, ui):
     )
     shown = (
         r"dry_run_bars\nStandard sensor",
+        r"stuck_runs\nStandard sensor",
         r"keep_open_day_current\nScheduled Every minute",
         r"dry_run_checks_every_15_minutes\nScheduled Every 15 minutes",
     )
@@ -422,6 +423,7 @@ def test_automation_lists_the_dry_run_sensor_and_the_schedules(browser, ui):
         f"{ui.url}/automation",
         "automation.png",
         "dry_run_bars",
+        "stuck_runs",
         *schedules,
         ready=rows_described,
     )

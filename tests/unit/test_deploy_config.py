@@ -76,7 +76,7 @@ def test_run_queue_pools_and_monitoring(local):
     assert monitoring["enabled"] is True
     # The local run launcher cannot resume a run; Dagster refuses resume attempts with it.
     assert monitoring.get("max_resume_run_attempts", 0) == 0
-    assert monitoring["max_runtime_seconds"] > 0  # how a run whose worker died ends
+    assert monitoring["max_runtime_seconds"] > 0  # how a run on another host that died ends
 
 
 def test_exchange_calls_share_one_pool_per_exchange():
