@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from candlestack.live import CollectorState, PersistedCandle, SymbolState
-from candlestack.live_status import StatusRecorder, read_status
+from candlestack.live_status import FeedWatch, StatusRecorder, read_status, watch_feed
 from candlestack.metrics import SourcesCollector, live_metrics
 
 T0 = datetime(2026, 3, 2, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -82,3 +82,36 @@ def test_no_collector_is_down(tmp_path):
         ("candlestack_live_collector_up", ()): 0,
         ("candlestack_metrics_source_up", (("source", "live"),)): 1,
     }
+
+
+def _status(reconnects: int, newest_closed_ts: int | None, updated_at: float = T0) -> dict:
+    symbol = {"newest_closed_ts": newest_closed_ts}
+    return {"updated_at": updated_at, "reconnects": reconnects, "symbols": {"BTC/USDT": symbol}}
+
+
+def test_watch_reports_each_episode_once_and_a_restart_is_no_storm():
+    def look(seen, status, now):
+        return watch_feed(status, now, seen, max_buffer_age_s=150, storm_reconnects=3)
+
+    current = int(T0 * 1000) // MINUTE_MS * MINUTE_MS - MINUTE_MS
+    seen, events = look(FeedWatch(), _status(0, current), T0)
+    assert events == []
+    seen, events = look(FeedWatch.from_json(seen.to_json()), _status(2, current), T0 + 60)
+    assert events == []
+    # Three reconnects within ten minutes: one storm, however long it lasts.
+    seen, events = look(seen, _status(3, current + MINUTE_MS), T0 + 120)
+    assert [(e.kind, e.value) for e in events] == [("reconnect_storm", 3)]
+    seen, events = look(seen, _status(4, current + MINUTE_MS), T0 + 180)
+    assert events == []
+    # The collector restarts (its counter begins again): the window starts afresh.
+    seen, events = look(seen, _status(1, current + 2 * MINUTE_MS), T0 + 240)
+    assert events == [] and not seen.storm
+    # The collector stops writing: the buffer ages past the threshold, once.
+    stopped = _status(1, current + 2 * MINUTE_MS, updated_at=T0 + 240)
+    seen, events = look(seen, stopped, T0 + 420)
+    assert [e.kind for e in events] == ["delayed_buffer"]
+    assert "has not written its status for 180 s" in events[0].message
+    seen, events = look(seen, stopped, T0 + 480)
+    assert events == []
+    seen, events = look(seen, _status(1, current + 8 * MINUTE_MS, T0 + 600), T0 + 600)
+    assert [e.kind for e in events] == ["buffer_recovered"]
