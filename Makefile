@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup demo test ui bench metrics browser
+.PHONY: setup demo test ui bench metrics browser live
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,7 @@ bench: setup
 
 metrics: setup
 	DAGSTER_HOME=$(CURDIR) $(BIN)/python -m pipelines.metrics
+
+# The live WebSocket collector (CANDLESTACK_SOURCE=ccxt): streams closed 1m candles into the lake.
+live: setup
+	$(BIN)/python -m candlestack.live

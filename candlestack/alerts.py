@@ -30,7 +30,8 @@ CHECK_FAILURE = "check_failure"
 STALE_DATA = "stale_data"
 DRIFT = "drift"
 KILL_SWITCH = "kill_switch"
-KINDS = (RUN_FAILURE, CHECK_FAILURE, STALE_DATA, DRIFT, KILL_SWITCH)
+LIVE_FEED = "live_feed"  # the live collector reconnecting over and over
+KINDS = (RUN_FAILURE, CHECK_FAILURE, STALE_DATA, DRIFT, KILL_SWITCH, LIVE_FEED)
 
 # How the dry-run words a kill-switch trip for stale data (candlestack.dryrun).
 STALE_REASON = "stale data"

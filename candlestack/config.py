@@ -90,6 +90,12 @@ class Settings(BaseModel, frozen=True):
     features: Path | None = None  # a YAML or JSON feature set; None: the default set
     strategies: Path | None = None  # a YAML or JSON strategies file; None: the built-in one
     reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
+    # The live collector's state, read by the metrics endpoint, alerts and the UI.
+    live_status: Path = Path("data/live/status.json")
+    # Alerts: a symbol whose newest streamed candle closed longer ago than this; this many
+    # reconnects within 10 minutes.
+    live_max_buffer_age_seconds: float = Field(150.0, gt=0)
+    live_reconnect_storm: int = Field(5, ge=1)
     # The dry-run ledger: a SQLite file by default, or postgresql+psycopg://user@host/db.
     ledger_url: str = "sqlite:///data/ledger.sqlite"
     synthetic_seed: int = 7
@@ -111,6 +117,10 @@ class Settings(BaseModel, frozen=True):
     # The Prometheus endpoint (python -m pipelines.metrics): loopback unless told otherwise.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=1, le=65535)
+    # The live collector (python -m candlestack.live): a socket silent this long is
+    # reconnected; reconnects back off exponentially, with jitter, up to the cap.
+    live_stall_seconds: float = Field(90.0, gt=0)
+    live_backoff_max_seconds: float = Field(30.0, gt=0)
 
     @field_validator("lake", mode="before")
     @classmethod

@@ -121,6 +121,15 @@ class Ingestor:
         self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
     ) -> list[PartitionOutcome]:
         exchange, key = self.source.exchange, symbol_key(symbol)
+        # Read, merged and written under the month's lock: the live collector writes the
+        # open month too, and neither may write over minutes the other stored meanwhile.
+        with self.lake.month_lock("ohlcv", exchange, "1m", key, month):
+            return self._ingest_locked_month(symbol, month, days, closed_end, keep_closed)
+
+    def _ingest_locked_month(
+        self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
+    ) -> list[PartitionOutcome]:
+        exchange, key = self.source.exchange, symbol_key(symbol)
         # Re-hashed: a re-fetched day is merged with the stored rows, and final days are
         # kept as they are, so both must be the rows the footer vouches for.
         stored = self.lake.read_month("ohlcv", exchange, "1m", key, month, rehash=True)

@@ -22,6 +22,7 @@ stored, so the next materialization rebuilds it from the source.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -52,6 +53,8 @@ _FOOTER_KEYS = (REPORT_KEY, GAPS_KEY, REVISIONS_KEY)
 # Marks a file whose pages carry CRC32 checksums: decoding it checks every byte of its data.
 CHECKSUM_KEY = b"candlestack.page_checksums"
 QUARANTINE_FOLDER = "_quarantine"
+# Lock files of the month files' read-modify-writes, apart from the data; removed after use.
+LOCK_FOLDER = "_locks"
 # One read of a file's end holds its footer (35 KiB for a month of 1m candles).
 FOOTER_TAIL_BYTES = 64 * 1024
 STALE_TEMP_SECONDS = 3600
@@ -516,9 +519,17 @@ FILES = {
 class Lake:
     """Paths and I/O of one lake root: a local folder, or an s3://bucket/prefix."""
 
-    def __init__(self, root: LakePath | str) -> None:
+    def __init__(self, root: LakePath | str, keep_months: bool = False) -> None:
+        """`keep_months`: keep the month each symbol folder last read or wrote in memory, and
+        read it again only when its file changed (another writer): for a long-running writer
+        of the open month, the live collector, whose every minute would otherwise decode and
+        re-hash the whole month. Local lakes only."""
         text = str(root)
         self.root: LakePath = s3_root(text) if text.startswith(S3_SCHEME) else Path(root)
+        # symbol folder -> (the file's identity when kept, the month as read or written)
+        self._kept: dict[LakePath, tuple[tuple, StoredMonth]] | None = (
+            {} if keep_months and isinstance(self.root, Path) else None
+        )
 
     @property
     def filesystem(self) -> S3Store | None:
@@ -563,6 +574,36 @@ class Lake:
         folder = self._symbol_folder(dataset, exchange, timeframe, symbol_key)
         return folder / f"month={month:%Y-%m}" / FILE_NAME
 
+    @contextlib.contextmanager
+    def month_lock(self, dataset: str, exchange: str, timeframe: str, symbol_key: str, month: date):
+        """Hold a month file's lock across a read-modify-write of it: the live collector and
+        the minutely REST top-up both rewrite the open month, and without it the second
+        writer would replace the first one's minutes with its older copy. An advisory
+        flock, across the processes of a host; an object store has no such lock, so there one
+        writer of the open month (the collector, or the schedule) must run at a time."""
+        if isinstance(self.root, UPath):
+            yield
+            return
+        folder = self.root / LOCK_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / f"{dataset}.{exchange}.{timeframe}.{symbol_key}.{month:%Y-%m}.lock"
+        while True:
+            handle = open(lock, "a")  # noqa: SIM115 -- held until the lock is released
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            # The holder before us removed the file after its write: lock the new one.
+            handle.close()
+        try:
+            yield
+        finally:
+            # Removed while still held, so the lake keeps no lock files between writes.
+            lock.unlink(missing_ok=True)
+            handle.close()
+
     def month_files(
         self, dataset: str, exchange: str, timeframe: str, symbol_key: str
     ) -> dict[date, LakePath]:
@@ -591,7 +632,20 @@ class Lake:
         rows are also hashed against its footer's content_hash (~6 ms for a month of 1m
         candles): what a page checksum cannot see, rows rewritten behind the footer."""
         path = self.month_path(dataset, exchange, timeframe, symbol_key, month)
-        return self._healed(path, self._load_month, None, rehash)
+        if self._kept is None:
+            return self._healed(path, self._load_month, None, rehash)
+        try:
+            identity = _identity(path)
+        except FileNotFoundError:
+            return None
+        kept = self._kept.get(path.parent.parent)
+        if kept is not None and kept[1].path == path and kept[0] == identity:
+            return kept[1]
+        # Identified before the read: a file replaced meanwhile is read again next time.
+        stored = self._healed(path, self._load_month, None, rehash)
+        if stored is not None:
+            self._kept[path.parent.parent] = (identity, stored)
+        return stored
 
     def write_month(
         self,
@@ -681,6 +735,13 @@ class Lake:
                 )
             return {day: again[day] for day, data in days.items() if data is not None}
         size = write_parquet_atomic(path, frame.to_arrow(), key_value) if written else None
+        if written and self._kept is not None:
+            # What a read of the new file would return, without reading it.
+            footer = _month_footer_of(path, key_value, ())
+            self._kept[path.parent.parent] = (
+                _identity(path),
+                StoredMonth(path, frame, *footer, key_value),
+            )
         size = size if size is not None else path.stat().st_size
         return {
             day: WriteResult(path, size, reports[day]["content_hash"], written)

@@ -13,13 +13,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from candlestack.config import symbol_key
 from candlestack.dryrun import LATENCY_WINDOW, latency_stats, newest_candle_close_ms
 from candlestack.lake import Lake
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
+from candlestack.live_status import buffer_age_s
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 
@@ -27,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "candlestack_"
 IMPUTED_WINDOW = timedelta(hours=24)
+# The collector rewrites its status every few seconds: older than this, it is down.
+LIVE_STATUS_FRESH_S = 30.0
+UNATTRIBUTED = "*"  # bad messages that name no streamed symbol
 QUANTILES = {"p50": "0.5", "p95": "0.95"}
 
 Source = Callable[[datetime], Iterable[Metric]]
@@ -139,3 +148,85 @@ def kill_switch_metric(ledger: Ledger, strategies: Sequence[StrategyConfig]) -> 
     for scope in dict.fromkeys([GLOBAL_SCOPE, *(c.name for c in strategies), *states]):
         tripped.add_metric([scope], float(bool(states.get(scope))))
     return tripped
+
+
+def live_metrics(status: dict | None, now: datetime) -> list[Metric]:
+    """The live collector's buffers, messages, reconnects, rejections and persist latency
+    per symbol, from its status file (candlestack.live_status)."""
+    up = GaugeMetricFamily(
+        PREFIX + "live_collector_up",
+        f"1 while the live collector's status is fresh (written within {LIVE_STATUS_FRESH_S:.0f}"
+        " s), else 0",
+    )
+    if status is None:
+        up.add_metric([], 0)
+        return [up]
+    at = now.timestamp()
+    up.add_metric([], float(at - status["updated_at"] <= LIVE_STATUS_FRESH_S))
+    status_age = GaugeMetricFamily(
+        PREFIX + "live_status_age_seconds", "Seconds since the live collector wrote its status"
+    )
+    status_age.add_metric([], at - status["updated_at"])
+    labels = ["symbol"]
+    buffer_age = GaugeMetricFamily(
+        PREFIX + "live_buffer_age_seconds",
+        "Seconds from the close of the newest streamed-and-stored closed candle to now",
+        labels=labels,
+    )
+    per_minute = GaugeMetricFamily(
+        PREFIX + "live_messages_per_minute",
+        "Kline messages received over the last minute",
+        labels=labels,
+    )
+    messages = CounterMetricFamily(
+        PREFIX + "live_messages", "Kline messages received, forming and closed", labels=labels
+    )
+    reconnects = CounterMetricFamily(
+        PREFIX + "live_reconnects",
+        "Reconnects of the connection the symbol streams on",
+        labels=labels,
+    )
+    repaired = CounterMetricFamily(
+        PREFIX + "live_repaired_minutes",
+        "Minutes fetched over REST because the stream did not deliver them",
+        labels=labels,
+    )
+    rejected = CounterMetricFamily(
+        PREFIX + "live_rejected_messages",
+        f"Messages refused, by reason (symbol {UNATTRIBUTED!r}: naming no streamed symbol)",
+        labels=["symbol", "reason"],
+    )
+    latency = HistogramMetricFamily(
+        PREFIX + "live_persist_latency_seconds",
+        "From the closing kline's arrival to the candle persisted in the lake",
+        labels=labels,
+    )
+    bounds = status["latency_bounds_ms"]
+    for symbol, s in status["symbols"].items():
+        if (age := buffer_age_s(s, at)) is not None:
+            buffer_age.add_metric([symbol], age)
+        if s["messages_per_minute"] is not None:
+            per_minute.add_metric([symbol], s["messages_per_minute"])
+        messages.add_metric([symbol], s["messages"])
+        reconnects.add_metric([symbol], s["reconnects"])
+        repaired.add_metric([symbol], s["repaired"])
+        for reason, count in s["rejected"].items():
+            rejected.add_metric([symbol, reason], count)
+        counts = zip(bounds, s["latency_buckets_ms"], strict=True)
+        buckets = [(f"{bound / 1000:g}", n) for bound, n in counts]
+        latency.add_metric(
+            [symbol], [*buckets, ("+Inf", s["latency_count"])], s["latency_sum_ms"] / 1000
+        )
+    for reason, count in status["rejected"].items():
+        rejected.add_metric([UNATTRIBUTED, reason], count)
+    return [
+        up,
+        status_age,
+        buffer_age,
+        per_minute,
+        messages,
+        reconnects,
+        repaired,
+        rejected,
+        latency,
+    ]

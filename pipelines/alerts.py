@@ -25,10 +25,11 @@ import dagster as dg
 from dagster._utils.error import SerializableErrorInfo
 
 from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
-from assets.market_data import candles_freshness
+from assets.market_data import candles_1m, candles_freshness
 from candlestack.alerts import (
     CHECK_FAILURE,
     DRIFT,
+    LIVE_FEED,
     RUN_FAILURE,
     STALE_DATA,
     Alert,
@@ -40,6 +41,7 @@ from candlestack.alerts import (
 )
 from candlestack.config import load_settings
 from candlestack.ledger import AUDIT_KILL_SWITCH_TRIP
+from candlestack.live_status import DELAYED_BUFFER, RECONNECT_STORM
 from resources import AlertResource, LedgerResource
 
 INTERVAL_SECONDS = 30
@@ -300,4 +302,61 @@ def alert_kill_switch(
     return _evaluate(context, alerts, lambda: book.audit_head()[0], fetch)
 
 
-alert_sensors = [alert_runs_and_checks, alert_kill_switch]
+# --- the live feed --------------------------------------------------------------------------
+
+LIVE_ALERT_KINDS = {DELAYED_BUFFER: STALE_DATA, RECONNECT_STORM: LIVE_FEED}
+
+
+def _newest_observation(instance: dg.DagsterInstance) -> int:
+    records = instance.fetch_observations(candles_1m.key, limit=1).records
+    return records[0].storage_id if records else 0
+
+
+def _live_feed_alerts(
+    instance: dg.DagsterInstance, after: int, ui_base: str | None
+) -> tuple[list[Pending], int]:
+    """An alert for each delayed buffer and reconnect storm the live_feed sensor recorded
+    (observations of candles_1m) after storage id `after`."""
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=candles_1m.key, after_storage_id=after),
+        limit=FETCH_LIMIT,
+        ascending=True,
+    ).records
+    pending = []
+    for record in records:
+        observation = record.asset_observation
+        event = observation.metadata.get("live_event")
+        if event is None or event.value not in LIVE_ALERT_KINDS:
+            continue
+        symbol = observation.metadata["symbol"].value
+        alert = Alert(
+            id=f"live:{record.storage_id}",
+            kind=LIVE_ALERT_KINDS[event.value],
+            message=observation.description,
+            at=datetime.fromtimestamp(record.timestamp, UTC),
+            asset=candles_1m.key.to_user_string(),
+            symbol=symbol,
+            url=f"{ui_base}/assets/{candles_1m.key.to_user_string()}" if ui_base else None,
+            details={"event": event.value, "value": observation.metadata["value"].value},
+        )
+        pending.append(Pending((record.storage_id, 0), alert))
+    return pending, records[-1].storage_id if records else after
+
+
+@dg.sensor(
+    minimum_interval_seconds=INTERVAL_SECONDS,
+    default_status=DEFAULT_STATUS,
+    description="Posts an alert, once, for each delayed live buffer and each reconnect storm "
+    "of the live collector (recorded by the live_feed sensor).",
+)
+def alert_live_feed(context: dg.SensorEvaluationContext, alerts: AlertResource) -> dg.SensorResult:
+    instance = context.instance
+    return _evaluate(
+        context,
+        alerts,
+        lambda: _newest_observation(instance),
+        lambda after: _live_feed_alerts(instance, after, alerts.ui_base),
+    )
+
+
+alert_sensors = [alert_runs_and_checks, alert_kill_switch, alert_live_feed]

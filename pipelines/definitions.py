@@ -30,7 +30,7 @@ from pipelines.schedules import (
     refresh_catalog_daily,
     snapshot_markets_daily,
 )
-from pipelines.sensors import dry_run_bars, stuck_runs
+from pipelines.sensors import dry_run_bars, live_feed, stuck_runs
 from resources import AlertResource, LakeResource, ledger_resource, source_resource
 from resources.env import env_var_or
 
@@ -62,7 +62,7 @@ defs = dg.Definitions(
         dry_run_checks_job,
         kill_switch,
     ],
-    sensors=[dry_run_bars, stuck_runs, *alert_sensors],
+    sensors=[dry_run_bars, stuck_runs, live_feed, *alert_sensors],
     schedules=[
         keep_open_day_current,
         finalise_yesterday,

@@ -22,7 +22,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
 from candlestack.config import Settings, load_settings
 from candlestack.lake import Lake
-from candlestack.metrics import PREFIX, SourcesCollector, lake_metrics, ledger_metrics
+from candlestack.live_status import read_status
+from candlestack.metrics import (
+    PREFIX,
+    SourcesCollector,
+    lake_metrics,
+    ledger_metrics,
+    live_metrics,
+)
 from pipelines.definitions import defs
 from resources import LedgerResource
 
@@ -75,6 +82,7 @@ def build_registry(settings: Settings, instance: dg.DagsterInstance) -> Collecto
                 "lake": lambda now: lake_metrics(lake, settings.exchange_id, settings.symbols, now),
                 "ledger": lambda now: ledger_metrics(ledger.open(), enabled_strategies, now),
                 "instance": lambda now: instance_metrics(instance, check_keys),
+                "live": lambda now: live_metrics(read_status(settings.live_status), now),
             },
             clock=lambda: datetime.now(UTC),
         )

@@ -1,4 +1,5 @@
-"""The dry-run sensor, and the stuck-runs sensor (pipelines.stuck_runs).
+"""The dry-run sensor, the stuck-runs sensor (pipelines.stuck_runs) and the live-feed
+sensor (candlestack.live_status).
 
 The dry-run sensor: a run of the dry-run job for each newly closed bar of each enabled
 strategy, keyed strategy|symbol|timeframe|bar open so no bar is requested twice.
@@ -12,15 +13,20 @@ unique decision key, make a repeated tick or a re-materialized partition a no-op
 """
 
 import json
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
+import polars as pl
 
 from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
+from assets.markdown import md_table
+from assets.market_data import candles_1m
 from candlestack.backtest_store import bar_dataset
-from candlestack.config import symbol_key
+from candlestack.config import load_settings, symbol_key
 from candlestack.lake import Lake
 from candlestack.ledger import decision_key
+from candlestack.live_status import FeedWatch, buffer_age_s, read_status, watch_feed
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
 from pipelines.stuck_runs import clean_up
@@ -29,6 +35,8 @@ from resources import CandleSourceResource, LakeResource
 # The Dagster daemon's floor: a sensor is evaluated at most every 5 s.
 INTERVAL_SECONDS = 5
 STUCK_RUNS_INTERVAL_SECONDS = 60
+LIVE_FEED_INTERVAL_SECONDS = 30
+LIVE_FEED_OBSERVED_EVERY_S = 60  # the feed's state, as an observation of candles_1m
 
 
 def closed_bars(lake: Lake, exchange: str, strategy: StrategyConfig, today: date) -> list[datetime]:
@@ -110,3 +118,75 @@ def stuck_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     for line in cleanup.lines():
         context.log.warning(line)
     return dg.SkipReason(cleanup.summary())
+
+
+def _feed_state(status: dict, now: float) -> dg.AssetObservation:
+    rows = []
+    for symbol, s in status["symbols"].items():
+        count = s["latency_count"]
+        rows.append(
+            {
+                "symbol": symbol,
+                "buffer age s": buffer_age_s(s, now),
+                "messages/min": s["messages_per_minute"],
+                "reconnects": s["reconnects"],
+                "repaired": s["repaired"],
+                "rejected": sum(s["rejected"].values()),
+                "mean persist ms": s["latency_sum_ms"] / count if count else None,
+            }
+        )
+    table = pl.DataFrame(rows).with_columns(pl.selectors.float().round(1))
+    oldest = table.get_column("buffer age s").max()
+    return dg.AssetObservation(
+        candles_1m.key,
+        description="The live collector's feed",
+        metadata={
+            "live_collector_up": now - status["updated_at"] <= LIVE_FEED_INTERVAL_SECONDS,
+            "live_status_age_s": round(now - status["updated_at"], 1),
+            "live_oldest_buffer_s": oldest,
+            "live_reconnects": status["reconnects"],
+            "live_stalls": status["stalls"],
+            "live_symbols": dg.MetadataValue.md(md_table(table)),
+        },
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=LIVE_FEED_INTERVAL_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records the live collector's feed on candles_1m (an observation a minute), "
+    "and each delayed buffer and reconnect storm as it begins (alerted by alert_live_feed).",
+)
+def live_feed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    settings = load_settings()
+    status = read_status(settings.live_status)
+    if status is None:
+        return dg.SensorResult(
+            skip_reason=f"no live collector status at {settings.live_status} "
+            "(python -m candlestack.live writes it)",
+            cursor=context.cursor,
+        )
+    now = time.time()
+    watch, events = watch_feed(
+        status,
+        now,
+        FeedWatch.from_json(context.cursor),
+        max_buffer_age_s=settings.live_max_buffer_age_seconds,
+        storm_reconnects=settings.live_reconnect_storm,
+    )
+    observations = [
+        dg.AssetObservation(
+            candles_1m.key,
+            description=event.message,
+            metadata={"live_event": event.kind, "symbol": event.symbol, "value": event.value},
+        )
+        for event in events
+    ]
+    if now - watch.observed_at >= LIVE_FEED_OBSERVED_EVERY_S:
+        observations.append(_feed_state(status, now))
+        watch.observed_at = now
+    return dg.SensorResult(
+        asset_events=observations,
+        skip_reason="; ".join(e.message for e in events) or "live feed as before",
+        cursor=watch.to_json(),
+    )

@@ -14,15 +14,19 @@ import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
 
+import pipelines.sensors
 from assets.dry_run import drift_checks, dry_run_assets, enabled_strategies
 from assets.market_data import candles_1m, candles_freshness
+from candlestack.config import Settings
 from candlestack.dryrun import DryRun
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
+from candlestack.live import CollectorState, SymbolState
+from candlestack.live_status import StatusRecorder
 from candlestack.sources.synthetic import SyntheticSource
-from pipelines.alerts import SYMBOLS, alert_kill_switch, alert_runs_and_checks
+from pipelines.alerts import SYMBOLS, alert_kill_switch, alert_live_feed, alert_runs_and_checks
 from pipelines.jobs import kill_switch
-from pipelines.sensors import dry_run_bars
+from pipelines.sensors import dry_run_bars, live_feed
 from resources import (
     AlertResource,
     LakeResource,
@@ -361,3 +365,73 @@ def test_every_kill_switch_trip_alerts_once_and_a_partial_delivery_resumes(
     assert manual["message"] == f"kill switch tripped for * by dagster run {job.run_id}: all stop"
     for alert in webhook.accepted:
         assert_when(alert, started)
+
+
+def test_a_delayed_live_buffer_and_a_reconnect_storm_alert_once_each(
+    tmp_path, instance, receivers, monkeypatch
+):
+    """The live_feed sensor reads the collector's status file; each episode it records on
+    candles_1m is posted once by alert_live_feed (the daemon stores a sensor's observations:
+    here they are reported to the instance as it would)."""
+    status_path = tmp_path / "live" / "status.json"
+    settings = Settings(live_status=status_path, live_reconnect_storm=3)
+    monkeypatch.setattr(pipelines.sensors, "load_settings", lambda: settings)
+    webhook, slack = receivers
+    alerts = alert_resource(receivers)
+
+    def tick(cursor):
+        result = live_feed(dg.build_sensor_context(instance=instance, cursor=cursor))
+        for observation in result.asset_events:
+            instance.report_runless_asset_event(observation)
+        return result
+
+    def episodes(result) -> dict[str, dg.AssetObservation]:
+        events = [e for e in result.asset_events if "live_event" in e.metadata]
+        return {e.metadata["live_event"].value: e for e in events}
+
+    result = tick(None)
+    assert "no live collector status" in said(result) and not result.asset_events
+
+    recorder = StatusRecorder(status_path)
+    btc, eth = SymbolState("BTC/USDT"), SymbolState("ETH/USDT")
+    state = CollectorState({"BTC/USDT": btc, "ETH/USDT": eth}, connected=True)
+    minute_ms = 60_000
+    now_minute = int(time.time() * 1000) // minute_ms * minute_ms
+    btc.newest_closed_ts = eth.newest_closed_ts = now_minute - minute_ms
+    recorder.write(state)
+    result = tick(None)
+    (feed,) = result.asset_events  # the feed's state, no episode
+    assert feed.metadata["live_collector_up"].value is True
+    assert "BTC/USDT" in feed.metadata["live_symbols"].value
+    alert_cursor = evaluate(alert_live_feed, instance, {"alerts": alerts}, None).cursor
+
+    # BTC's stream stops delivering, and the connection flaps: both alerted, once.
+    btc.newest_closed_ts = now_minute - 5 * minute_ms
+    state.reconnects = 3
+    recorder.write(state)
+    result = tick(result.cursor)
+    kinds = {
+        e.metadata["live_event"].value: e
+        for e in result.asset_events
+        if e.metadata.get("live_event")
+    }
+    assert set(kinds) == {"delayed_buffer", "reconnect_storm"}
+    assert kinds["delayed_buffer"].metadata["symbol"].value == "BTC/USDT"
+    result = tick(result.cursor)  # the same episodes: nothing new
+    assert episodes(result) == {}
+    for _ in range(2):  # the second evaluation has nothing new to post
+        alert_cursor = evaluate(alert_live_feed, instance, {"alerts": alerts}, alert_cursor).cursor
+    posted = [(a["kind"], a["where"].get("symbol")) for a in webhook.accepted]
+    assert sorted(posted) == [("live_feed", None), ("stale_data", "BTC/USDT")]
+    (stale,) = [a for a in webhook.accepted if a["kind"] == "stale_data"]
+    assert "BTC/USDT: newest streamed candle closed" in stale["message"]
+    assert stale["url"] == f"{UI}/assets/candles_1m"
+    assert len(slack.accepted) == 2
+
+    # BTC catches up: recorded, not alerted.
+    btc.newest_closed_ts = now_minute - minute_ms
+    recorder.write(state)
+    result = tick(result.cursor)
+    assert set(episodes(result)) == {"buffer_recovered"}
+    evaluate(alert_live_feed, instance, {"alerts": alerts}, alert_cursor)
+    assert len(webhook.accepted) == 2

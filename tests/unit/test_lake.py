@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -866,3 +868,57 @@ def test_a_month_rebuilt_whole_may_change_its_columns_but_not_one_day_alone(lake
     assert sha(path_of(lake)) == before
     write(lake, wider)
     assert "extra" in lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY).frame.columns
+
+
+def test_a_month_lock_makes_a_second_writer_wait_and_leaves_no_lock_file(lake):
+    """The collector and the REST top-up rewrite the same open month: each one's
+    read-modify-write runs whole, one after the other, and no lock file stays behind."""
+    month = date(2021, 4, 1)
+    order: list[str] = []
+    first_holds = threading.Event()
+
+    def first() -> None:
+        with lake.month_lock("ohlcv", "binance", "1m", "BTC-USDT", month):
+            order.append("first in")
+            first_holds.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    def second() -> None:
+        first_holds.wait(5)
+        with lake.month_lock("ohlcv", "binance", "1m", "BTC-USDT", month):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    first_holds.wait(5)
+    # Another symbol's month is not held up by it.
+    started = time.monotonic()
+    with lake.month_lock("ohlcv", "binance", "1m", "ETH-USDT", month):
+        other_waited = time.monotonic() - started
+    for thread in threads:
+        thread.join(5)
+
+    assert order == ["first in", "first out", "second in"]
+    assert other_waited < 0.1
+    assert [p for p in lake.root.rglob("*") if p.is_file()] == []
+
+
+def test_a_kept_month_is_what_a_read_returns_and_another_writer_is_seen(tmp_path, day_data):
+    """keep_months (the live collector's) hands back the month it wrote, equal to a read of
+    the file, and reads the file again once another writer has replaced it."""
+    keeping = Lake(tmp_path / "lake", keep_months=True)
+    other = Lake(tmp_path / "lake")
+    write(keeping, {DAY: DayData(*day_data)})
+
+    kept = keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY, rehash=True)
+    read = other.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY, rehash=True)
+    assert kept is keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert_frame_equal(kept.frame, read.frame)
+    assert (kept.reports, kept.footer) == (read.reports, read.footer)
+    assert_frame_equal(kept.gaps, read.gaps)
+
+    write(other, {DAY + timedelta(days=1): shifted(day_data, 1)})
+    again = keeping.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
+    assert list(again.reports) == [DAY, DAY + timedelta(days=1)]

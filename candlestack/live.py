@@ -1,0 +1,527 @@
+"""The live collector: 1-minute candles streamed over WebSocket (ccxt.pro), each persisted
+into the lake's open month the moment it closes.
+
+A closed candle goes through the REST ingest's own pass (`Ingestor` on the open day, with
+`keep_closed`): the same validation, gap pass, imputation, atomic write and content hashes,
+so a streamed day and a REST-backfilled day are the same rows. The pass reads candles from
+`StreamedCandles`, which answers from the stream and asks REST for every minute the stream
+does not hold: minutes missed across a disconnect, a stall or a restart are repaired over
+REST in the same write as the first candle streamed after it, so no minute is ever stored
+from the stream with a hole before it, and none twice.
+
+A candle counts as closed when Binance's kline says so (its `x` flag, read by a small
+override of ccxt.pro's kline handler): forming updates are never stored.
+
+Run it with `python -m candlestack.live` (settings from CANDLESTACK_*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import ccxt
+import ccxt.pro
+import polars as pl
+from ccxt.async_support.base.ws.client import Client
+
+from candlestack.config import Settings, load_settings, symbol_key
+from candlestack.errors import ConfigError
+from candlestack.ingest import Ingestor
+from candlestack.lake import Lake
+from candlestack.schema import MINUTE_MS, RAW_CANDLES
+from candlestack.sources.ccxt_source import CcxtSource
+from candlestack.validate import validate
+
+log = logging.getLogger("candlestack.live")  # also when run as __main__
+
+TIMEFRAME = "1m"
+# Latency samples kept per symbol: a day of minutes, enough for any percentile.
+LATENCY_SAMPLES = 1440
+# Messages no symbol can be charged with (a frame that is not JSON, a market not streamed).
+UNATTRIBUTED = "*"
+
+
+@dataclass
+class SymbolState:
+    """What the collector knows of one symbol, for metrics, alerts and the UI."""
+
+    symbol: str
+    newest_closed_ts: int | None = None  # open time (ms) of the newest candle in the lake
+    messages: int = 0  # kline messages received, forming and closed
+    closed: int = 0  # closed candles accepted from the stream
+    persisted: int = 0  # of those, persisted
+    repaired: int = 0  # minutes fetched over REST because the stream did not deliver them
+    reconnects: int = 0  # reconnects of the connection the symbol streams on
+    last_message_at: float | None = None  # wall clock (s) of its newest kline message
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> messages refused
+    # WebSocket receipt -> persisted, in ms, newest last.
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+
+@dataclass
+class CollectorState:
+    symbols: dict[str, SymbolState]
+    connected: bool = False
+    reconnects: int = 0
+    stalls: int = 0  # reconnects forced by silence on an open socket
+    # reason -> messages refused that name no streamed symbol (malformed JSON, unknown market)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class PersistedCandle:
+    """A streamed closed candle, as it now stands in the lake (the hook's argument)."""
+
+    symbol: str
+    ts_ms: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    received_at: float  # wall clock (s) of the closing kline's arrival
+    persisted_at: float
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.persisted_at - self.received_at) * 1000
+
+
+Candle = tuple[float, float, float, float, float]  # open, high, low, close, volume
+
+
+class StreamedCandles:
+    """The candle source of the collector's ingest pass: the closed candles the stream
+    delivered, and REST (the configured ccxt source) for every minute it did not. Its
+    clock is the stream's: the newest closed candle's end."""
+
+    def __init__(
+        self, rest: CcxtSource, streamed: dict[int, Candle], closed_end_ms: int, lock
+    ) -> None:
+        self.rest = rest
+        self.kind = rest.kind
+        self.exchange = rest.exchange
+        self.streamed = streamed
+        self.closed_end_ms = closed_end_ms
+        self._rest_lock = lock  # one ccxt REST client serves every symbol's pass
+        self.repaired = 0
+
+    def now_ms(self) -> int:
+        return self.closed_end_ms
+
+    def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+        end_ms = min(end_ms, self.closed_end_ms)
+        have = [(ts, *row) for ts, row in self.streamed.items() if start_ms <= ts < end_ms]
+        held = {row[0] for row in have}
+        missing = [ts for ts in range(start_ms, end_ms, MINUTE_MS) if ts not in held]
+        frame = pl.DataFrame(have, schema=RAW_CANDLES, orient="row")
+        if not missing:
+            return frame
+        with self._rest_lock:
+            fetched = self.rest.fetch_candles(symbol, missing[0], missing[-1] + MINUTE_MS)
+        fetched = fetched.filter(~pl.col("ts").is_in(list(held)))
+        self.repaired += fetched.height
+        return pl.concat([frame, fetched]).sort("ts")
+
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        return self.rest.open_at(symbol, ts_ms)
+
+    def load_markets(self) -> pl.DataFrame:
+        return self.rest.load_markets()
+
+
+class _TolerantClient(Client):
+    """ccxt.pro's WebSocket client, but a frame that is not valid JSON is reported instead
+    of raised: ccxt decodes frames inside its receive loop's callback, where an exception
+    ends the loop, and the socket then stays open with nothing read from it again, for
+    every symbol on it."""
+
+    def handle_text_or_binary_message(self, data: Any) -> None:
+        try:
+            super().handle_text_or_binary_message(data)
+        except json.JSONDecodeError as exc:  # orjson's error is a subclass
+            self.on_message_callback(self, _Unreadable(data, f"malformed JSON: {exc}"))
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    frame: Any
+    why: str
+
+
+def _streaming_exchange_class(exchange_id: str) -> type:
+    """ccxt.pro's class of the exchange, with the kline handler reporting every kline (and
+    its close flag) to the collector before ccxt caches it."""
+    base = getattr(ccxt.pro, exchange_id, None)
+    if not isinstance(base, type) or not issubclass(base, ccxt.pro.binance):
+        # The close flag read here is the Binance kline's `x`.
+        raise ConfigError(
+            f"the live collector streams from Binance-family exchanges; {exchange_id!r} is not one"
+        )
+
+    class Streaming(base):
+        collector: LiveCollector
+
+        def client(self, url: str) -> Client:
+            client = super().client(url)
+            if type(client) is Client:
+                # ccxt builds its clients itself: swap in the tolerant decoder.
+                client.__class__ = _TolerantClient
+            return client
+
+        def handle_message(self, client: Client, message: Any) -> None:
+            if isinstance(message, _Unreadable):
+                self.collector.reject(None, "malformed JSON", f"{message.why}: {message.frame!r}")
+                return
+            if not isinstance(message, dict | list):
+                self.collector.reject(None, "malformed JSON", f"not a JSON object: {message!r}")
+                return
+            super().handle_message(client, message)
+
+        def handle_ohlcv(self, client: Client, message: dict) -> None:
+            if self.collector.on_kline(message, time.time()):
+                super().handle_ohlcv(client, message)
+
+    Streaming.__name__ = f"{exchange_id}_streaming"
+    return Streaming
+
+
+class LiveCollector:
+    """Streams 1m candles of `symbols` and persists each closed one into `lake`.
+
+    `lake` is best made with `keep_months` (the open month stays in memory between
+    writes). `rest` repairs what the stream missed. `exchange_config` is the ccxt
+    constructor config, the REST source's own options (urls, `urls.api.ws` among them,
+    timeout, proxies). `on_persisted` hooks are called in the event loop after each
+    streamed candle is in the lake. `state` is the collector's live state.
+    """
+
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        lake: Lake,
+        rest: CcxtSource,
+        exchange_config: dict[str, Any] | None = None,
+        *,
+        refetch_attempts: int = 2,
+        stall_seconds: float = 90.0,
+        backoff_base_seconds: float = 0.5,
+        backoff_max_seconds: float = 30.0,
+        sandbox: bool = False,
+        on_persisted: Sequence[Callable[[PersistedCandle], object]] = (),
+        write_threads: int = 4,
+    ) -> None:
+        self.symbols = list(symbols)
+        self.lake = lake
+        self.rest = rest
+        self.refetch_attempts = refetch_attempts
+        self.stall_seconds = stall_seconds
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.on_persisted = list(on_persisted)
+        self.state = CollectorState({s: SymbolState(s) for s in self.symbols})
+        exchange_class = _streaming_exchange_class(rest.exchange)
+        self.exchange = exchange_class({"enableRateLimit": True, **(exchange_config or {})})
+        if sandbox:
+            self.exchange.set_sandbox_mode(True)
+        self.exchange.collector = self
+        # More threads than cores: a write waits on fsync much of its time.
+        self._write_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="live-write")
+        self._rest_lock = threading.Lock()
+        # Closed candles accepted, not yet persisted (symbol -> open time -> candle), and
+        # when each arrived; the newest accepted and forming minute, for order checks.
+        self._streamed: dict[str, dict[int, Candle]] = {s: {} for s in self.symbols}
+        self._received: dict[tuple[str, int], float] = {}
+        self._unpersisted: list[tuple[str, int]] = []
+        self._newest_closed: dict[str, int | None] = {}
+        self._forming: dict[str, int] = {}
+        self._market_ids: dict[str, str] = {}
+        self._closed_waiting = asyncio.Event()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> LiveCollector:
+        """The collector of the deployment: its symbols, lake and ccxt source options."""
+        if settings.source != "ccxt":
+            raise ConfigError(
+                f"the live collector streams from an exchange: CANDLESTACK_SOURCE is "
+                f"{settings.source!r}, set it to ccxt"
+            )
+        rest = CcxtSource(
+            settings.exchange_id, settings.ccxt_options, sandbox=settings.ccxt_sandbox
+        )
+        return cls(
+            settings.symbols,
+            Lake(settings.lake, keep_months=True),
+            rest,
+            settings.ccxt_options,
+            refetch_attempts=settings.refetch_attempts,
+            stall_seconds=settings.live_stall_seconds,
+            backoff_max_seconds=settings.live_backoff_max_seconds,
+            sandbox=settings.ccxt_sandbox,
+            **kwargs,
+        )
+
+    # -- the stream (event loop) ---------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stream until `stop` is set; then finish the write in flight (its hooks too) and
+        close ccxt. Closed candles not yet written are left to the next start's REST repair."""
+        self._closed_waiting = asyncio.Event()
+        self._stopping = False
+        try:
+            streaming = asyncio.create_task(self._stream())
+            persisting = asyncio.create_task(self._persist_loop())
+            stopping = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait(
+                {streaming, persisting, stopping}, return_when=asyncio.FIRST_COMPLETED
+            )
+            streaming.cancel()
+            stopping.cancel()
+            self._stopping = True
+            self._closed_waiting.set()
+            await asyncio.gather(streaming, persisting, return_exceptions=True)
+            for task in done - {stopping}:
+                task.result()  # a task that ended on its own failed: raise why
+        finally:
+            self._write_pool.shutdown(wait=True)
+            await self.exchange.close()
+
+    async def _start(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self.exchange.load_markets()
+                break
+            except ccxt.NetworkError as exc:
+                delay = self._backoff(failures)
+                failures += 1
+                log.warning("cannot load the markets (%s): retry in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+        for symbol in self.symbols:
+            market = self.exchange.market(symbol)
+            self._market_ids[market["id"]] = symbol
+        newest = await asyncio.to_thread(self._newest_stored)
+        for symbol, ts in newest.items():
+            self._newest_closed[symbol] = ts
+            self.state.symbols[symbol].newest_closed_ts = ts
+
+    def _newest_stored(self) -> dict[str, int | None]:
+        """The newest minute the lake holds of each symbol: a restart resumes from it."""
+        newest = {}
+        for symbol in self.symbols:
+            ts = self.lake.newest_ts("ohlcv", self.rest.exchange, TIMEFRAME, symbol_key(symbol))
+            newest[symbol] = int(ts.timestamp() * 1000) if ts is not None else None
+        return newest
+
+    async def _stream(self) -> None:
+        """Keep ccxt.pro's subscription alive: reconnect with capped, jittered exponential
+        backoff after any error, and force a reconnect after `stall_seconds` of silence."""
+        await self._start()
+        pairs = [[symbol, TIMEFRAME] for symbol in self.symbols]
+        failures = 0
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self.exchange.watch_ohlcv_for_symbols(pairs), self.stall_seconds
+                )
+                self.state.connected = True
+                failures = 0
+                continue
+            except TimeoutError:
+                self.state.stalls += 1
+                log.warning(
+                    "no kline for %.0f s on an open socket: reconnecting", self.stall_seconds
+                )
+                self._drop_connections(
+                    ccxt.RequestTimeout(f"no kline within {self.stall_seconds} s")
+                )
+            except ccxt.BaseError as exc:
+                # A network error, or an error the server sent (Binance's {"error": ...}).
+                log.warning("stream lost: %s: %s", type(exc).__name__, exc)
+            self.state.connected = False
+            delay = self._backoff(failures)
+            failures += 1
+            self.state.reconnects += 1
+            for symbol_state in self.state.symbols.values():
+                symbol_state.reconnects += 1
+            log.info("reconnecting in %.2f s (attempt %d)", delay, failures)
+            await asyncio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential in the failures in a row, capped, with jitter: reconnecting clients
+        do not all come back at the same instant."""
+        delay = min(self.backoff_max_seconds, self.backoff_base_seconds * 2**failures)
+        return random.uniform(delay / 2, delay)
+
+    def _drop_connections(self, error: Exception) -> None:
+        # ccxt's own way out of a dead socket (its ping-pong timeout): fail the client, so
+        # the next watch dials a new one; the old one is closed in the background.
+        for client in list((self.exchange.clients or {}).values()):
+            client.on_error(error)
+
+    def reject(self, symbol: str | None, reason: str, detail: str) -> None:
+        """Count and log a message refused from the stream; it is never stored."""
+        counter = self.state.symbols[symbol].rejected if symbol else self.state.rejected
+        counter[reason] += 1
+        shown = detail if len(detail) <= 200 else detail[:200] + "..."
+        log.warning("rejected from the stream (%s): %s: %s", symbol or UNATTRIBUTED, reason, shown)
+
+    def on_kline(self, message: dict, received_at: float) -> bool:
+        """Judge one kline message; a closed candle accepted is queued to persist. Returns
+        whether ccxt may handle it too (a kline of a market streamed, well formed)."""
+        kline = message.get("k")
+        if not isinstance(kline, dict):
+            self.reject(None, "malformed kline", repr(message))
+            return False
+        market_id = kline.get("s")
+        symbol = self._market_ids.get(market_id) if isinstance(market_id, str) else None
+        if symbol is None:
+            self.reject(None, "unknown symbol", f"kline of {market_id!r}")
+            return False
+        state = self.state.symbols[symbol]
+        state.messages += 1
+        state.last_message_at = received_at
+        try:
+            ts = int(kline["t"])
+            candle = tuple(float(kline[k]) for k in "ohlcv")
+            closed = kline["x"]
+            if kline["i"] != TIMEFRAME or not isinstance(closed, bool):
+                raise ValueError(f"interval {kline['i']!r}, closed {closed!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            self.reject(symbol, "malformed kline", f"{exc!r} in {kline!r}")
+            return False
+        newest = self._newest_closed.get(symbol)
+        if newest is not None and ts <= newest:
+            reason = "out-of-order kline"
+            if ts == newest and closed:
+                held = self._streamed[symbol].get(ts)
+                # A closed minute sent again with other values: the exchange corrected it.
+                # Left to the REST pass that finalises the day, which records the revision.
+                reason = "late correction" if held not in (None, candle) else "duplicate kline"
+            self.reject(symbol, reason, f"{datetime.fromtimestamp(ts / 1000, UTC):%F %R}")
+            return False
+        if ts < self._forming.get(symbol, ts):
+            self.reject(symbol, "out-of-order kline", f"{ts} after {self._forming[symbol]}")
+            return False
+        self._forming[symbol] = ts
+        if closed:
+            _, rejected = validate(
+                pl.DataFrame([(ts, *candle)], schema=RAW_CANDLES, orient="row"),
+                ts,
+                ts + MINUTE_MS,
+            )
+            if rejected.height:
+                self.reject(symbol, rejected["reason"][0], repr(kline))
+                return False
+            self._newest_closed[symbol] = ts
+            self._streamed[symbol][ts] = candle
+            self._received[(symbol, ts)] = received_at
+            self._unpersisted.append((symbol, ts))
+            state.closed += 1
+            self._closed_waiting.set()
+        return True
+
+    # -- persisting (worker threads) -------------------------------------------------------
+
+    async def _persist_loop(self) -> None:
+        """Persist what closed, a batch at a time: every symbol closed since the last write
+        goes in the next one, its symbols' month files written in parallel."""
+        while not self._stopping:
+            await self._closed_waiting.wait()
+            self._closed_waiting.clear()
+            if self._stopping:
+                return
+            batch, self._unpersisted = self._unpersisted, []
+            by_symbol: dict[str, list[int]] = {}
+            for symbol, ts in batch:
+                by_symbol.setdefault(symbol, []).append(ts)
+            await asyncio.gather(*(self._persist_symbol(s, ts) for s, ts in by_symbol.items()))
+
+    async def _persist_symbol(self, symbol: str, closed: list[int]) -> None:
+        # A snapshot: the event loop keeps adding candles while the thread writes.
+        streamed = dict(self._streamed[symbol])
+        loop = asyncio.get_running_loop()
+        try:
+            repaired = await loop.run_in_executor(
+                self._write_pool, self._persist, symbol, max(closed), streamed
+            )
+        except Exception as exc:
+            # Retried with the symbol's next closed candle.
+            log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
+            self._unpersisted.extend((symbol, ts) for ts in closed)
+            return
+        self._persisted(symbol, max(closed), repaired, closed)
+
+    def _persist(self, symbol: str, newest: int, streamed: dict[int, Candle]) -> int:
+        """Ingest the symbol's days through `newest` from the stream (and REST for what the
+        stream lacks); returns how many minutes REST supplied."""
+        source = StreamedCandles(self.rest, streamed, newest + MINUTE_MS, self._rest_lock)
+        last_day = _day_of(newest)
+        stored = self.state.symbols[symbol].newest_closed_ts
+        # From the day of the newest stored minute (a restart after midnight finishes the
+        # day before too), within the open month: older months are the backfill's. A lake
+        # without the symbol starts with the open day.
+        first_day = last_day
+        if stored is not None and stored < newest:
+            first_day = max(_day_of(stored), last_day.replace(day=1))
+        days = [first_day + timedelta(days=n) for n in range((last_day - first_day).days + 1)]
+        Ingestor(source, self.lake, self.refetch_attempts).ingest(symbol, days, keep_closed=True)
+        return source.repaired
+
+    def _persisted(self, symbol: str, newest: int, repaired: int, stream_ts: list[int]) -> None:
+        now = time.time()
+        state = self.state.symbols[symbol]
+        state.newest_closed_ts = max(newest, state.newest_closed_ts or newest)
+        state.repaired += repaired
+        if repaired:
+            log.info("%s: %d minute(s) the stream missed repaired over REST", symbol, repaired)
+        streamed = self._streamed[symbol]
+        for ts in stream_ts:
+            received = self._received.pop((symbol, ts))
+            candle = PersistedCandle(symbol, ts, *streamed[ts], received, now)
+            state.persisted += 1
+            state.latencies_ms.append(candle.latency_ms)
+            for hook in self.on_persisted:
+                try:
+                    hook(candle)
+                except Exception:
+                    log.exception("%s: an on_persisted hook failed", symbol)
+        # The lake holds them now: later passes read them from there.
+        for ts in [t for t in streamed if t < newest]:
+            del streamed[ts]
+
+
+def _day_of(ts_ms: int) -> date:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    collector = LiveCollector.from_settings(load_settings())
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info("streaming %s into %s", ", ".join(collector.symbols), collector.lake.location)
+        await collector.run(stop)
+        log.info("stopped")
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
