@@ -240,15 +240,17 @@ class LiveCollector:
         # More threads than cores: a write waits on fsync much of its time.
         self._write_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="live-write")
         self._rest_lock = threading.Lock()
-        # Closed candles accepted, not yet persisted (symbol -> open time -> candle), and
-        # when each arrived; the newest accepted and forming minute, for order checks.
+        # Closed candles accepted (symbol -> open time -> candle) and when each arrived;
+        # those not yet persisted, and each symbol's write in progress; the newest accepted
+        # and forming minute, for order checks.
         self._streamed: dict[str, dict[int, Candle]] = {s: {} for s in self.symbols}
         self._received: dict[tuple[str, int], float] = {}
-        self._unpersisted: list[tuple[str, int]] = []
+        self._unpersisted: dict[str, list[int]] = {s: [] for s in self.symbols}
+        self._writing: dict[str, asyncio.Task] = {}
         self._newest_closed: dict[str, int | None] = {}
         self._forming: dict[str, int] = {}
         self._market_ids: dict[str, str] = {}
-        self._closed_waiting = asyncio.Event()
+        self._stopping = False
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> LiveCollector:
@@ -276,24 +278,19 @@ class LiveCollector:
     # -- the stream (event loop) ---------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stream until `stop` is set; then finish the write in flight (its hooks too) and
+        """Stream until `stop` is set; then finish the writes in flight (their hooks too) and
         close ccxt. Closed candles not yet written are left to the next start's REST repair."""
-        self._closed_waiting = asyncio.Event()
         self._stopping = False
         try:
             streaming = asyncio.create_task(self._stream())
-            persisting = asyncio.create_task(self._persist_loop())
             stopping = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait(
-                {streaming, persisting, stopping}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({streaming, stopping}, return_when=asyncio.FIRST_COMPLETED)
             streaming.cancel()
             stopping.cancel()
             self._stopping = True
-            self._closed_waiting.set()
-            await asyncio.gather(streaming, persisting, return_exceptions=True)
-            for task in done - {stopping}:
-                task.result()  # a task that ended on its own failed: raise why
+            await asyncio.gather(streaming, *self._writing.values(), return_exceptions=True)
+            if streaming in done:
+                streaming.result()  # it ended on its own: it failed, raise why
         finally:
             self._write_pool.shutdown(wait=True)
             await self.exchange.close()
@@ -428,41 +425,36 @@ class LiveCollector:
             self._newest_closed[symbol] = ts
             self._streamed[symbol][ts] = candle
             self._received[(symbol, ts)] = received_at
-            self._unpersisted.append((symbol, ts))
+            self._unpersisted[symbol].append(ts)
             state.closed += 1
-            self._closed_waiting.set()
+            if symbol not in self._writing and not self._stopping:
+                self._writing[symbol] = asyncio.ensure_future(self._persist_symbol(symbol))
         return True
 
     # -- persisting (worker threads) -------------------------------------------------------
 
-    async def _persist_loop(self) -> None:
-        """Persist what closed, a batch at a time: every symbol closed since the last write
-        goes in the next one, its symbols' month files written in parallel."""
-        while not self._stopping:
-            await self._closed_waiting.wait()
-            self._closed_waiting.clear()
-            if self._stopping:
-                return
-            batch, self._unpersisted = self._unpersisted, []
-            by_symbol: dict[str, list[int]] = {}
-            for symbol, ts in batch:
-                by_symbol.setdefault(symbol, []).append(ts)
-            await asyncio.gather(*(self._persist_symbol(s, ts) for s, ts in by_symbol.items()))
-
-    async def _persist_symbol(self, symbol: str, closed: list[int]) -> None:
-        # A snapshot: the event loop keeps adding candles while the thread writes.
-        streamed = dict(self._streamed[symbol])
+    async def _persist_symbol(self, symbol: str) -> None:
+        """Write the symbol's closed candles as they come, one write at a time: each symbol
+        starts its write the moment its candle closes, on the write threads, never waiting
+        for another symbol's."""
         loop = asyncio.get_running_loop()
         try:
-            repaired = await loop.run_in_executor(
-                self._write_pool, self._persist, symbol, max(closed), streamed
-            )
-        except Exception as exc:
-            # Retried with the symbol's next closed candle.
-            log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
-            self._unpersisted.extend((symbol, ts) for ts in closed)
-            return
-        self._persisted(symbol, max(closed), repaired, closed)
+            while self._unpersisted[symbol] and not self._stopping:
+                closed, self._unpersisted[symbol] = self._unpersisted[symbol], []
+                # A snapshot: the event loop keeps adding candles while the thread writes.
+                streamed = dict(self._streamed[symbol])
+                try:
+                    repaired = await loop.run_in_executor(
+                        self._write_pool, self._persist, symbol, max(closed), streamed
+                    )
+                except Exception as exc:
+                    # Retried with the symbol's next closed candle.
+                    log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
+                    self._unpersisted[symbol][:0] = closed
+                    return
+                self._persisted(symbol, max(closed), repaired, closed)
+        finally:
+            del self._writing[symbol]
 
     def _persist(self, symbol: str, newest: int, streamed: dict[int, Candle]) -> int:
         """Ingest the symbol's days through `newest` from the stream (and REST for what the

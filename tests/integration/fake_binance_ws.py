@@ -4,7 +4,8 @@ Speaks the protocol ccxt.pro's ``binance`` class uses on ``urls.api.ws.spot``: a
 connects to ``/ws/<n>``, sends ``{"method":"SUBSCRIBE","params":["btcusdt@kline_1m"],"id":N}``
 and is answered ``{"result":null,"id":N}``; it then receives raw (not combined-stream)
 kline events ``{"e":"kline","E":..,"s":"BTCUSDT","k":{"t":..,"T":..,"x":false,...}}``.
-WebSocket ping/pong is the ``websockets`` library's own.
+WebSocket ping/pong is the ``websockets`` library's own: the server pings every
+``ping_seconds`` and drops a client whose pong is late, as Binance does.
 
 Candles are replayed from the normalised CSVs (``shared/data/ohlcv``) on a compressed
 clock: each recorded minute lasts ``minute_seconds`` of wall time, during which the
@@ -47,6 +48,8 @@ class FakeBinanceWS:
         start_ms: open time of the first minute replayed (on a minute).
         minute_seconds: wall-clock seconds one recorded minute lasts.
         forming_updates: ``x: false`` updates sent during each minute before its close.
+        ping_seconds: the server pings every connection this often and closes one whose
+            pong is this late (Binance: 20 s and 60 s).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class FakeBinanceWS:
         start_ms: int,
         minute_seconds: float = 0.5,
         forming_updates: int = 3,
+        ping_seconds: float = 1.0,
     ) -> None:
         if start_ms % MINUTE_MS:
             raise ValueError("start_ms must be on a minute")
@@ -64,6 +68,7 @@ class FakeBinanceWS:
         self.start_ms = start_ms
         self.minute_seconds = minute_seconds
         self.forming_updates = forming_updates
+        self.ping_seconds = ping_seconds
         self._t0 = time.monotonic()
         self._port = 0
         self._lock = threading.Lock()
@@ -142,13 +147,16 @@ class FakeBinanceWS:
         self._call(lambda: [c.transport.abort() for c in list(self._connections)])
 
     def stall(self) -> None:
-        """Keep the open sockets but stop sending on them and reading from them, so pings
-        go unanswered too. Connections made afterwards stream normally."""
+        """Keep the open sockets but send nothing more on them, pings included, and read
+        nothing from them, so the client's pings go unanswered too. Connections made
+        afterwards stream normally."""
 
         def freeze() -> None:
             for connection in self._connections:
                 self._stalled.add(connection)
                 connection.transport.pause_reading()
+                if connection.keepalive_task is not None:
+                    connection.keepalive_task.cancel()
 
         self._call(freeze)
 
@@ -196,9 +204,12 @@ class FakeBinanceWS:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._shutdown = asyncio.Event()
-        # ping_interval: the server pings too, as Binance does (every 20 s there).
         async with serve(
-            self._handle, "127.0.0.1", self._port, ping_interval=5, ping_timeout=5
+            self._handle,
+            "127.0.0.1",
+            self._port,
+            ping_interval=self.ping_seconds,
+            ping_timeout=self.ping_seconds,
         ) as server:
             self._server = server
             self._port = server.sockets[0].getsockname()[1]
