@@ -18,6 +18,7 @@ Run it with `python -m candlestack.live` (settings from CANDLESTACK_*).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -38,8 +39,11 @@ from ccxt.async_support.base.ws.client import Client
 
 from candlestack.config import Settings, load_settings, symbol_key
 from candlestack.errors import ConfigError
+from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
+from candlestack.live_build import BuildOnClose
+from candlestack.live_status import StatusRecorder
 from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.validate import validate
@@ -499,9 +503,28 @@ def _day_of(ts_ms: int) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
 
 
+STATUS_EVERY_S = 5.0  # how often the status file (metrics, alerts, UI) is rewritten
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    collector = LiveCollector.from_settings(load_settings())
+    settings = load_settings()
+    collector = LiveCollector.from_settings(settings)
+    recorder = StatusRecorder(settings.live_status)
+    # Its own Lake: the builds read the month files from another thread than the writes.
+    builds = BuildOnClose(
+        Lake(settings.lake),
+        settings.exchange_id,
+        load_feature_set(settings.features),
+        settings.imputed_max_share,
+    )
+    collector.on_persisted += [recorder.on_persisted, builds]
+
+    async def report(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            recorder.write(collector.state)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_EVERY_S)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -509,7 +532,14 @@ def main() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("streaming %s into %s", ", ".join(collector.symbols), collector.lake.location)
-        await collector.run(stop)
+        reporting = asyncio.create_task(report(stop))
+        try:
+            await collector.run(stop)
+        finally:
+            stop.set()
+            await reporting
+            builds.close()
+            recorder.write(collector.state)
         log.info("stopped")
 
     asyncio.run(serve())

@@ -23,9 +23,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from candlestack.config import symbol_key
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
 from candlestack.live import LiveCollector, PersistedCandle
+from candlestack.live_status import read_status
 from candlestack.sources.ccxt_source import CLOSE_MARGIN_MS, CcxtSource
 from tests.integration.fake_binance import OHLCV_DIR, FakeBinance
 from tests.integration.fake_binance_ws import FakeBinanceWS
@@ -369,6 +371,7 @@ def test_sigterm_mid_stream_exits_cleanly_and_leaves_no_partial_file(servers, tm
         "CANDLESTACK_SYMBOLS": ",".join(SYMBOLS),
         "CANDLESTACK_LAKE": str(lake_root),
         "CANDLESTACK_CCXT_OPTIONS": json.dumps(ccxt_options(ws, rest)),
+        "CANDLESTACK_LIVE_STATUS": str(tmp_path / "live" / "status.json"),
     }
     process = subprocess.Popen(
         # faulthandler: a collector that hangs shows where, on SIGABRT.
@@ -397,6 +400,14 @@ def test_sigterm_mid_stream_exits_cleanly_and_leaves_no_partial_file(servers, tm
         process.kill()
     assert process.returncode == 0, output
     assert "stopped" in output
+    # Its last status, for the metrics endpoint and the live_feed sensor.
+    status = read_status(tmp_path / "live" / "status.json")
+    for symbol in SYMBOLS:
+        streamed = status["symbols"][symbol]
+        assert streamed["messages"] > streamed["persisted"] > 0
+        assert streamed["latency_count"] == streamed["persisted"]
+        newest = lake.newest_ts("ohlcv", "binance", "1m", symbol_key(symbol))
+        assert streamed["newest_closed_ts"] == int(newest.timestamp() * 1000)
     leftovers = [p for p in lake_root.rglob("*") if p.is_file() and p.suffix != ".lock"]
     assert all(p.name == "data.parquet" for p in leftovers), leftovers
     for symbol in SYMBOLS:
