@@ -43,7 +43,7 @@ from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
 from candlestack.live_build import BuildOnClose
-from candlestack.live_status import StatusRecorder
+from candlestack.live_status import UNATTRIBUTED, WRITE_EVERY_S, StatusRecorder
 from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.validate import validate
@@ -53,8 +53,6 @@ log = logging.getLogger("candlestack.live")  # also when run as __main__
 TIMEFRAME = "1m"
 # Latency samples kept per symbol: a day of minutes, enough for any percentile.
 LATENCY_SAMPLES = 1440
-# Messages no symbol can be charged with (a frame that is not JSON, a market not streamed).
-UNATTRIBUTED = "*"
 
 
 @dataclass
@@ -503,9 +501,6 @@ def _day_of(ts_ms: int) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
 
 
-STATUS_EVERY_S = 5.0  # how often the status file (metrics, alerts, UI) is rewritten
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = load_settings()
@@ -524,7 +519,7 @@ def main() -> None:
         while not stop.is_set():
             recorder.write(collector.state)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATUS_EVERY_S)
+                await asyncio.wait_for(stop.wait(), WRITE_EVERY_S)
 
     async def serve() -> None:
         stop = asyncio.Event()

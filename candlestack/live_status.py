@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+WRITE_EVERY_S = 5.0  # how often the collector replaces the file
+FRESH_S = 30.0  # a status older than this (six missed writes): the collector is down
+UNATTRIBUTED = "*"  # the symbol of bad messages that name no streamed symbol
 # Upper bounds (ms) of the latency histogram's buckets; the target is p95 < 300 ms.
 LATENCY_BUCKETS_MS = (10.0, 25.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2500.0, 10000.0)
 RATE_WINDOW_S = 60.0  # messages per minute are counted over the last minute
@@ -131,6 +134,11 @@ def read_status(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def collector_up(status: dict[str, Any], now: float) -> bool:
+    """Whether the collector wrote `status` recently enough to be running."""
+    return now - status["updated_at"] <= FRESH_S
+
+
 def buffer_age_s(symbol_status: dict[str, Any], now: float) -> float | None:
     """Seconds since the newest closed candle in the lake closed (its open + 1 minute)."""
     newest = symbol_status.get("newest_closed_ts")
@@ -186,12 +194,10 @@ def watch_feed(
     candle is older than `max_buffer_age_s` (also when the collector stopped writing), and
     `storm_reconnects` or more reconnects within STORM_WINDOW_S."""
     events, delayed = [], []
-    silent_s = now - status["updated_at"]
-    silence = (
-        f"; the collector has not written its status for {silent_s:.0f} s"
-        if (silent_s > 30)
-        else ""
-    )
+    silence = ""
+    if not collector_up(status, now):
+        silent_s = now - status["updated_at"]
+        silence = f"; the collector has not written its status for {silent_s:.0f} s"
     for symbol, s in status["symbols"].items():
         age = buffer_age_s(s, now)
         if age is None or age <= max_buffer_age_s:

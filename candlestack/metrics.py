@@ -25,7 +25,7 @@ from candlestack.config import symbol_key
 from candlestack.dryrun import LATENCY_WINDOW, latency_stats, newest_candle_close_ms
 from candlestack.lake import Lake
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
-from candlestack.live_status import buffer_age_s
+from candlestack.live_status import FRESH_S, UNATTRIBUTED, buffer_age_s, collector_up
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 
@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "candlestack_"
 IMPUTED_WINDOW = timedelta(hours=24)
-# The collector rewrites its status every few seconds: older than this, it is down.
-LIVE_STATUS_FRESH_S = 30.0
-UNATTRIBUTED = "*"  # bad messages that name no streamed symbol
 QUANTILES = {"p50": "0.5", "p95": "0.95"}
 
 Source = Callable[[datetime], Iterable[Metric]]
@@ -155,14 +152,13 @@ def live_metrics(status: dict | None, now: datetime) -> list[Metric]:
     per symbol, from its status file (candlestack.live_status)."""
     up = GaugeMetricFamily(
         PREFIX + "live_collector_up",
-        f"1 while the live collector's status is fresh (written within {LIVE_STATUS_FRESH_S:.0f}"
-        " s), else 0",
+        f"1 while the live collector's status is fresh (written within {FRESH_S:.0f} s), else 0",
     )
     if status is None:
         up.add_metric([], 0)
         return [up]
     at = now.timestamp()
-    up.add_metric([], float(at - status["updated_at"] <= LIVE_STATUS_FRESH_S))
+    up.add_metric([], float(collector_up(status, at)))
     status_age = GaugeMetricFamily(
         PREFIX + "live_status_age_seconds", "Seconds since the live collector wrote its status"
     )

@@ -98,7 +98,7 @@ class PoolWait(InstanceConcurrencyContext):
             with self._claims_serialised():
                 if super().claim(pool, step_key):
                     return True
-        info = instance.event_log_storage.get_concurrency_info(pool)
+            info = instance.event_log_storage.get_concurrency_info(pool)  # who holds it now
         holders = [instance.get_run_by_id(r) for r in sorted(info.active_run_ids)]
         log.warning(
             f"{step_key} waits for pool {pool}: {len(info.claimed_slots)} of {info.limit} "

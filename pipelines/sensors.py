@@ -26,7 +26,13 @@ from candlestack.backtest_store import bar_dataset
 from candlestack.config import load_settings, symbol_key
 from candlestack.lake import Lake
 from candlestack.ledger import decision_key
-from candlestack.live_status import FeedWatch, buffer_age_s, read_status, watch_feed
+from candlestack.live_status import (
+    FeedWatch,
+    buffer_age_s,
+    collector_up,
+    read_status,
+    watch_feed,
+)
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
 from pipelines.stuck_runs import clean_up
@@ -141,7 +147,7 @@ def _feed_state(status: dict, now: float) -> dg.AssetObservation:
         candles_1m.key,
         description="The live collector's feed",
         metadata={
-            "live_collector_up": now - status["updated_at"] <= LIVE_FEED_INTERVAL_SECONDS,
+            "live_collector_up": collector_up(status, now),
             "live_status_age_s": round(now - status["updated_at"], 1),
             "live_oldest_buffer_s": oldest,
             "live_reconnects": status["reconnects"],

@@ -114,10 +114,10 @@ def clean_up(
     """Fail the unfinished runs whose process is gone (and those in `force`), free the slots
     of every ended run still holding some. Looks at `run_ids` if given, else at every
     unfinished run and every pool holder."""
+    holders = pool_holders(instance)
     if run_ids is None:
         unfinished = instance.get_run_ids(dg.RunsFilter(statuses=list(UNFINISHED)))
-        run_ids = {*unfinished, *pool_holders(instance), *force}
-    holders = pool_holders(instance)
+        run_ids = {*unfinished, *holders, *force}
     cleanup = Cleanup()
     for run_id in sorted(run_ids):
         run = instance.get_run_by_id(run_id)
