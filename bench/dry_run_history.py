@@ -82,9 +82,7 @@ def seed(url: str, lake, config, first_bar: datetime, count: int) -> None:
         DecisionRow,
         Ledger,
         SeenBar,
-        canonical_json,
-        chain_hash,
-        iso_utc,
+        chained_rows,
         row_digest,
     )
 
@@ -135,23 +133,11 @@ def seed(url: str, lake, config, first_bar: datetime, count: int) -> None:
                 binding = ["decisions", {"id": n + 1}, row_digest("decisions", values)]
                 payload = decision.audit_payload()
                 payload[STATE_KEY] = [binding, flat, balance_binding]
-                body = canonical_json(payload)
-                stamp = decision.decided_at
-                digest = chain_hash(prev_hash, n + 1, iso_utc(stamp), "decision", STRATEGY, body)
-                events.append(
-                    {
-                        "seq": n + 1,
-                        "ts": stamp,
-                        "kind": "decision",
-                        "strategy": STRATEGY,
-                        "payload": body,
-                        "prev_hash": prev_hash,
-                        "hash": digest,
-                    }
-                )
-                prev_hash = digest
+                events.append((decision.decided_at, "decision", STRATEGY, payload))
+            rows = chained_rows(start, prev_hash, events)
+            prev_hash = rows[-1]["hash"]
             conn.execute(insert(DecisionRow), decisions)
-            conn.execute(insert(AuditEventRow), events)
+            conn.execute(insert(AuditEventRow), rows)
         conn.execute(insert(BalanceRow).values(**balance_row))
         conn.execute(update(ChainHeadRow).values(seq=bulk, hash=prev_hash))
         if "decision_totals" in inspect(conn).get_table_names():

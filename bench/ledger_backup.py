@@ -27,9 +27,7 @@ from candlestack.ledger import (
     DecisionRow,
     Ledger,
     SeenBar,
-    canonical_json,
-    chain_hash,
-    iso_utc,
+    chained_rows,
 )
 from candlestack.ledger_backup import backup, restore, verify
 
@@ -64,23 +62,11 @@ def build(url: str, bars: int) -> None:
                     decided_at=bar_ts + timedelta(minutes=1, seconds=8),
                 )
                 decisions.append(Ledger._decision_values(record))
-                payload = canonical_json(record.audit_payload())
-                ts = record.decided_at
-                digest = chain_hash(prev_hash, n + 1, iso_utc(ts), "decision", "btc_scalp", payload)
-                events.append(
-                    {
-                        "seq": n + 1,
-                        "ts": ts,
-                        "kind": "decision",
-                        "strategy": "btc_scalp",
-                        "payload": payload,
-                        "prev_hash": prev_hash,
-                        "hash": digest,
-                    }
-                )
-                prev_hash = digest
+                events.append((record.decided_at, "decision", "btc_scalp", record.audit_payload()))
+            rows = chained_rows(first, prev_hash, events)
+            prev_hash = rows[-1]["hash"]
             conn.execute(insert(DecisionRow), decisions)
-            conn.execute(insert(AuditEventRow), events)
+            conn.execute(insert(AuditEventRow), rows)
         conn.execute(update(ChainHeadRow).values(seq=bars, hash=prev_hash))
     engine.dispose()
 

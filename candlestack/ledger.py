@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -1485,10 +1485,25 @@ def append_events(
     if state:
         *events, (kind, strategy, payload) = events
         events.append((kind, strategy, {**payload, STATE_KEY: list(state)}))
+    rows = chained_rows(seq, prev_hash, [(datetime.now(UTC), *event) for event in events])
+    conn.execute(insert(AuditEventRow), rows)
+    head = rows[-1]
+    conn.execute(
+        update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=head["seq"], hash=head["hash"])
+    )
+    return head["seq"]
+
+
+def chained_rows(
+    seq: int,
+    prev_hash: str,
+    events: Iterable[tuple[datetime, str, str | None, Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
+    """audit_events rows of `events` (ts, kind, strategy, payload), chained after the event
+    `seq` whose hash is `prev_hash`."""
     rows = []
-    for kind, strategy, payload in events:
+    for ts, kind, strategy, payload in events:
         seq += 1
-        ts = datetime.now(UTC)
         body = canonical_json(payload)
         digest = chain_hash(prev_hash, seq, iso_utc(ts), kind, strategy, body)
         rows.append(
@@ -1503,9 +1518,7 @@ def append_events(
             }
         )
         prev_hash = digest
-    conn.execute(insert(AuditEventRow), rows)
-    conn.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=seq, hash=prev_hash))
-    return seq
+    return rows
 
 
 def state_matches_chain(conn: Connection, tables: Sequence[Any]) -> bool:
