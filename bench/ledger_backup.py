@@ -20,14 +20,18 @@ from sqlalchemy import create_engine, insert, update
 
 from candlestack.ledger import (
     GENESIS_HASH,
+    STATE_KEY,
+    TOTALS,
     AuditEventRow,
     Balance,
     ChainHeadRow,
     DecisionRecord,
     DecisionRow,
+    DecisionTotalsRow,
     Ledger,
     SeenBar,
     chained_rows,
+    row_digest,
 )
 from candlestack.ledger_backup import backup, restore, verify
 
@@ -61,13 +65,20 @@ def build(url: str, bars: int) -> None:
                     run_id=str(uuid.UUID(int=n)),
                     decided_at=bar_ts + timedelta(minutes=1, seconds=8),
                 )
-                decisions.append(Ledger._decision_values(record))
-                events.append((record.decided_at, "decision", "btc_scalp", record.audit_payload()))
+                values = {"id": n + 1, **Ledger._decision_values(record)}
+                decisions.append(values)
+                # Bound as the ledger binds each row it writes: verify checks every row.
+                binding = ["decisions", {"id": n + 1}, row_digest("decisions", values)]
+                payload = {**record.audit_payload(), STATE_KEY: [binding]}
+                events.append((record.decided_at, "decision", "btc_scalp", payload))
             rows = chained_rows(first, prev_hash, events)
             prev_hash = rows[-1]["hash"]
             conn.execute(insert(DecisionRow), decisions)
             conn.execute(insert(AuditEventRow), rows)
         conn.execute(update(ChainHeadRow).values(seq=bars, hash=prev_hash))
+        # The running session counts each decision write keeps (verify recounts them).
+        counts = {**dict.fromkeys(TOTALS, 0), "decisions": bars}
+        conn.execute(insert(DecisionTotalsRow).values(strategy="btc_scalp", **counts))
     engine.dispose()
 
 
