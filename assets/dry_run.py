@@ -103,7 +103,7 @@ def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         group_name="dry_run",
         kinds={"python", "sql"},
         tags={"candlestack/strategy": strategy.name},
-        pool=EXCHANGE_POOL,  # it fetches the forming candle's open
+        pool=EXCHANGE_POOL,  # it fetches the forming candle's open when the stream lacks it
         description=f"Paper trading of {strategy.name} ({strategy.strategy} on {strategy.symbol} "
         f"{strategy.timeframe}), one closed bar per run, into the ledger. No real orders.",
     )
@@ -117,9 +117,9 @@ def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         bar_ts = datetime.fromisoformat(config.bar_open).astimezone(UTC)
         client = source.open()
         book = ledger.open()
-        outcome = DryRun(strategy, lake.lake, client.exchange, client, book).run(
-            bar_ts, run_id=context.run_id
-        )
+        outcome = DryRun(
+            strategy, lake.lake, client.exchange, client, book, streamed=source.streamed_opens()
+        ).run(bar_ts, run_id=context.run_id)
         for decision in outcome.decisions:
             context.log.info(
                 "%s %s: %s%s",

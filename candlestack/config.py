@@ -92,6 +92,8 @@ class Settings(BaseModel, frozen=True):
     reports: Path = Path("data/reports")  # backtest reports (HTML) a person opens
     # The live collector's state, read by the metrics endpoint, alerts and the UI.
     live_status: Path = Path("data/live/status.json")
+    # Each symbol's forming minute's open as the collector streamed it: dry-run fill prices.
+    live_opens: Path = Path("data/live/opens")
     # Alerts: a symbol whose newest streamed candle closed longer ago than this; this many
     # reconnects within 10 minutes.
     live_max_buffer_age_seconds: float = Field(150.0, gt=0)

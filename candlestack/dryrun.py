@@ -43,6 +43,7 @@ from candlestack.ledger import (
     SeenBar,
     Verification,
 )
+from candlestack.live_status import StreamedOpens
 from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.schema import MINUTE_MS
 from candlestack.sources.base import CandleSource
@@ -341,12 +342,14 @@ class DryRun:
         source: CandleSource,
         ledger: Ledger,
         clock: Callable[[], float] = time.time,
+        streamed: StreamedOpens | None = None,
     ) -> None:
         self.config = config
         self.lake = lake
         self.exchange = exchange
         self.source = source
         self.ledger = ledger
+        self.streamed = streamed
         self.clock = clock
         self.bar_ms = TIMEFRAME_MINUTES[config.timeframe] * MINUTE_MS
 
@@ -449,8 +452,9 @@ class DryRun:
         )
 
     def _fill(self, window: _Window, index: int) -> FillQuote | None:
-        """The next bar from the lake when it is stored, else the forming candle's open from
-        the source (waiting up to fill_wait_seconds for it to exist)."""
+        """The next bar from the lake when it is stored, else the forming candle's open: from
+        the live collector's stream when it has shown it, else from the source (waiting up to
+        fill_wait_seconds for it to exist)."""
         if index + 1 < len(window.ts):
             next_ms = int(window.ts[index + 1])
             return FillQuote(
@@ -462,7 +466,11 @@ class DryRun:
         next_ms = int(window.ts[index]) + self.bar_ms
         deadline = time.monotonic() + self.config.dry_run.fill_wait_seconds
         while True:
-            price = self.source.open_at(self.config.symbol, next_ms)
+            price = None
+            if self.streamed is not None:
+                price = self.streamed.open_at(self.config.symbol, next_ms)
+            if price is None:
+                price = self.source.open_at(self.config.symbol, next_ms)
             if price is not None:
                 return FillQuote(_utc(next_ms), price, untradable=False, adjacent=True)
             if time.monotonic() >= deadline:

@@ -43,7 +43,7 @@ from candlestack.feature_store import load_feature_set
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
 from candlestack.live_build import BuildOnClose
-from candlestack.live_status import UNATTRIBUTED, WRITE_EVERY_S, StatusRecorder
+from candlestack.live_status import UNATTRIBUTED, WRITE_EVERY_S, StatusRecorder, StreamedOpens
 from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.validate import validate
@@ -207,7 +207,8 @@ class LiveCollector:
     writes). `rest` repairs what the stream missed. `exchange_config` is the ccxt
     constructor config, the REST source's own options (urls, `urls.api.ws` among them,
     timeout, proxies). `on_persisted` hooks are called in the event loop after each
-    streamed candle is in the lake. `state` is the collector's live state.
+    streamed candle is in the lake, `on_opened` hooks (symbol, open time in ms, open) on
+    each minute's first kline. `state` is the collector's live state.
     """
 
     def __init__(
@@ -223,6 +224,7 @@ class LiveCollector:
         backoff_max_seconds: float = 30.0,
         sandbox: bool = False,
         on_persisted: Sequence[Callable[[PersistedCandle], object]] = (),
+        on_opened: Sequence[Callable[[str, int, float], object]] = (),
         write_threads: int = 4,
     ) -> None:
         self.symbols = list(symbols)
@@ -233,6 +235,7 @@ class LiveCollector:
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.on_persisted = list(on_persisted)
+        self.on_opened = list(on_opened)
         self.state = CollectorState({s: SymbolState(s) for s in self.symbols})
         exchange_class = _streaming_exchange_class(rest.exchange)
         self.exchange = exchange_class({"enableRateLimit": True, **(exchange_config or {})})
@@ -411,11 +414,13 @@ class LiveCollector:
                 reason = "late correction" if held not in (None, candle) else "duplicate kline"
             self.reject(symbol, reason, f"{datetime.fromtimestamp(ts / 1000, UTC):%F %R}")
             return False
-        if ts < self._forming.get(symbol, ts):
-            self.reject(symbol, "out-of-order kline", f"{ts} after {self._forming[symbol]}")
+        forming = self._forming.get(symbol)
+        if forming is not None and ts < forming:
+            self.reject(symbol, "out-of-order kline", f"{ts} after {forming}")
             return False
-        self._forming[symbol] = ts
-        if closed:
+        # A closed candle is stored, and a minute's first kline gives the dry-run its fill
+        # price: both must be sane candles. Later forming updates are only passed on.
+        if closed or ts != forming:
             _, rejected = validate(
                 pl.DataFrame([(ts, *candle)], schema=RAW_CANDLES, orient="row"),
                 ts,
@@ -424,6 +429,14 @@ class LiveCollector:
             if rejected.height:
                 self.reject(symbol, rejected["reason"][0], repr(kline))
                 return False
+        self._forming[symbol] = ts
+        if ts != forming:
+            for hook in self.on_opened:
+                try:
+                    hook(symbol, ts, candle[0])
+                except Exception:
+                    log.exception("%s: an on_opened hook failed", symbol)
+        if closed:
             self._newest_closed[symbol] = ts
             self._streamed[symbol][ts] = candle
             self._received[(symbol, ts)] = received_at
@@ -514,6 +527,7 @@ def main() -> None:
         settings.imputed_max_share,
     )
     collector.on_persisted += [recorder.on_persisted, builds]
+    collector.on_opened.append(StreamedOpens(settings.live_opens).record)
 
     async def report(stop: asyncio.Event) -> None:
         while not stop.is_set():

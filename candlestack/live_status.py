@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from candlestack.config import symbol_key
+
 WRITE_EVERY_S = 5.0  # how often the collector replaces the file
 FRESH_S = 30.0  # a status older than this (six missed writes): the collector is down
 UNATTRIBUTED = "*"  # the symbol of bad messages that name no streamed symbol
@@ -116,14 +118,42 @@ class StatusRecorder:
         }
 
     def write(self, state: Any) -> None:
-        """Replace the file atomically: a reader never sees half of it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps(self.snapshot(state), separators=(",", ":"))
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self.path.parent, prefix=".status-", delete=False
-        ) as tmp:
-            tmp.write(body)
-        os.replace(tmp.name, self.path)
+        _replace_json(self.path, self.snapshot(state))
+
+
+def _replace_json(path: Path, value: Any) -> None:
+    """Replace the file atomically: a reader never sees half of it. Not fsynced: it is a
+    view of the collector's memory, rewritten within seconds, never the data itself."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as tmp:
+        tmp.write(json.dumps(value, separators=(",", ":")))
+    os.replace(tmp.name, path)
+
+
+class StreamedOpens:
+    """The open of each symbol's forming minute, as the stream first shows it: the price a
+    dry-run fills at when its next bar opens, known the instant the minute opens, without a
+    REST round trip (candlestack.dryrun). One small file per symbol in `folder`, holding the
+    newest minute only; the collector writes it, the dry-run runs read it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, symbol: str) -> Path:
+        return self.folder / f"{symbol_key(symbol)}.json"
+
+    def record(self, symbol: str, ts_ms: int, open_: float) -> None:
+        """The collector's hook for each minute that opens."""
+        _replace_json(self._path(symbol), {"ts": ts_ms, "open": open_})
+
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        """The streamed open of the minute opening at `ts_ms`, or None when the stream has not
+        shown that minute (or has moved on: the lake holds it then)."""
+        try:
+            quote = json.loads(self._path(symbol).read_text())
+        except FileNotFoundError:
+            return None
+        return quote["open"] if quote["ts"] == ts_ms else None
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

@@ -1,11 +1,13 @@
 """The exchange source as a Dagster resource: one interface, three configurations."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from candlestack.config import Settings
+from candlestack.live_status import StreamedOpens
 from candlestack.sources import CandleSource, CcxtSource, ReplaySource, SyntheticSource
 from resources.env import env_var_or
 
@@ -17,6 +19,10 @@ class CandleSourceResource(dg.ConfigurableResource):
 
     def open(self) -> CandleSource:
         raise NotImplementedError
+
+    def streamed_opens(self) -> StreamedOpens | None:
+        """The live collector's forming-minute opens, for sources it streams from."""
+        return None
 
 
 class SyntheticSourceResource(CandleSourceResource):
@@ -53,6 +59,9 @@ class CcxtSourceResource(CandleSourceResource):
     api_key: str | None = None
     secret: str | None = None
     retry_max_seconds: float = 120.0
+    live_opens: str | None = Field(
+        None, description="the live collector's forming-minute opens (dry-run fill prices)"
+    )
 
     def open(self) -> CcxtSource:
         config = json.loads(self.options_json)
@@ -65,6 +74,9 @@ class CcxtSourceResource(CandleSourceResource):
             retry_max_seconds=self.retry_max_seconds,
         )
 
+    def streamed_opens(self) -> StreamedOpens | None:
+        return StreamedOpens(Path(self.live_opens)) if self.live_opens else None
+
 
 def source_resource(settings: Settings) -> CandleSourceResource:
     """The source the settings ask for (CANDLESTACK_SOURCE)."""
@@ -76,6 +88,7 @@ def source_resource(settings: Settings) -> CandleSourceResource:
             sandbox=settings.ccxt_sandbox,
             api_key=env_var_or("CANDLESTACK_API_KEY", None),
             secret=env_var_or("CANDLESTACK_API_SECRET", None),
+            live_opens=str(settings.live_opens),
             **common,
         )
     if settings.source == "replay":

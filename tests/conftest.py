@@ -52,6 +52,8 @@ def isolated_env(tmp_path: Path, **settings: str) -> dict[str, str]:
         "CANDLESTACK_CATALOG": str(tmp_path / "catalog.duckdb"),
         "CANDLESTACK_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite'}",
         "CANDLESTACK_REPORTS": str(tmp_path / "reports"),
+        "CANDLESTACK_LIVE_STATUS": str(tmp_path / "live" / "status.json"),
+        "CANDLESTACK_LIVE_OPENS": str(tmp_path / "live" / "opens"),
         **{f"CANDLESTACK_{name.upper()}": value for name, value in settings.items()},
     }
 

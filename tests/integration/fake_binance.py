@@ -111,6 +111,11 @@ _series_cache: dict[tuple[str, int, int], _Series] = {}
 _series_cache_lock = threading.Lock()
 
 
+def _shifted(series: _Series, shift_ms: int) -> _Series:
+    """The recorded candles served `shift_ms` later: recorded minutes as today's."""
+    return series if not shift_ms else _Series([t + shift_ms for t in series.ts], series.rows)
+
+
 def _load_series(path: Path) -> _Series:
     """Read a normalised CSV once per process (tests start many servers)."""
     resolved = path.resolve()
@@ -230,6 +235,7 @@ class FakeBinance:
             answer; keep it above the client's timeout. May be reassigned.
         delay: seconds every request is held before it is answered (default 0), so
             concurrent clients overlap observably. May be reassigned.
+        shift_ms: served candles are the recorded ones this much later (on a minute).
     """
 
     def __init__(
@@ -240,9 +246,12 @@ class FakeBinance:
         exchange_info: Path = EXCHANGE_INFO_PATH,
         timeout_sleep: float = 3.0,
         delay: float = 0.0,
+        shift_ms: int = 0,
     ) -> None:
         # Load eagerly: a bad path should fail the test setup, not a request thread.
-        self._series = {mid: _load_series(Path(p)) for mid, p in markets.items()}
+        self._series = {
+            mid: _shifted(_load_series(Path(p)), shift_ms) for mid, p in markets.items()
+        }
         self._exchange_info = Path(exchange_info).read_bytes()
         self.now_ms = now_ms
         self.timeout_sleep = timeout_sleep

@@ -37,7 +37,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from tests.integration.fake_binance import MINUTE_MS, _load_series, _Series
+from tests.integration.fake_binance import MINUTE_MS, _load_series, _Series, _shifted
 
 
 class FakeBinanceWS:
@@ -50,6 +50,9 @@ class FakeBinanceWS:
         forming_updates: ``x: false`` updates sent during each minute before its close.
         ping_seconds: the server pings every connection this often and closes one whose
             pong is this late (Binance: 20 s and 60 s).
+        shift_ms: served candles are the recorded ones this much later (on a minute).
+        wall_clock: the replay's clock is the wall clock (real minutes, as Binance: for a
+            dagster-daemon's runs); ``start_ms`` and ``minute_seconds`` are then unused.
     """
 
     def __init__(
@@ -60,15 +63,22 @@ class FakeBinanceWS:
         minute_seconds: float = 0.5,
         forming_updates: int = 3,
         ping_seconds: float = 1.0,
+        shift_ms: int = 0,
+        wall_clock: bool = False,
     ) -> None:
         if start_ms % MINUTE_MS:
             raise ValueError("start_ms must be on a minute")
-        self._series: dict[str, _Series] = {m: _load_series(Path(p)) for m, p in markets.items()}
+        self._series: dict[str, _Series] = {
+            m: _shifted(_load_series(Path(p)), shift_ms) for m, p in markets.items()
+        }
         self._rows = {m: dict(zip(s.ts, s.rows, strict=True)) for m, s in self._series.items()}
         self.start_ms = start_ms
         self.minute_seconds = minute_seconds
         self.forming_updates = forming_updates
         self.ping_seconds = ping_seconds
+        self.wall_clock = wall_clock
+        if wall_clock:
+            self.minute_seconds = 60.0
         self._t0 = time.monotonic()
         self._port = 0
         self._lock = threading.Lock()
@@ -85,6 +95,8 @@ class FakeBinanceWS:
 
     def now_ms(self) -> int:
         """The replay's clock: start_ms when created, then 60 s per ``minute_seconds``."""
+        if self.wall_clock:
+            return int(time.time() * 1000)
         elapsed = time.monotonic() - self._t0
         return self.start_ms + int(elapsed / self.minute_seconds * MINUTE_MS)
 
@@ -265,23 +277,25 @@ class FakeBinanceWS:
             asyncio.ensure_future(connection.send(text)).add_done_callback(_ignore_result)
 
     async def _replay(self) -> None:
-        """Each minute: forming updates spread over it, then the close as it ends."""
-        steps = self.forming_updates + 1
+        """Each minute: forming updates spread over it, the first as it opens (as Binance,
+        which sends a kline of the new minute right after the close of the last), then the
+        close as it ends."""
+        updates = self.forming_updates
         minute = max(self.now_ms(), self.start_ms) // MINUTE_MS * MINUTE_MS
         while True:
-            for step in range(1, steps + 1):
-                at = minute + MINUTE_MS * step // steps
+            for step in range(updates + 1):
+                closed = step == updates
+                at = minute + MINUTE_MS if closed else minute + MINUTE_MS * step // updates
                 await asyncio.sleep(
                     max(0.0, (at - self.now_ms()) / MINUTE_MS * self.minute_seconds)
                 )
-                closed = step == steps
                 for market_id, rows in self._rows.items():
                     row = rows.get(minute)
                     if row is None:
                         continue  # a minute the recording lacks is not sent (as on Binance)
                     values = dict(zip("ohlcv", row, strict=True))
                     if not closed:
-                        values = _forming(values, step / steps)
+                        values = _forming(values, (step + 1) / (updates + 1))
                     event = _kline_event(market_id, minute, closed, values, event_ms=at)
                     self._broadcast(f"{market_id.lower()}@kline_1m", json.dumps(event))
             minute += MINUTE_MS

@@ -27,7 +27,7 @@ from candlestack.config import symbol_key
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
 from candlestack.live import LiveCollector, PersistedCandle
-from candlestack.live_status import read_status
+from candlestack.live_status import StreamedOpens, read_status
 from candlestack.sources.ccxt_source import CLOSE_MARGIN_MS, CcxtSource
 from tests.integration.fake_binance import OHLCV_DIR, FakeBinance
 from tests.integration.fake_binance_ws import FakeBinanceWS
@@ -299,6 +299,33 @@ def test_the_minutely_rest_top_up_and_the_collector_share_the_open_month(servers
         assert_every_minute_once(lake, symbol)
         report = lake.month_reports("ohlcv", "binance", "1m", symbol.replace("/", "-"), DAY)
         assert report[DAY]["revised"] == 0
+
+
+def test_each_minute_s_open_is_published_as_the_minute_opens(servers, tmp_path):
+    """The dry-run's fill price (the open of the minute after a bar) is there the instant
+    the minute opens, from the stream, long before the minute closes."""
+    ws, rest = servers
+    opens = StreamedOpens(tmp_path / "opens")
+    published: list[tuple[str, int, float, int]] = []
+
+    def publish(symbol: str, ts_ms: int, open_: float) -> None:
+        opens.record(symbol, ts_ms, open_)
+        published.append((symbol, ts_ms, open_, ws.now_ms()))
+
+    running = collector(Lake(tmp_path / "lake", keep_months=True), ws, rest, on_opened=[publish])
+    running.wait_streamed("BTC/USDT", 4)
+    running.stop()
+    for symbol, market_id in SYMBOLS.items():
+        minutes = [(ts, o, at) for s, ts, o, at in published if s == symbol]
+        ts = [m[0] for m in minutes]
+        assert ts == list(range(ts[0], ts[-1] + MINUTE_MS, MINUTE_MS)), "each minute once"
+        expected = recorded(market_id, ts[0], ts[-1] + MINUTE_MS)["open"].to_list()
+        assert [m[1] for m in minutes] == expected
+        # Published within the first fifth of the minute (the replay's clock), after the
+        # minute that was forming when the collector subscribed.
+        assert all(at - ts_ms < MINUTE_MS / 5 for ts_ms, _, at in minutes[1:])
+        assert opens.open_at(symbol, ts[-1]) == expected[-1]
+        assert opens.open_at(symbol, ts[-2]) is None  # it moved on: the lake holds that one
 
 
 def test_bad_input_is_rejected_and_counted_while_the_stream_goes_on(servers, tmp_path):

@@ -22,6 +22,7 @@ from candlestack.execution import EXIT_REASONS
 from candlestack.ingest import Ingestor
 from candlestack.lake import DayData, Lake, write_parquet_atomic
 from candlestack.ledger import Ledger, decision_key
+from candlestack.live_status import StreamedOpens
 from candlestack.sources.synthetic import SyntheticSource
 from candlestack.strategies.config import StrategyConfig
 
@@ -428,3 +429,37 @@ def test_an_order_under_the_min_notional_is_rejected_with_its_reason_never_fille
     report = drift_from_lake(session.lake, "synthetic", session.ledger, config, session.clock.now)
     assert report.passed, report.failures  # the backtest refuses the same orders
     assert report.metrics["rejected_orders"] == orders.height
+
+
+class AskedNothing:
+    """A source the dry-run must not ask: the stream has shown every forming minute."""
+
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        raise AssertionError(f"asked the exchange for the open of {ts_ms}")
+
+
+def test_the_fill_is_the_streamed_open_without_asking_the_exchange(
+    session: Session, tmp_path: Path
+):
+    """With the live collector up, the forming minute's open comes from its stream; the fills
+    are the ones the exchange's open would have made."""
+    config = strategy()
+    streamed = StreamedOpens(tmp_path / "opens")
+    from_rest = session.copy(tmp_path / "rest")
+    before = session.ledger.fills(config.name).height
+    for _ in range(40):
+        bar_ts = session.clock.now.replace(second=0, microsecond=0)
+        next_ms = int((bar_ts + MINUTE).timestamp() * 1000)
+        for each in (session, from_rest):
+            each.clock.now = bar_ts + MINUTE + timedelta(seconds=2)
+            each.ingest()
+        streamed.record(SYMBOL, next_ms, session.source.open_at(SYMBOL, next_ms))
+        DryRun(
+            config, session.lake, "synthetic", AskedNothing(), session.ledger, session.clock,
+            streamed=streamed,
+        ).run(bar_ts)  # fmt: skip
+        from_rest.dry_run(config).run(bar_ts)
+    fills = session.ledger.fills(config.name)
+    assert fills.height > before, "the session should trade meanwhile"
+    columns = ["bar_ts", "side", "price", "amount", "fee"]
+    assert fills.select(columns).equals(from_rest.ledger.fills(config.name).select(columns))
