@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from candlestack.config import symbol_key
+from candlestack.config import load_settings, symbol_key
 
 WRITE_EVERY_S = 5.0  # how often the collector replaces the file
 FRESH_S = 30.0  # a status older than this (six missed writes): the collector is down
@@ -169,6 +170,20 @@ def collector_up(status: dict[str, Any], now: float) -> bool:
     return now - status["updated_at"] <= FRESH_S
 
 
+def health_check() -> None:
+    """The collector's container healthcheck (`python -m candlestack.live_status`): exit 0
+    while it writes its status (the same rule as the metrics and the UI), else 1 saying why.
+    Its process is alive and its event loop turning, also while it reconnects; how the feed
+    itself fares is the live_feed sensor's and its alerts' to say."""
+    path = load_settings().live_status
+    status = read_status(path)
+    if status is None:
+        sys.exit(f"no live collector status at {path}")
+    now = time.time()
+    if not collector_up(status, now):
+        sys.exit(f"the live collector last wrote {path} {now - status['updated_at']:.0f} s ago")
+
+
 def buffer_age_s(symbol_status: dict[str, Any], now: float) -> float | None:
     """Seconds since the newest closed candle in the lake closed (its open + 1 minute)."""
     newest = symbol_status.get("newest_closed_ts")
@@ -256,3 +271,7 @@ def watch_feed(
         )
         events.append(FeedEvent(RECONNECT_STORM, message, None, in_window))
     return FeedWatch(delayed, samples, storm, seen.observed_at), events
+
+
+if __name__ == "__main__":
+    health_check()

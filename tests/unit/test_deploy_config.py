@@ -2,9 +2,10 @@
 each other: the same run queue everywhere, services and ports that reference each other.
 (Docker and Kubernetes are not run here; this is what can be checked without them.)"""
 
+import importlib.util
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -24,6 +25,8 @@ DEPLOY = ROOT / "deploy"
 # What every instance must share: the queue, the run and exchange-pool limits, monitoring.
 SHARED_SECTIONS = ("run_coordinator", "concurrency", "run_monitoring", "telemetry")
 DAGSTER_SERVICES = ("code", "daemon", "webserver")
+LIVE_COMMAND = ["python", "-m", "candlestack.live"]
+HEALTH_CHECK = ["python", "-m", "candlestack.live_status"]
 
 
 def load(path: Path) -> dict:
@@ -96,13 +99,13 @@ def test_ui_binds_loopback_unless_told():
 
 def test_compose_services_and_loopback_ui(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", *DAGSTER_SERVICES}
+    assert set(services) == {"postgres", *DAGSTER_SERVICES, "live"}
     # The UI is published on loopback only; nothing else is published at all.
     assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
     assert [name for name, s in services.items() if "ports" in s] == ["webserver"]
-    images = {services[name]["image"] for name in DAGSTER_SERVICES}
+    images = {services[name]["image"] for name in (*DAGSTER_SERVICES, "live")}
     assert images == {"candlestack:latest"}
-    for name in DAGSTER_SERVICES:
+    for name in (*DAGSTER_SERVICES, "live"):
         build = services[name]["build"]
         dockerfile = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
         assert dockerfile == DEPLOY / "Dockerfile"
@@ -122,6 +125,27 @@ def test_compose_wires_the_postgres_instance(compose, postgres):
         # Only settings candlestack knows: an unknown CANDLESTACK_* fails the code location.
         known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
         assert {k for k in env if k.startswith(ENV_PREFIX)} <= known
+
+
+def seconds(duration: str) -> int:
+    return int(re.fullmatch(r"(\d+)s", duration).group(1))
+
+
+def test_compose_live_collector(compose):
+    services = compose["services"]
+    live, code = services["live"], services["code"]
+    # Started only when asked (--profile live): it needs CANDLESTACK_SOURCE=ccxt.
+    assert live["profiles"] == ["live"]
+    assert live["command"] == LIVE_COMMAND
+    assert importlib.util.find_spec(LIVE_COMMAND[-1]) is not None
+    # The code server's settings and lake: its live_feed sensor reads the status file there.
+    assert live["environment"] == code["environment"]
+    assert live["volumes"] == code["volumes"]
+    assert live["restart"] == "unless-stopped"
+    assert seconds(live["stop_grace_period"]) >= 60  # a write in flight, not Docker's 10 s
+    check = live["healthcheck"]
+    assert check["test"] == ["CMD", *HEALTH_CHECK]
+    assert importlib.util.find_spec(HEALTH_CHECK[-1]) is not None
 
 
 def test_dockerfile_ships_the_postgres_instance_and_workspace(compose):
@@ -225,3 +249,37 @@ def test_helm_user_code_is_the_compose_image_and_module(helm, compose):
     known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
     assert {e["name"] for e in deployment["env"]} <= known
     assert helm["dagsterWebserver"]["service"]["type"] == "ClusterIP"
+
+
+def test_helm_live_collector(helm, compose):
+    (deployment,) = helm["dagster-user-deployments"]["deployments"]
+    manifests = {m["kind"]: m for m in helm["extraManifests"]}
+    collector = manifests["Deployment"]["spec"]
+    # One replica, never two at once (a rollout stops the old pod first).
+    assert collector["replicas"] == 1
+    assert collector["strategy"] == {"type": "Recreate"}
+    pod = collector["template"]["spec"]
+    (container,) = pod["containers"]
+    image = deployment["image"]
+    assert container["image"] == f"{image['repository']}:{image['tag']}"
+    assert container["command"] == compose["services"]["live"]["command"] == LIVE_COMMAND
+    assert container["env"] == deployment["env"]
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == [
+        s["name"] for s in deployment["envSecrets"]
+    ]
+    assert container["livenessProbe"]["exec"]["command"] == HEALTH_CHECK
+    assert pod["terminationGracePeriodSeconds"] == seconds(
+        compose["services"]["live"]["stop_grace_period"]
+    )
+    # The status file is on a volume the user code (the live_feed sensor) mounts too.
+    claim = manifests["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    assert pod["volumes"] == deployment["volumes"]
+    (volume,) = pod["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert container["volumeMounts"] == deployment["volumeMounts"]
+    (mount,) = container["volumeMounts"]
+    workdir = re.search(r"^WORKDIR (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
+    status = PurePosixPath(workdir) / Settings().live_status
+    assert (mount["name"], mount["mountPath"]) == (volume["name"], str(status.parent))
+    assert pod["securityContext"] == deployment["podSecurityContext"]

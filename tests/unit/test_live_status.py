@@ -1,12 +1,23 @@
 """The live collector's status file, and the Prometheus metrics served from it."""
 
+import time
 from datetime import UTC, datetime
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from candlestack import live_status
+from candlestack.config import Settings
 from candlestack.live import CollectorState, PersistedCandle, SymbolState
-from candlestack.live_status import FeedWatch, StatusRecorder, read_status, watch_feed
+from candlestack.live_status import (
+    FRESH_S,
+    FeedWatch,
+    StatusRecorder,
+    health_check,
+    read_status,
+    watch_feed,
+)
 from candlestack.metrics import SourcesCollector, live_metrics
 
 T0 = datetime(2026, 3, 2, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -82,6 +93,21 @@ def test_no_collector_is_down(tmp_path):
         ("candlestack_live_collector_up", ()): 0,
         ("candlestack_metrics_source_up", (("source", "live"),)): 1,
     }
+
+
+def test_health_check_passes_while_the_status_is_fresh(tmp_path, monkeypatch):
+    path = tmp_path / "live" / "status.json"
+    monkeypatch.setattr(live_status, "load_settings", lambda: Settings(live_status=path))
+    with pytest.raises(SystemExit, match="no live collector status"):
+        health_check()
+    clock = {"now": time.time()}
+    recorder = StatusRecorder(path, clock=lambda: clock["now"])
+    recorder.write(CollectorState({}))
+    health_check()  # returns: exit status 0
+    clock["now"] -= FRESH_S + 1
+    recorder.write(CollectorState({}))
+    with pytest.raises(SystemExit, match=r"last wrote .* 31 s ago"):
+        health_check()
 
 
 def _status(reconnects: int, newest_closed_ts: int | None, updated_at: float = T0) -> dict:
