@@ -271,7 +271,8 @@ def test_helm_live_collector(helm, compose):
     assert pod["terminationGracePeriodSeconds"] == seconds(
         compose["services"]["live"]["stop_grace_period"]
     )
-    # The status file is on a volume the user code (the live_feed sensor) mounts too.
+    # The status file and the streamed opens are on a volume the user code (the live_feed
+    # sensor, the dry-run runs) mounts too.
     claim = manifests["PersistentVolumeClaim"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     assert pod["volumes"] == deployment["volumes"]
@@ -282,4 +283,5 @@ def test_helm_live_collector(helm, compose):
     workdir = re.search(r"^WORKDIR (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
     status = PurePosixPath(workdir) / Settings().live_status
     assert (mount["name"], mount["mountPath"]) == (volume["name"], str(status.parent))
+    assert (PurePosixPath(workdir) / Settings().live_opens).parent == status.parent
     assert pod["securityContext"] == deployment["podSecurityContext"]
