@@ -14,6 +14,7 @@ unique decision key, make a repeated tick or a re-materialized partition a no-op
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -33,6 +34,7 @@ from candlestack.live_status import (
     read_status,
     watch_feed,
 )
+from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
 from pipelines.stuck_runs import clean_up
@@ -40,6 +42,11 @@ from resources import CandleSourceResource, LakeResource
 
 # The Dagster daemon's floor: a sensor is evaluated at most every 5 s.
 INTERVAL_SECONDS = 5
+# How long a tick waits for a bar after its close, and how often it looks meanwhile. The
+# wait keeps a tick under INTERVAL_SECONDS + BAR_WAIT_SECONDS, far below Dagster's sensor
+# timeout; sensors are evaluated in threads (dagster.yaml), so the others do not wait.
+BAR_WAIT_SECONDS = 2.0
+BAR_POLL_SECONDS = 0.1
 STUCK_RUNS_INTERVAL_SECONDS = 60
 LIVE_FEED_INTERVAL_SECONDS = 30
 LIVE_FEED_OBSERVED_EVERY_S = 60  # the feed's state, as an observation of candles_1m
@@ -86,6 +93,40 @@ def run_request(strategy: StrategyConfig, bar_ts: datetime) -> dg.RunRequest:
     )
 
 
+def due_close(strategies: list[StrategyConfig], cursor: dict[str, str], now: float) -> float | None:
+    """The soonest close (epoch s) of a strategy's bar not requested yet that falls before
+    the next tick or ended at most BAR_WAIT_SECONDS ago, or None."""
+    closes = []
+    for strategy in strategies:
+        period_s = TIMEFRAME_MINUTES[strategy.timeframe] * 60
+        close = (now + INTERVAL_SECONDS) // period_s * period_s  # periods are UTC-aligned
+        last = cursor.get(strategy.name)
+        bar_open = datetime.fromtimestamp(close - period_s, UTC)
+        if close > now - BAR_WAIT_SECONDS and (
+            last is None or datetime.fromisoformat(last) < bar_open
+        ):
+            closes.append(close)
+    return min(closes, default=None)
+
+
+def requests_waiting_for_close(
+    strategies: list[StrategyConfig],
+    cursor: dict[str, str],
+    poll: Callable[[], list[dg.RunRequest]],
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[dg.RunRequest]:
+    """`poll()`'s requests; when it has none and a bar closes before the next tick (or has
+    just closed), polled again from its close until it is stored, for up to
+    BAR_WAIT_SECONDS. The live collector stores a bar within a second of its close: its run
+    is requested then, not up to a whole tick interval later."""
+    requests = poll()
+    while not requests and (close := due_close(strategies, cursor, clock())) is not None:
+        sleep(max(close - clock(), BAR_POLL_SECONDS))
+        requests = poll()
+    return requests
+
+
 @dg.sensor(
     job=dry_run_job,
     minimum_interval_seconds=INTERVAL_SECONDS,
@@ -98,15 +139,20 @@ def dry_run_bars(
 ) -> dg.SensorResult:
     cursor: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     exchange = source.open().exchange
-    today = datetime.now(UTC).date()
-    requests = []
-    for strategy in enabled_strategies:
-        last = cursor.get(strategy.name)
-        bars = closed_bars(lake.lake, exchange, strategy, today)
-        wanted = bar_requests(strategy, bars, datetime.fromisoformat(last) if last else None)
-        requests += [run_request(strategy, bar_ts) for bar_ts in wanted]
-        if wanted:
-            cursor[strategy.name] = wanted[-1].isoformat()
+
+    def poll() -> list[dg.RunRequest]:
+        today = datetime.now(UTC).date()
+        requests = []
+        for strategy in enabled_strategies:
+            last = cursor.get(strategy.name)
+            bars = closed_bars(lake.lake, exchange, strategy, today)
+            wanted = bar_requests(strategy, bars, datetime.fromisoformat(last) if last else None)
+            requests += [run_request(strategy, bar_ts) for bar_ts in wanted]
+            if wanted:
+                cursor[strategy.name] = wanted[-1].isoformat()
+        return requests
+
+    requests = requests_waiting_for_close(enabled_strategies, cursor, poll)
     if not requests:
         return dg.SensorResult(skip_reason="no newly closed bar", cursor=json.dumps(cursor))
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))

@@ -117,6 +117,12 @@ def live_stack(tmp_path: Path, strategies: str = DRY_RUN_STRATEGIES) -> Iterator
         write_parquet_atomic(
             Lake(env["CANDLESTACK_LAKE"]).markets_path("binance", today), rules.to_arrow(), {}
         )
+        # The repository's instance settings (run queue, sensor threads, pools) without its
+        # storage paths: what a deployment runs with.
+        shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+        for local in ("storage", "local_artifact_storage", "compute_logs"):
+            shipped.pop(local)
+        Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(shipped))
         Ledger(env["CANDLESTACK_LEDGER_URL"]).migrate()  # as a deployment's first start does
         _dagster(env, "sensor", "start", "dry_run_bars")
         log = stack.enter_context((tmp_path / "live.log").open("w"))
