@@ -227,20 +227,16 @@ def session(folder: Path, lake, size: int, steps: int, newest: datetime) -> tupl
     return median_ms(step_s), median_ms(drift_s)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decisions", type=int, default=500_000)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    # 0, one drift window of decisions (7 days of 1m bars), and the history asked for.
-    sizes = sorted({0, min(WINDOW, args.decisions), args.decisions})
+def measure(decisions: int, steps: int, sizes: list[int]) -> dict[int, tuple[float, float]]:
+    """Median ms of a dry-run step and of a drift check for each of `sizes` earlier
+    decisions (0 among them), on one lake long enough for `decisions`."""
     with tempfile.TemporaryDirectory(prefix="bench_dry_run_history_") as tmp:
         folder = Path(tmp)
         (folder / "strategies.yaml").write_text(STRATEGIES)
         os.environ["CANDLESTACK_STRATEGIES"] = str(folder / "strategies.yaml")
         os.environ["CANDLESTACK_SYMBOLS"] = SYMBOL
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        days = (args.decisions + args.steps) // 1440 + 2
+        days = (decisions + steps) // 1440 + 2
         started = time.perf_counter()
         lake = build_lake(folder, days)
         newest = lake.newest_ts("ohlcv", "synthetic", "1m", "BTC-USDT")
@@ -248,20 +244,33 @@ def main() -> None:
         print(f"lake: {days + 1} days of 1m candles in {time.perf_counter() - started:.1f} s")
         figures = {}
         print("warm-up (not counted):")
-        session(folder / "warm", lake, 0, args.steps, newest)
+        session(folder / "warm", lake, 0, steps, newest)
         for size in sizes:
             print(f"{size:,} earlier decisions:")
             # A bar per step after the history: every size decides the same bars.
-            figures[size] = session(folder / str(size), lake, size, args.steps, newest)
-        step0, drift0 = figures[0]
-        print(f"\nmedian of {args.steps}, ms (ratio to 0 earlier decisions)")
-        print(f"{'earlier decisions':>18} {'dry-run step':>20} {'drift check':>20}")
-        for size in sizes:
-            step, drift = figures[size]
-            print(
-                f"{size:>18,} {step:>12.1f} ({step / step0:4.2f}) {drift:>12.1f} "
-                f"({drift / drift0:4.2f})"
-            )
+            figures[size] = session(folder / str(size), lake, size, steps, newest)
+        return figures
+
+
+def print_figures(figures: dict[int, tuple[float, float]], steps: int) -> None:
+    step0, drift0 = figures[0]
+    print(f"\nmedian of {steps}, ms (ratio to 0 earlier decisions)")
+    print(f"{'earlier decisions':>18} {'dry-run step':>20} {'drift check':>20}")
+    for size, (step, drift) in figures.items():
+        print(
+            f"{size:>18,} {step:>12.1f} ({step / step0:4.2f}) {drift:>12.1f} "
+            f"({drift / drift0:4.2f})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decisions", type=int, default=500_000)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    # 0, one drift window of decisions (7 days of 1m bars), and the history asked for.
+    sizes = sorted({0, min(WINDOW, args.decisions), args.decisions})
+    print_figures(measure(args.decisions, args.steps, sizes), args.steps)
 
 
 if __name__ == "__main__":

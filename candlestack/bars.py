@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 import polars as pl
 
 from candlestack.checks import gap_failure, ohlc_violations_by_day
-from candlestack.lake import DayData, Lake, LakePath, WriteResult, split_days
+from candlestack.lake import DayData, Lake, LakePath, WriteResult, _identity, split_days
 from candlestack.provenance import code_version
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
@@ -79,6 +80,46 @@ def usable_minutes(
     return UsableMinutes(minutes, usable, unusable)
 
 
+class MonthMinutes:
+    """`usable_minutes` of symbol-months, computed again only once the month's candle file
+    changed: for builds that run at every close (the live collector's), where the month
+    before (the features' warm-up) does not change and every timeframe that closes reads
+    the open month. Keeps the two newest months of each symbol, on local lakes only (an
+    object store's file identity is its size alone); `keep=False` reads every time."""
+
+    KEPT_MONTHS = 2
+
+    def __init__(
+        self, lake: Lake, exchange: str, imputed_max_share: float, keep: bool = True
+    ) -> None:
+        self.lake = lake
+        self.exchange = exchange
+        self.imputed_max_share = imputed_max_share
+        self.keep = keep and isinstance(lake.root, Path)
+        self._kept: dict[str, dict[date, tuple[tuple, UsableMinutes]]] = {}
+
+    def __call__(self, symbol_key: str, month: date) -> UsableMinutes:
+        if not self.keep:
+            return usable_minutes(
+                self.lake, self.exchange, symbol_key, month, self.imputed_max_share
+            )
+        path = self.lake.month_path("ohlcv", self.exchange, "1m", symbol_key, month)
+        try:
+            # Taken before the read: a file replaced meanwhile is read again next time.
+            identity = _identity(path)
+        except FileNotFoundError:
+            identity = None
+        months = self._kept.setdefault(symbol_key, {})
+        kept = months.get(month)
+        if kept is not None and kept[0] == identity:
+            return kept[1]
+        usable = usable_minutes(self.lake, self.exchange, symbol_key, month, self.imputed_max_share)
+        months[month] = (identity, usable)
+        for old in sorted(months)[: -self.KEPT_MONTHS]:
+            del months[old]
+        return usable
+
+
 class BarBuilder:
     """Bars of one timeframe for symbol-months, from the lake, into the lake.
 
@@ -87,10 +128,19 @@ class BarBuilder:
     The other days of the month are built all the same.
     """
 
-    def __init__(self, lake: Lake, exchange: str, imputed_max_share: float) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        exchange: str,
+        imputed_max_share: float,
+        minutes: MonthMinutes | None = None,
+    ) -> None:
+        """`minutes`: kept usable minutes to build from, shared with other builders (the
+        live builds'); without it each build reads its month's candles."""
         self.lake = lake
         self.exchange = exchange
         self.imputed_max_share = imputed_max_share
+        self.minutes = minutes or MonthMinutes(lake, exchange, imputed_max_share, keep=False)
 
     def build(
         self, timeframe: str, symbol_key: str, month: date, reuse_unchanged: bool = False
@@ -103,7 +153,7 @@ class BarBuilder:
         kept as stored, neither rebuilt nor reconciled again: the work of a minute does not
         grow with the day of the month. A full build rebuilds and reconciles every day."""
         path = self.lake.month_path("bars", self.exchange, timeframe, symbol_key, month)
-        usable = usable_minutes(self.lake, self.exchange, symbol_key, month, self.imputed_max_share)
+        usable = self.minutes(symbol_key, month)
         skipped = dict(usable.unusable)
         source_timeframe = SOURCE_TIMEFRAME[timeframe]
         inputs = {day: report["content_hash"] for day, report in usable.reports.items()}

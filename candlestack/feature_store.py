@@ -12,7 +12,7 @@ import polars as pl
 import yaml
 from pydantic import ValidationError
 
-from candlestack.bars import usable_minutes
+from candlestack.bars import MonthMinutes
 from candlestack.errors import ConfigError
 from candlestack.features import (
     FeatureSet,
@@ -75,12 +75,19 @@ class FeatureBuilder:
     """
 
     def __init__(
-        self, lake: Lake, exchange: str, features: FeatureSet, imputed_max_share: float
+        self,
+        lake: Lake,
+        exchange: str,
+        features: FeatureSet,
+        imputed_max_share: float,
+        minutes: MonthMinutes | None = None,
     ) -> None:
+        """`minutes`: as BarBuilder's, the 1m features' bars."""
         self.lake = lake
         self.exchange = exchange
         self.features = features
         self.imputed_max_share = imputed_max_share
+        self.minutes = minutes or MonthMinutes(lake, exchange, imputed_max_share, keep=False)
 
     def _bars(
         self, timeframe: str, symbol_key: str, first: date, last: date
@@ -92,9 +99,7 @@ class FeatureBuilder:
         days: dict[date, pl.DataFrame] = {}
         month = month_of(first)
         while month <= last:
-            usable = usable_minutes(
-                self.lake, self.exchange, symbol_key, month, self.imputed_max_share
-            )
+            usable = self.minutes(symbol_key, month)
             days.update(split_days(usable.minutes))
             month = month_of(month + timedelta(days=31))
         return {day: frame for day, frame in days.items() if first <= day <= last}

@@ -514,9 +514,8 @@ def _day_of(ts_ms: int) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = load_settings()
+def wired(settings: Settings) -> tuple[LiveCollector, StatusRecorder, BuildOnClose]:
+    """The collector of the deployment with its hooks: the status file and the builds."""
     collector = LiveCollector.from_settings(settings)
     recorder = StatusRecorder(settings.live_status)
     # Its own Lake: the builds read the month files from another thread than the writes.
@@ -528,30 +527,44 @@ def main() -> None:
     )
     collector.on_persisted += [recorder.on_persisted, builds]
     collector.on_opened.append(StreamedOpens(settings.live_opens).record)
+    return collector, recorder, builds
 
-    async def report(stop: asyncio.Event) -> None:
+
+async def serve(
+    collector: LiveCollector, recorder: StatusRecorder, builds: BuildOnClose, stop: asyncio.Event
+) -> None:
+    """Stream until `stop` is set, writing the status every WRITE_EVERY_S and at the end."""
+
+    async def report() -> None:
         while not stop.is_set():
             recorder.write(collector.state)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), WRITE_EVERY_S)
 
-    async def serve() -> None:
+    reporting = asyncio.create_task(report())
+    try:
+        await collector.run(stop)
+    finally:
+        stop.set()
+        await reporting
+        builds.close()
+        recorder.write(collector.state)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    collector, recorder, builds = wired(load_settings())
+
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("streaming %s into %s", ", ".join(collector.symbols), collector.lake.location)
-        reporting = asyncio.create_task(report(stop))
-        try:
-            await collector.run(stop)
-        finally:
-            stop.set()
-            await reporting
-            builds.close()
-            recorder.write(collector.state)
+        await serve(collector, recorder, builds, stop)
         log.info("stopped")
 
-    asyncio.run(serve())
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

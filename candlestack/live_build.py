@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 
-from candlestack.bars import BarBuilder
+from candlestack.bars import BarBuilder, MonthMinutes
 from candlestack.config import symbol_key
 from candlestack.feature_store import FeatureBuilder, FeatureSet
 from candlestack.lake import Lake
@@ -52,8 +52,10 @@ class BuildOnClose:
     def __init__(
         self, lake: Lake, exchange: str, features: FeatureSet, imputed_max_share: float
     ) -> None:
-        self.bars = BarBuilder(lake, exchange, imputed_max_share)
-        self.features = FeatureBuilder(lake, exchange, features, imputed_max_share)
+        # Read once per change of a month's candles, not by every timeframe at every close.
+        minutes = MonthMinutes(lake, exchange, imputed_max_share)
+        self.bars = BarBuilder(lake, exchange, imputed_max_share, minutes)
+        self.features = FeatureBuilder(lake, exchange, features, imputed_max_share, minutes)
         self.feature_timeframes = tuple(features.timeframes)
         # The closing kline's arrival -> its builds done, seconds (the post-close calculation).
         self.build_seconds: deque[float] = deque(maxlen=SAMPLES)
