@@ -1,7 +1,7 @@
 """Benchmark: the live collector (issue 16), streaming from loopback Binance servers.
 
     python bench/live.py [--symbols 1 5 20] [--minutes 12] [--minute-seconds 10]
-                         [--history 500000 | --skip-history]
+                         [--fill-minutes 8] [--history 500000 | --skip-history]
 
 For each symbol count N, `python -m candlestack.live`'s collector (`live.wired` and
 `live.serve`: the status file and the bars-and-features builds of the default feature set
@@ -23,8 +23,12 @@ Prints, per N:
    build (target p95 < 500 ms).
 3. The collector process's CPU seconds per streamed minute and its resident memory, in
    total and per symbol, and its wall seconds per streamed minute against the clock's.
-4. Unless --skip-history: bench/dry_run_history.py's dry-run step and drift check with 0
-   and --history earlier decisions in the ledger (target: within 20 % of each other).
+4. Close to fill with a real dagster-daemon (`close_to_fill`), on the wall clock for
+   `--fill-minutes` (0 skips it): per stage, seconds from the bar's close, p50/p95
+   (target: the fill p95 <= 10 s).
+5. Unless --skip-history: bench/dry_run_history.py's dry-run step and drift check with 0,
+   a drift window's (10,080) and --history earlier decisions in the ledger (target:
+   within 20 % of each other).
 Figures only.
 """
 
@@ -45,15 +49,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dagster as dg  # noqa: E402
+
 from candlestack.bars import BarBuilder  # noqa: E402
 from candlestack.config import symbol_key  # noqa: E402
 from candlestack.feature_store import FeatureBuilder, load_feature_set  # noqa: E402
 from candlestack.ingest import Ingestor  # noqa: E402
 from candlestack.lake import Lake  # noqa: E402
+from candlestack.ledger import Ledger  # noqa: E402
 from candlestack.resample import BAR_TIMEFRAMES  # noqa: E402
 from candlestack.sources.ccxt_source import CLOSE_MARGIN_MS, CcxtSource  # noqa: E402
 from tests.integration.fake_binance import EXCHANGE_INFO_PATH, OHLCV_DIR, FakeBinance  # noqa: E402
 from tests.integration.fake_binance_ws import FakeBinanceWS  # noqa: E402
+from tests.integration.live_stack import live_stack  # noqa: E402
 
 CSVS = [OHLCV_DIR / f"tooyipjee_binance_{m}_1m.csv" for m in ("BTCUSDT", "ETHUSDT")]
 # Real Binance USDT markets of 2021 the recorded exchangeInfo lacks, for N > 13.
@@ -62,6 +70,7 @@ FIRST_DAY = date(2021, 4, 20)
 STREAM_START = datetime(2021, 5, 19, 23, 50, tzinfo=UTC)
 STREAM_START_MS = int(STREAM_START.timestamp() * 1000)
 MINUTE_MS = 60_000
+MINUTE = timedelta(minutes=1)
 WARMUP_MINUTES = 1
 
 
@@ -233,13 +242,81 @@ def report(n: int, figures: dict, minute_seconds: float, first: tuple[int, float
     )
 
 
+def collector_figures(counts: list[int], minutes: int, minute_seconds: float) -> None:
+    """Sections 1-3, for each symbol count."""
+    with tempfile.TemporaryDirectory(prefix="bench_live_") as tmp:
+        folder = Path(tmp)
+        info, symbols = exchange_info(folder, max(counts))
+        markets = {m: CSVS[k % len(CSVS)] for k, m in enumerate(symbols)}
+        prefill(folder / "lake", markets, symbols, info)
+        first = None
+        print(
+            f"streaming {STREAM_START + timedelta(minutes=WARMUP_MINUTES):%Y-%m-%d %H:%M} UTC "
+            f"on: {minutes} minutes counted after a warm-up of {WARMUP_MINUTES}, "
+            f"a minute every {minute_seconds} s"
+        )
+        for n in counts:
+            session = folder / f"n{n}"
+            shutil.copytree(folder / "lake", session / "lake")
+            chosen = dict(list(symbols.items())[:n])
+            figures = stream(session, info, chosen, minutes, minute_seconds)
+            first = first or (n, figures["rss_mib"])
+            report(n, figures, minute_seconds, first)
+            shutil.rmtree(session)
+
+
+def close_to_fill(minutes: float) -> None:
+    """A bar's close to its paper fill on the whole live path, on the wall clock: the
+    loopback Binance replaying a recorded day as today, `python -m candlestack.live`, and a
+    real dagster-daemon with the repository's instance settings running dry_run_bars for the
+    1m strategy (tests/integration/live_stack.py). Per stage, from the run's own events."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-live-fill-"))
+    print(f"\nclose to fill: collector, dagster-daemon and dry_run_bars for {minutes:g} min ...")
+    with live_stack(folder) as stack:
+        time.sleep(minutes * 60)
+    os.environ["DAGSTER_HOME"] = stack.env["DAGSTER_HOME"]
+    instance = dg.DagsterInstance.get()
+    # The first run waits for the daemon's start-up: left out.
+    decisions = Ledger(stack.ledger_url).decisions("btc_scalp").slice(1)
+    if decisions.height < 2:
+        print("  too few bars decided to measure; run longer")
+        return
+    stages = {
+        "run requested (persist, build, sensor)": None,
+        "run launched (queue)": dg.DagsterEventType.RUN_STARTING,
+        "run worker up (process, imports)": dg.DagsterEventType.RUN_START,
+        "step started": dg.DagsterEventType.STEP_START,
+        "decided (fill price, signals)": None,
+        "step done (ledger commit, metadata)": dg.DagsterEventType.STEP_SUCCESS,
+    }
+    since_close: dict[str, list[float]] = {stage: [] for stage in stages}
+    for row in decisions.iter_rows(named=True):
+        close = (row["bar_ts"] + MINUTE).timestamp()
+        run_id = row["run_id"]
+        for stage, kind in stages.items():
+            if kind is None:
+                at = (
+                    instance.get_run_record_by_id(run_id).create_timestamp
+                    if stage.startswith("run requested")
+                    else row["decided_at"]
+                ).timestamp()
+            else:
+                at = instance.get_records_for_run(run_id, of_type=kind).records[0]
+                at = at.event_log_entry.timestamp
+            since_close[stage].append(at - close)
+    print(f"  bars decided: {decisions.height}; seconds after the close, p50 / p95:")
+    for stage, values in since_close.items():
+        print(f"  {stage:40s} {percentile(values, 50):6.2f} {percentile(values, 95):6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--symbols", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--symbols", type=int, nargs="*", default=[1, 5, 20], help="none: skip")
     parser.add_argument("--minutes", type=int, default=12, help="at least 2")
     parser.add_argument("--minute-seconds", type=float, default=10.0)
     parser.add_argument("--history", type=int, default=500_000)
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--fill-minutes", type=float, default=8, help="0 skips close to fill")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # Warnings expected here: the prefill's first days have gaps (the recording starts
@@ -248,31 +325,20 @@ def main() -> None:
     if args.worker:
         collect()
         return
-    with tempfile.TemporaryDirectory(prefix="bench_live_") as tmp:
-        folder = Path(tmp)
-        info, symbols = exchange_info(folder, max(args.symbols))
-        markets = {m: CSVS[k % len(CSVS)] for k, m in enumerate(symbols)}
-        prefill(folder / "lake", markets, symbols, info)
-        first = None
-        print(
-            f"streaming {STREAM_START + timedelta(minutes=WARMUP_MINUTES):%Y-%m-%d %H:%M} UTC "
-            f"on: {args.minutes} minutes counted after a warm-up of {WARMUP_MINUTES}, "
-            f"a minute every {args.minute_seconds} s"
-        )
-        for n in args.symbols:
-            session = folder / f"n{n}"
-            shutil.copytree(folder / "lake", session / "lake")
-            chosen = dict(list(symbols.items())[:n])
-            figures = stream(session, info, chosen, args.minutes, args.minute_seconds)
-            first = first or (n, figures["rss_mib"])
-            report(n, figures, args.minute_seconds, first)
-            shutil.rmtree(session)
-    # Close to fill (a real dagster-daemon) goes here: not measured by this script yet.
+    if args.symbols:
+        collector_figures(args.symbols, args.minutes, args.minute_seconds)
+    if args.fill_minutes:
+        close_to_fill(args.fill_minutes)
     if not args.skip_history:
-        from bench.dry_run_history import measure, print_figures
+        from bench.dry_run_history import WINDOW, measure, print_figures
 
-        print(f"dry-run step and drift check, 0 and {args.history:,} earlier decisions:")
-        print_figures(measure(args.history, 3, [0, args.history]), 3)
+        # A drift check compares its window (7 days of bars): one full window of decisions
+        # is what it costs without history to grow into.
+        sizes = sorted({0, min(WINDOW, args.history), args.history})
+        print(
+            f"dry-run step and drift check, {', '.join(f'{n:,}' for n in sizes)} earlier decisions:"
+        )
+        print_figures(measure(args.history, 3, sizes), 3)
 
 
 if __name__ == "__main__":
