@@ -114,7 +114,7 @@ def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         config: BacktestWindow,
     ) -> dg.MaterializeResult:
         run_config = config.apply(strategy)
-        exchange = source.open().exchange
+        exchange = source.exchange_name()
         stored = run_backtest(lake.lake, exchange, run_config)
         result, metrics = stored.result, stored.result.metrics
         equity = result.equity
@@ -204,7 +204,7 @@ def _sweep_asset(sweep: SweepConfig) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         run = config.apply(sweep)
         stored = run_sweep(
-            lake.lake, source.open().exchange, strategy, run.grid, run.rank_by, run.name
+            lake.lake, source.exchange_name(), strategy, run.grid, run.rank_by, run.name
         )
         for reason in stored.invalid:
             context.log.info("left out %s", reason)

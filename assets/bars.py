@@ -55,7 +55,7 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
     def bars(
         context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
     ) -> dg.MaterializeResult:
-        builder = BarBuilder(lake.lake, source.open().exchange, load_settings().imputed_max_share)
+        builder = BarBuilder(lake.lake, source.exchange_name(), load_settings().imputed_max_share)
         outcomes, mismatches = [], []
         for symbol_key, months in symbol_months(context.partition_keys).items():
             for month, partition_key in sorted(months.items()):

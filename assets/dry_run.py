@@ -21,6 +21,7 @@ from candlestack.drift import drift_from_lake
 from candlestack.dryrun import LATENCY_WINDOW, DryRun, latency_stats
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
 from candlestack.resample import TIMEFRAME_MINUTES
+from candlestack.sources.base import LazySource
 from candlestack.strategies.config import StrategyConfig
 from resources import CandleSourceResource, LakeResource, LedgerResource
 
@@ -115,10 +116,12 @@ def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         ledger: LedgerResource,
     ) -> dg.MaterializeResult:
         bar_ts = datetime.fromisoformat(config.bar_open).astimezone(UTC)
-        client = source.open()
+        exchange = source.exchange_name()
+        # Built only if the live stream lacks the fill's open (ccxt: usually never).
+        client = LazySource(source.open, exchange)
         book = ledger.open()
         outcome = DryRun(
-            strategy, lake.lake, client.exchange, client, book, streamed=source.streamed_opens()
+            strategy, lake.lake, exchange, client, book, streamed=source.streamed_opens()
         ).run(bar_ts, run_id=context.run_id)
         for decision in outcome.decisions:
             context.log.info(
@@ -154,7 +157,7 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         ledger: LedgerResource,
     ) -> dg.AssetCheckResult:
         report = drift_from_lake(
-            lake.lake, source.open().exchange, ledger.open(), strategy, datetime.now(UTC)
+            lake.lake, source.exchange_name(), ledger.open(), strategy, datetime.now(UTC)
         )
         causes = report.causes()
         # Observed on the asset too: its Plots tab draws each figure across check runs.

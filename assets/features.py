@@ -63,7 +63,7 @@ def _features_asset(timeframe: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         settings = load_settings()
         builder = FeatureBuilder(
-            lake.lake, source.open().exchange, feature_set, settings.imputed_max_share
+            lake.lake, source.exchange_name(), feature_set, settings.imputed_max_share
         )
         outcomes = []
         for symbol_key, months in symbol_months(context.partition_keys).items():

@@ -411,7 +411,7 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
 
     Dagster records checks of a single-run range without a partition; this grid (and each
     partition's own metadata) is where a person sees quality per symbol and day."""
-    coverage = coverage_frame(lake.lake.reports(source.open().exchange), load_settings().symbols)
+    coverage = coverage_frame(lake.lake.reports(source.exchange_name()), load_settings().symbols)
     counts = dict(coverage.group_by("status").len().iter_rows())
     imputed = {g: counts.get(g, 0) for g, _ in IMPUTED_GRADES}
     return dg.MaterializeResult(

@@ -21,7 +21,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import polars as pl
-import requests
 
 from candlestack.errors import CandlestackError
 
@@ -162,6 +161,10 @@ class Delivery:
 def post(target: Target, payload: Mapping[str, Any], timeout: float) -> None:
     """POST one payload as JSON; raises AlertDeliveryError naming the target, never its
     full URL (requests' own messages carry it, so they are not passed on)."""
+    # Imported here: ~0.1 s that every run worker loading the code location would pay, and
+    # only the alert sensors post.
+    import requests
+
     try:
         response = requests.post(target.url, json=payload, timeout=timeout)
     except requests.RequestException as exc:

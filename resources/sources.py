@@ -2,14 +2,18 @@
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
 from candlestack.config import Settings
 from candlestack.live_status import StreamedOpens
-from candlestack.sources import CandleSource, CcxtSource, ReplaySource, SyntheticSource
+from candlestack.sources import CandleSource, ReplaySource, SyntheticSource
 from resources.env import env_var_or
+
+if TYPE_CHECKING:
+    from candlestack.sources.ccxt_source import CcxtSource
 
 
 class CandleSourceResource(dg.ConfigurableResource):
@@ -18,6 +22,10 @@ class CandleSourceResource(dg.ConfigurableResource):
     refetch_attempts: int = Field(2, description="re-requests of missing minutes per day")
 
     def open(self) -> CandleSource:
+        raise NotImplementedError
+
+    def exchange_name(self) -> str:
+        """`open().exchange` (the exchange id in lake paths), without building a client."""
         raise NotImplementedError
 
     def streamed_opens(self) -> StreamedOpens | None:
@@ -34,6 +42,9 @@ class SyntheticSourceResource(CandleSourceResource):
     def open(self) -> SyntheticSource:
         return SyntheticSource(seed=self.seed, symbols=self.symbols)
 
+    def exchange_name(self) -> str:
+        return "synthetic"
+
 
 class ReplaySourceResource(CandleSourceResource):
     """Recorded candles: symbol -> file (CSV, Parquet, freqtrade JSON/feather, kline CSV)."""
@@ -44,6 +55,9 @@ class ReplaySourceResource(CandleSourceResource):
 
     def open(self) -> ReplaySource:
         return ReplaySource(self.files, exchange=self.exchange, markets_file=self.markets_file)
+
+    def exchange_name(self) -> str:
+        return self.exchange
 
 
 class CcxtSourceResource(CandleSourceResource):
@@ -63,7 +77,11 @@ class CcxtSourceResource(CandleSourceResource):
         None, description="the live collector's forming-minute opens (dry-run fill prices)"
     )
 
-    def open(self) -> CcxtSource:
+    def open(self) -> "CcxtSource":
+        # Imported here, not with the module: ccxt takes ~0.6 s to import, and a run that
+        # needs only the exchange's name (or the streamed opens) never builds a client.
+        from candlestack.sources.ccxt_source import CcxtSource
+
         config = json.loads(self.options_json)
         if self.api_key:
             config |= {"apiKey": self.api_key, "secret": self.secret}
@@ -73,6 +91,9 @@ class CcxtSourceResource(CandleSourceResource):
             sandbox=self.sandbox,
             retry_max_seconds=self.retry_max_seconds,
         )
+
+    def exchange_name(self) -> str:
+        return self.exchange
 
     def streamed_opens(self) -> StreamedOpens | None:
         return StreamedOpens(Path(self.live_opens)) if self.live_opens else None

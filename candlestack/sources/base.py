@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from typing import Protocol
 
 import polars as pl
@@ -29,3 +31,33 @@ class CandleSource(Protocol):
     def now_ms(self) -> int:
         """The source's clock: candles opening at or after now - 1 minute are still forming."""
         ...
+
+
+class LazySource:
+    """A CandleSource built on its first use. A dry-run filling at the live collector's
+    streamed open never uses its source: it then builds no exchange client (nor, for ccxt,
+    spends ~0.6 s importing ccxt before its step)."""
+
+    def __init__(self, open_source: Callable[[], CandleSource], exchange: str) -> None:
+        self._open_source = open_source
+        self.exchange = exchange
+
+    @cached_property
+    def source(self) -> CandleSource:
+        return self._open_source()
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+    def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return self.source.fetch_candles(symbol, start_ms, end_ms)
+
+    def open_at(self, symbol: str, ts_ms: int) -> float | None:
+        return self.source.open_at(symbol, ts_ms)
+
+    def load_markets(self) -> pl.DataFrame:
+        return self.source.load_markets()
+
+    def now_ms(self) -> int:
+        return self.source.now_ms()

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 
 from assets.dry_run import AUDIT_CHECK, DRIFT_CHECK, drift_checks, dry_run_assets, ledger_snapshot
 from candlestack.dryrun import LATENCY_WINDOW, latency_stats, session_summary
+from candlestack.errors import ConfigError
 from candlestack.ingest import Ingestor
 from candlestack.lake import Lake, write_parquet_atomic
 from candlestack.ledger import (
@@ -21,10 +22,11 @@ from candlestack.ledger import (
     OrderRecord,
     Position,
 )
+from candlestack.live_status import StreamedOpens
 from candlestack.sources.synthetic import SyntheticSource
 from pipelines.jobs import kill_switch
 from pipelines.sensors import dry_run_bars
-from resources import LakeResource, LedgerResource, SyntheticSourceResource
+from resources import CcxtSourceResource, LakeResource, LedgerResource, SyntheticSourceResource
 
 STRATEGY = "btc_scalp"  # the built-in 1m strategy: bars close every minute
 SYMBOLS = ["BTC/USDT"]
@@ -114,6 +116,29 @@ def test_sensor_requests_each_new_bar_once_and_the_run_executes_it_once(live):
     metadata = again.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["note"].value.startswith("already decided")
     assert ledger.decisions(STRATEGY).height == 3
+
+
+def test_a_dry_run_filling_at_the_streamed_open_builds_no_exchange_client(live, tmp_path):
+    resources, ledger = live
+    instance = dg.DagsterInstance.ephemeral()
+    (request,) = tick(instance, resources).run_requests
+    bar_open = datetime.fromisoformat(request.tags["candlestack/bar_open"]).astimezone(UTC)
+    next_ms = int((bar_open + timedelta(minutes=1)).timestamp() * 1000)
+    opens = StreamedOpens(tmp_path / "opens")
+    opens.record("BTC/USDT", next_ms, 64_000.0)
+    # ccxt has no exchange "synthetic" (the lake's): building its client would raise.
+    unbuildable = CcxtSourceResource(exchange="synthetic", live_opens=str(tmp_path / "opens"))
+    with pytest.raises(ConfigError, match="unknown ccxt exchange id 'synthetic'"):
+        unbuildable.open()
+    result = dg.materialize(
+        [asset(STRATEGY)],
+        run_config=request.run_config,
+        resources={**resources, "source": unbuildable},
+        instance=instance,
+        tags=request.tags,
+    )
+    assert result.success
+    assert ledger.decisions(STRATEGY).get_column("bar_ts").to_list() == [bar_open]
 
 
 def test_kill_switch_job_trips_and_resets_with_an_audited_reason(live):

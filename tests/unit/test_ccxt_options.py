@@ -3,7 +3,7 @@
 import pytest
 
 from candlestack.errors import ConfigError
-from candlestack.sources import CcxtSource
+from candlestack.sources.ccxt_source import CcxtSource
 
 
 def test_unknown_exchange_id_is_a_clear_config_error():
