@@ -227,7 +227,7 @@ def main() -> int:
         instance=instance, run_config=QUIET, raise_on_error=False
     )
     lake = defs.resources["lake"].lake
-    exchange = defs.resources["source"].process_config_and_initialize().open().exchange
+    exchange = defs.resources["source"].process_config_and_initialize().exchange_name()
     dry_runs = _dry_run_session(defs, instance, lake, exchange)
 
     reports = lake.reports(exchange).filter(pl.col("date") >= datetime.fromisoformat(first).date())

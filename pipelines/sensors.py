@@ -138,7 +138,7 @@ def dry_run_bars(
     context: dg.SensorEvaluationContext, lake: LakeResource, source: CandleSourceResource
 ) -> dg.SensorResult:
     cursor: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    exchange = source.open().exchange
+    exchange = source.exchange_name()
 
     def poll() -> list[dg.RunRequest]:
         today = datetime.now(UTC).date()
