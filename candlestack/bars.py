@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from candlestack.checks import gap_failure, ohlc_violations_by_day
-from candlestack.lake import DayData, Lake, LakePath, WriteResult, _identity, split_days
+from candlestack.lake import DayData, Lake, LakePath, WriteResult, file_identity, split_days
 from candlestack.provenance import code_version
 from candlestack.resample import (
     SOURCE_TIMEFRAME,
@@ -106,7 +106,7 @@ class MonthMinutes:
         path = self.lake.month_path("ohlcv", self.exchange, "1m", symbol_key, month)
         try:
             # Taken before the read: a file replaced meanwhile is read again next time.
-            identity = _identity(path)
+            identity = file_identity(path)
         except FileNotFoundError:
             identity = None
         months = self._kept.setdefault(symbol_key, {})

@@ -301,7 +301,9 @@ class _FileBytes:
     identity: tuple  # what the file was when read: quarantine moves only that file
 
 
-def _identity(path: LakePath) -> tuple:
+def file_identity(path: LakePath) -> tuple:
+    """What the file is now (inode, size and mtime; an object's size alone): another value
+    later means it was replaced meanwhile."""
     if isinstance(path, UPath):
         info = path.fs.fs.get_file_info(path.path)
         if info.type == pafs.FileType.NotFound:
@@ -635,7 +637,7 @@ class Lake:
         if self._kept is None:
             return self._healed(path, self._load_month, None, rehash)
         try:
-            identity = _identity(path)
+            identity = file_identity(path)
         except FileNotFoundError:
             return None
         kept = self._kept.get(path.parent.parent)
@@ -739,7 +741,7 @@ class Lake:
             # What a read of the new file would return, without reading it.
             footer = _month_footer_of(path, key_value, ())
             self._kept[path.parent.parent] = (
-                _identity(path),
+                file_identity(path),
                 StoredMonth(path, frame, *footer, key_value),
             )
         size = size if size is not None else path.stat().st_size
@@ -882,7 +884,7 @@ class Lake:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = self.root / QUARANTINE_FOLDER / f"{relative}.{stamp}"
         try:
-            if damage.identity is not None and _identity(path) != damage.identity:
+            if damage.identity is not None and file_identity(path) != damage.identity:
                 log.warning("%s changed since it was found damaged: left in place", path)
                 return None
             _move(path, target)
