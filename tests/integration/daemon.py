@@ -50,6 +50,15 @@ def loopback_binance_env(tmp_path: Path, binance, pool_limit: int | None = None)
     return env
 
 
+def dagster(env: dict, *args: str) -> None:
+    """A `dagster` CLI command on the repository's workspace, which must succeed."""
+    done = subprocess.run(
+        [BIN / "dagster", *args, "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def start_daemon(env: dict) -> subprocess.Popen:
     """The daemon in its own process group, so a test can stop it and every run it started."""
     return subprocess.Popen(

@@ -28,7 +28,7 @@ from candlestack.ledger import Ledger
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.strategies.config import StrategyConfig
 from tests.conftest import isolated_env
-from tests.integration.daemon import BIN, DRY_RUN_STRATEGIES, ROOT, running_daemon
+from tests.integration.daemon import BIN, DRY_RUN_STRATEGIES, ROOT, dagster, running_daemon
 from tests.integration.fake_binance import OHLCV_DIR, FakeBinance
 from tests.integration.fake_binance_ws import FakeBinanceWS
 
@@ -56,14 +56,6 @@ class LiveStack:
     @property
     def lake(self) -> Lake:
         return Lake(self.env["CANDLESTACK_LAKE"])
-
-
-def _dagster(env: dict[str, str], *args: str) -> None:
-    done = subprocess.run(
-        [BIN / "dagster", *args, "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def recorded_day_entering_soon(strategies: str, now: datetime) -> date:
@@ -124,7 +116,7 @@ def live_stack(tmp_path: Path, strategies: str = DRY_RUN_STRATEGIES) -> Iterator
             shipped.pop(local)
         Path(env["DAGSTER_HOME"], "dagster.yaml").write_text(yaml.safe_dump(shipped))
         Ledger(env["CANDLESTACK_LEDGER_URL"]).migrate()  # as a deployment's first start does
-        _dagster(env, "sensor", "start", "dry_run_bars")
+        dagster(env, "sensor", "start", "dry_run_bars")
         log = stack.enter_context((tmp_path / "live.log").open("w"))
         collector = subprocess.Popen(
             [BIN / "python", "-m", "candlestack.live"],

@@ -4,7 +4,6 @@ are killed mid-way and restarted, and every bar is still executed exactly once."
 
 import os
 import signal
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -13,17 +12,9 @@ import polars as pl
 import pytest
 
 from candlestack.ledger import Ledger
-from tests.integration.daemon import BIN, ROOT, live_dry_run_env, start_daemon
+from tests.integration.daemon import dagster, live_dry_run_env, start_daemon
 
 PHASE_TIMEOUT_S = 240
-
-
-def dagster(env, *args: str) -> None:
-    done = subprocess.run(
-        [BIN / "dagster", *args, "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def dry_runs(instance) -> list[dg.DagsterRun]:
