@@ -99,12 +99,17 @@ class Ingestor:
         ]
 
     def ingest(
-        self, symbol: str, days: Sequence[date], keep_closed: bool = False
+        self, symbol: str, days: Sequence[date], keep_closed: bool = False, finalise: bool = True
     ) -> list[PartitionOutcome]:
         """Ingest `days`, each month's in one write of its file. Final days are kept as
         stored; with `keep_closed` (the minutely top-up of the open month) every day stored
         closed is, so a minute fetches the open day and any day not yet stored closed, and
-        its work does not grow with the day of the month."""
+        its work does not grow with the day of the month.
+
+        Without `finalise` (the live collector's write of a streamed close), a day whose
+        last minute has closed is topped up like the open day, and stored as not closed: its
+        re-fetch in full, which records the exchange's revisions, is left to a later pass
+        (the collector's own, right after; or the schedules'), off the close's path."""
         closed_end = self.source.now_ms() // MINUTE_MS * MINUTE_MS
         not_started = sorted(d for d in days if day_start_ms(d) >= closed_end)
         if not_started:
@@ -114,20 +119,34 @@ class Ingestor:
             by_month.setdefault(month_of(day), []).append(day)
         outcomes = []
         for month, month_days in by_month.items():
-            outcomes.extend(self._ingest_month(symbol, month, month_days, closed_end, keep_closed))
+            outcomes.extend(
+                self._ingest_month(symbol, month, month_days, closed_end, keep_closed, finalise)
+            )
         return outcomes
 
     def _ingest_month(
-        self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
+        self,
+        symbol: str,
+        month: date,
+        days: list[date],
+        closed_end: int,
+        keep_closed: bool,
+        finalise: bool,
     ) -> list[PartitionOutcome]:
         exchange, key = self.source.exchange, symbol_key(symbol)
         # Read, merged and written under the month's lock: the live collector writes the
         # open month too, and neither may write over minutes the other stored meanwhile.
         with self.lake.month_lock("ohlcv", exchange, "1m", key, month):
-            return self._ingest_locked_month(symbol, month, days, closed_end, keep_closed)
+            return self._ingest_locked_month(symbol, month, days, closed_end, keep_closed, finalise)
 
     def _ingest_locked_month(
-        self, symbol: str, month: date, days: list[date], closed_end: int, keep_closed: bool
+        self,
+        symbol: str,
+        month: date,
+        days: list[date],
+        closed_end: int,
+        keep_closed: bool,
+        finalise: bool,
     ) -> list[PartitionOutcome]:
         exchange, key = self.source.exchange, symbol_key(symbol)
         # Re-hashed: a re-fetched day is merged with the stored rows, and final days are
@@ -144,7 +163,7 @@ class Ingestor:
         for run in contiguous_runs(set(days) - set(final)):
             for first in range(0, len(run), MAX_STREAM_DAYS):
                 stream = run[first : first + MAX_STREAM_DAYS]
-                finished.extend(self._ingest_run(symbol, stream, closed_end, stored))
+                finished.extend(self._ingest_run(symbol, stream, closed_end, stored, finalise))
         writes = self.lake.write_month(
             "ohlcv",
             exchange,
@@ -217,11 +236,16 @@ class Ingestor:
         ).match_to_schema(REVISIONS)
 
     def _ingest_run(
-        self, symbol: str, run: list[date], closed_end: int, stored: StoredMonth | None
+        self,
+        symbol: str,
+        run: list[date],
+        closed_end: int,
+        stored: StoredMonth | None,
+        finalise: bool,
     ) -> list[tuple[date, DayData, pl.DataFrame, pl.DataFrame]]:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
-        if run_end < day_start_ms(run[-1]) + DAY_MS:
+        if run_end < day_start_ms(run[-1]) + DAY_MS or not finalise:
             # The open day is topped up: real candles stored by the previous pass are kept
             # and only the minutes from the newest of them on are asked for. The newest is
             # asked for again, so a candle stored while still forming (a clock ahead of the
@@ -271,6 +295,7 @@ class Ingestor:
                 rejected.filter(pl.col("_day") == start // DAY_MS).drop("_day"),
                 previous,
                 stored_real,
+                finalise,
             )
             earlier = stored.day_revisions(day) if stored is not None else self._no_revisions
             data = DayData(
@@ -316,6 +341,7 @@ class Ingestor:
         rejected: pl.DataFrame,
         previous_day_real: pl.DataFrame | None,
         stored_real: pl.DataFrame,
+        finalise: bool,
     ) -> tuple[DayData, pl.DataFrame, pl.DataFrame]:
         """The day's candles, report and gaps, its rejected rows, and its real candles.
 
@@ -370,7 +396,7 @@ class Ingestor:
             "first_ts": candles["ts"].min(),
             "last_ts": candles["ts"].max(),
             "source": self.source.kind,
-            "day_closed": end == start + DAY_MS,
+            "day_closed": end == start + DAY_MS and finalise,
         }
         return DayData(candles, report, gaps), rejected, clean
 

@@ -210,6 +210,49 @@ def test_streamed_day_equals_a_rest_backfill_of_the_same_minutes(servers, tmp_pa
     assert running.state.reconnects == 0 and ws.connections_opened == 1
 
 
+def test_a_day_s_last_minute_is_stored_from_the_stream_and_the_day_then_fetched_again(
+    shared_data, tmp_path
+):
+    """The close of a day's last minute does not wait for the day to be fetched again: it
+    is stored from the stream like any minute. Right after, the day is fetched again in
+    full over REST and stored closed, as the REST top-up closes a day."""
+    midnight_ms = DAY_START_MS + 1440 * MINUTE_MS
+    ws = FakeBinanceWS(MARKETS, start_ms=midnight_ms - 8 * MINUTE_MS, minute_seconds=0.5)
+    with ws, FakeBinance(MARKETS, now_ms=ws.now_ms) as rest:
+        requests_by = {}  # (symbol, minute persisted) -> its klines requests made before
+
+        def note(candle: PersistedCandle) -> None:
+            requests_by[(candle.symbol, candle.ts_ms)] = [
+                q for q in rest.requests_to() if q.get("symbol") == SYMBOLS[candle.symbol]
+            ]
+
+        lake = Lake(tmp_path / "lake", keep_months=True)
+        running = collector(lake, ws, rest, on_persisted=[note])
+        for symbol in SYMBOLS:
+            wait_until(lambda s=symbol: midnight_ms in running.streamed(s), 20)
+            wait_until(
+                lambda s=symbol: lake.month_reports("ohlcv", "binance", "1m", symbol_key(s), DAY)[
+                    DAY
+                ]["day_closed"],
+                10,
+            )
+        running.stop()
+
+    for symbol in SYMBOLS:
+        first = min(running.streamed(symbol))
+        last = midnight_ms - MINUTE_MS
+        assert first < last, "the stream must have delivered minutes before the last"
+        # No request between the first streamed minute's write and the last minute's.
+        assert requests_by[(symbol, last)] == requests_by[(symbol, first)]
+        of_symbol = [q for q in rest.requests_to() if q.get("symbol") == SYMBOLS[symbol]]
+        after = of_symbol[len(requests_by[(symbol, last)]) :]
+        assert any(int(q["startTime"]) == DAY_START_MS for q in after)
+        frame = assert_every_minute_once(lake, symbol)
+        assert frame.height == 1440
+        report = lake.month_reports("ohlcv", "binance", "1m", symbol_key(symbol), DAY)[DAY]
+        assert report["day_closed"] and report["real"] == 1440
+
+
 def test_a_connection_dropped_mid_minute_is_repaired_over_rest(servers, tmp_path):
     ws, rest = servers
     lake = Lake(tmp_path / "lake", keep_months=True)
