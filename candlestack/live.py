@@ -252,6 +252,7 @@ class LiveCollector:
         self._received: dict[tuple[str, int], float] = {}
         self._unpersisted: dict[str, list[int]] = {s: [] for s in self.symbols}
         self._writing: dict[str, asyncio.Task] = {}
+        self._persisting = 0  # writes of closed candles in flight (not the finalising ones)
         self._newest_closed: dict[str, int | None] = {}
         self._forming: dict[str, int] = {}
         self._market_ids: dict[str, str] = {}
@@ -458,8 +459,9 @@ class LiveCollector:
                 closed, self._unpersisted[symbol] = self._unpersisted[symbol], []
                 # A snapshot: the event loop keeps adding candles while the thread writes.
                 streamed = dict(self._streamed[symbol])
+                self._persisting += 1
                 try:
-                    repaired = await loop.run_in_executor(
+                    repaired, completed = await loop.run_in_executor(
                         self._write_pool, self._persist, symbol, max(closed), streamed
                     )
                 except Exception as exc:
@@ -467,25 +469,56 @@ class LiveCollector:
                     log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
                     self._unpersisted[symbol][:0] = closed
                     return
+                finally:
+                    self._persisting -= 1
                 self._persisted(symbol, max(closed), repaired, closed)
+                if completed and not self._stopping:
+                    await loop.run_in_executor(
+                        self._write_pool, self._finalise, symbol, completed, max(closed)
+                    )
         finally:
             del self._writing[symbol]
 
-    def _persist(self, symbol: str, newest: int, streamed: dict[int, Candle]) -> int:
+    def persisting(self) -> bool:
+        """Whether a closed candle is being written (any thread may ask)."""
+        return self._persisting > 0
+
+    def _persist(
+        self, symbol: str, newest: int, streamed: dict[int, Candle]
+    ) -> tuple[int, list[date]]:
         """Ingest the symbol's days through `newest` from the stream (and REST for what the
-        stream lacks); returns how many minutes REST supplied."""
+        stream lacks). Returns how many minutes REST supplied, and the days this write
+        completed (their last minute is in), which are stored not yet final."""
         source = StreamedCandles(self.rest, streamed, newest + MINUTE_MS, self._rest_lock)
         last_day = _day_of(newest)
         stored = self.state.symbols[symbol].newest_closed_ts
-        # From the day of the newest stored minute (a restart after midnight finishes the
-        # day before too), within the open month: older months are the backfill's. A lake
-        # without the symbol starts with the open day.
+        # From the day of the first minute not stored (a restart after midnight finishes
+        # the day before too), within the open month: older months are the backfill's. A
+        # lake without the symbol starts with the open day.
         first_day = last_day
         if stored is not None and stored < newest:
-            first_day = max(_day_of(stored), last_day.replace(day=1))
+            first_day = max(_day_of(stored + MINUTE_MS), last_day.replace(day=1))
         days = [first_day + timedelta(days=n) for n in range((last_day - first_day).days + 1)]
-        Ingestor(source, self.lake, self.refetch_attempts).ingest(symbol, days, keep_closed=True)
-        return source.repaired
+        Ingestor(source, self.lake, self.refetch_attempts).ingest(
+            symbol, days, keep_closed=True, finalise=False
+        )
+        completed = [d for d in days if _day_of(newest + MINUTE_MS) > d]
+        return source.repaired, completed
+
+    def _finalise(self, symbol: str, days: list[date], newest: int) -> None:
+        """The completed `days` fetched again in full over REST and stored closed, as the
+        REST top-up closes a day: what the exchange revised since streaming is recorded.
+        After the close's hooks, so the close does not wait for it; a collector stopped
+        before it leaves the days to the schedules (they are stored not closed)."""
+        source = StreamedCandles(self.rest, {}, newest + MINUTE_MS, self._rest_lock)
+        try:
+            Ingestor(source, self.lake, self.refetch_attempts).ingest(
+                symbol, days, keep_closed=True
+            )
+        except Exception as exc:
+            log.error("%s: finalising %s failed: %s", symbol, days[-1], exc, exc_info=exc)
+            return
+        log.info("%s: %s fetched again over REST and stored closed", symbol, days[-1])
 
     def _persisted(self, symbol: str, newest: int, repaired: int, stream_ts: list[int]) -> None:
         now = time.time()
@@ -518,12 +551,14 @@ def wired(settings: Settings) -> tuple[LiveCollector, StatusRecorder, BuildOnClo
     """The collector of the deployment with its hooks: the status file and the builds."""
     collector = LiveCollector.from_settings(settings)
     recorder = StatusRecorder(settings.live_status)
-    # Its own Lake: the builds read the month files from another thread than the writes.
+    # The collector's Lake: the builds read the month of candles it has just written from
+    # memory, not from its file (its cache is replaced whole, so another thread may read it).
     builds = BuildOnClose(
-        Lake(settings.lake),
+        collector.lake,
         settings.exchange_id,
         load_feature_set(settings.features),
         settings.imputed_max_share,
+        collector.persisting,
     )
     collector.on_persisted += [recorder.on_persisted, builds]
     collector.on_opened.append(StreamedOpens(settings.live_opens).record)

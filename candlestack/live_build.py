@@ -5,7 +5,10 @@ sensor sees each strategy's bar the moment it closes.
 
 A hook of the live collector. The builds run in one thread of their own, in close order,
 so the event loop keeps streaming while they run; a symbol whose builds fall behind has
-its closes coalesced into one build of every timeframe that closed meanwhile.
+its closes coalesced into one build of every timeframe that closed meanwhile. They wait
+while the collector is still writing closed candles (`persisting`): every symbol closes
+at the same instant, and on two cores the builds would otherwise slow every other
+symbol's write down.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 
@@ -27,6 +31,9 @@ from candlestack.schema import MINUTE_MS
 log = logging.getLogger("candlestack.live")
 
 SAMPLES = 1440  # post-close build times kept, a day of minutes
+# The longest a build waits for the collector's writes: a stream that never pauses must
+# not starve the builds.
+MAX_WAIT_S = 2.0
 
 
 def closing_timeframes(timeframes, closes_ms) -> list[str]:
@@ -50,7 +57,12 @@ class BuildOnClose:
     """Collector hook: builds the bars and features a persisted candle's close completes."""
 
     def __init__(
-        self, lake: Lake, exchange: str, features: FeatureSet, imputed_max_share: float
+        self,
+        lake: Lake,
+        exchange: str,
+        features: FeatureSet,
+        imputed_max_share: float,
+        persisting: Callable[[], bool] = lambda: False,
     ) -> None:
         # Read once per change of a month's candles, not by every timeframe at every close.
         minutes = MonthMinutes(lake, exchange, imputed_max_share)
@@ -63,6 +75,7 @@ class BuildOnClose:
         self._received: dict[str, float] = {}  # symbol -> arrival of its oldest close due
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="live-build")
+        self._persisting = persisting
 
     def __call__(self, candle) -> None:
         close_ms = candle.ts_ms + MINUTE_MS
@@ -74,6 +87,9 @@ class BuildOnClose:
             self._pool.submit(self._build_due, candle.symbol)
 
     def _build_due(self, symbol: str) -> None:
+        deadline = time.monotonic() + MAX_WAIT_S
+        while self._persisting() and time.monotonic() < deadline:
+            time.sleep(0.002)
         with self._lock:
             closes = sorted(self._due.pop(symbol))
             received = self._received.pop(symbol)
