@@ -169,6 +169,7 @@ def collect() -> None:
     collector, recorder, builds = wired(load_settings())
     from_ms, end_ms = spec["from_ms"], spec["end_ms"]
     latencies: list[float] = []
+    slowest: dict[int, float] = {}  # minute (open ms) -> its slowest symbol's latency
     done: set[str] = set()
     marks: dict[str, float] = {}
 
@@ -183,6 +184,7 @@ def collect() -> None:
                 marks["builds_before"] = len(builds.build_seconds)
             if candle.ts_ms <= end_ms:
                 latencies.append(candle.latency_ms)
+                slowest[candle.ts_ms] = max(slowest.get(candle.ts_ms, 0), candle.latency_ms)
             if candle.ts_ms >= end_ms:
                 done.add(candle.symbol)
             if len(done) == len(collector.symbols) and "cpu_end" not in marks:
@@ -198,6 +200,7 @@ def collect() -> None:
     spans = counted - 1  # minutes between the first counted minute's persist and the last's
     result = {
         "latencies_ms": latencies,
+        "slowest_ms": sorted(slowest.items()),
         "build_seconds": list(builds.build_seconds)[int(marks["builds_before"]) :],
         "cpu_per_minute": (marks["cpu_end"] - marks["cpu"]) / spans,
         "wall_per_minute": (marks["wall_end"] - marks["wall"]) / spans,
@@ -219,6 +222,11 @@ def report(n: int, figures: dict, minute_seconds: float, first: tuple[int, float
         f"  ws->persist ms    p50 {percentile(lat, 50):7.1f}  p95 {percentile(lat, 95):7.1f}  "
         f"p99 {percentile(lat, 99):7.1f}  max {max(lat):7.1f}  ({len(lat)} candles)"
     )
+    by_minute = "  ".join(
+        f"{datetime.fromtimestamp(ts / 1000, UTC):%H:%M} {ms:.0f}"
+        for ts, ms in figures["slowest_ms"]
+    )
+    print(f"  slowest symbol's ws->persist ms, by minute:  {by_minute}")
     print(
         f"  post-close ms     p50 {percentile(build, 50) * 1000:7.1f}  "
         f"p95 {percentile(build, 95) * 1000:7.1f}  max {max(build) * 1000:7.1f}  "
