@@ -73,3 +73,18 @@ def test_a_close_builds_what_closes_with_it_as_the_assets_would(tmp_path):
     for timeframe in ("1m", "15m"):
         built.build(timeframe, KEY, date(2026, 3, 1))
         assert _read(live, "features", timeframe).equals(_read(reference, "features", timeframe))
+
+
+def test_a_build_waits_while_the_collector_writes_closed_candles(tmp_path):
+    now = datetime(2026, 3, 2, 12, 15, 30, tzinfo=UTC)
+    lake = _lake(tmp_path / "live", now)
+    writing_until = time.monotonic() + 0.3
+    hook = BuildOnClose(
+        lake, "synthetic", load_feature_set(None), 0.01, lambda: time.monotonic() < writing_until
+    )
+    hook(_candle(datetime(2026, 3, 2, 12, 14, tzinfo=UTC)))
+    time.sleep(0.15)
+    assert _read(lake, "features", "1m") is None  # not while the other symbols write
+    hook.close()
+    assert time.monotonic() >= writing_until
+    assert _read(lake, "features", "1m")["ts"].max() == datetime(2026, 3, 2, 12, 14, tzinfo=UTC)
