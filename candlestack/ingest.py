@@ -245,13 +245,16 @@ class Ingestor:
     ) -> list[tuple[date, DayData, pl.DataFrame, pl.DataFrame]]:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
+        # Each day's stored real candles, made once: the top-up and the day's merge both use
+        # the open day's (a minutely pass's biggest single cost after the write).
+        stored_reals = {day: self._stored_real(stored, day) for day in run}
         if run_end < day_start_ms(run[-1]) + DAY_MS or not finalise:
             # The open day is topped up: real candles stored by the previous pass are kept
             # and only the minutes from the newest of them on are asked for. The newest is
             # asked for again, so a candle stored while still forming (a clock ahead of the
             # exchange's) is replaced by its final values.
             open_start = day_start_ms(run[-1])
-            kept = self._stored_real(stored, run[-1])
+            kept = stored_reals[run[-1]]
             fetch_from_open_day = int(kept["ts"].max()) if kept.height else open_start
             closed_part = self._fetch(symbol, run_start, open_start)
             open_part = self._fetch(symbol, fetch_from_open_day, run_end)
@@ -276,7 +279,7 @@ class Ingestor:
             start = day_start_ms(day)
             end = min(start + DAY_MS, closed_end)
             fetched = _in(clean, start, end)
-            stored_real = self._stored_real(stored, day)
+            stored_real = stored_reals[day]
             # Nothing stored (a backfill's days): nothing to revise, and no join to pay for.
             revisions = (
                 self._revisions(fetched, stored_real) if stored_real.height else self._no_revisions
