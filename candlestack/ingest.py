@@ -117,29 +117,17 @@ class Ingestor:
         by_month: dict[date, list[date]] = {}
         for day in sorted(set(days)):
             by_month.setdefault(month_of(day), []).append(day)
-        outcomes = []
+        outcomes, key = [], symbol_key(symbol)
         for month, month_days in by_month.items():
-            outcomes.extend(
-                self._ingest_month(symbol, month, month_days, closed_end, keep_closed, finalise)
-            )
+            # Read, merged and written under the month's lock: the live collector writes the
+            # open month too, and neither may write over minutes the other stored meanwhile.
+            with self.lake.month_lock("ohlcv", self.source.exchange, "1m", key, month):
+                outcomes.extend(
+                    self._ingest_month(symbol, month, month_days, closed_end, keep_closed, finalise)
+                )
         return outcomes
 
     def _ingest_month(
-        self,
-        symbol: str,
-        month: date,
-        days: list[date],
-        closed_end: int,
-        keep_closed: bool,
-        finalise: bool,
-    ) -> list[PartitionOutcome]:
-        exchange, key = self.source.exchange, symbol_key(symbol)
-        # Read, merged and written under the month's lock: the live collector writes the
-        # open month too, and neither may write over minutes the other stored meanwhile.
-        with self.lake.month_lock("ohlcv", exchange, "1m", key, month):
-            return self._ingest_locked_month(symbol, month, days, closed_end, keep_closed, finalise)
-
-    def _ingest_locked_month(
         self,
         symbol: str,
         month: date,
