@@ -3,9 +3,10 @@ closes with it, built for the open month by the same builders as the bars and fe
 assets (top-up mode: days whose inputs are unchanged are kept as stored), so the dry-run
 sensor sees each strategy's bar the moment it closes.
 
-A hook of the live collector. The builds run in one thread of their own, in close order,
-so the event loop keeps streaming while they run; a symbol whose builds fall behind has
-its closes coalesced into one build of every timeframe that closed meanwhile. They wait
+A hook of the live collector. The builds run in threads of their own (one symbol's in
+close order, never two at once), so the event loop keeps streaming while they run; a
+symbol whose builds fall behind has its closes coalesced into one build of every
+timeframe that closed meanwhile. They wait
 while the collector is still writing closed candles (`persisting`): every symbol closes
 at the same instant, and on two cores the builds would otherwise slow every other
 symbol's write down.
@@ -34,6 +35,9 @@ SAMPLES = 1440  # post-close build times kept, a day of minutes
 # The longest a build waits for the collector's writes: a stream that never pauses must
 # not starve the builds.
 MAX_WAIT_S = 2.0
+# Two symbols' builds at a time: parquet encoding, fsync and polars' queries release the
+# GIL, so a second thread uses the second core.
+BUILD_THREADS = 2
 
 
 def closing_timeframes(timeframes, closes_ms) -> list[str]:
@@ -73,32 +77,42 @@ class BuildOnClose:
         self.build_seconds: deque[float] = deque(maxlen=SAMPLES)
         self._due: dict[str, set[int]] = {}  # symbol -> closes not built yet
         self._received: dict[str, float] = {}  # symbol -> arrival of its oldest close due
+        self._building: set[str] = set()  # symbols a thread is building
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="live-build")
+        self._pool = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="live-build")
         self._persisting = persisting
 
     def __call__(self, candle) -> None:
         close_ms = candle.ts_ms + MINUTE_MS
         with self._lock:
-            queued = candle.symbol in self._due
+            queued = candle.symbol in self._due or candle.symbol in self._building
             self._due.setdefault(candle.symbol, set()).add(close_ms)
             self._received.setdefault(candle.symbol, candle.received_at)
         if not queued:
             self._pool.submit(self._build_due, candle.symbol)
 
     def _build_due(self, symbol: str) -> None:
-        deadline = time.monotonic() + MAX_WAIT_S
-        while self._persisting() and time.monotonic() < deadline:
-            time.sleep(0.002)
-        with self._lock:
-            closes = sorted(self._due.pop(symbol))
-            received = self._received.pop(symbol)
-        try:
-            self.build(symbol, closes)
-        except Exception:
-            log.exception("%s: bars and features of the closes up to %d failed", symbol, closes[-1])
-            return
-        self.build_seconds.append(time.time() - received)
+        """Build the symbol's closes due, then those that came meanwhile, until none are."""
+        while True:
+            deadline = time.monotonic() + MAX_WAIT_S
+            while self._persisting() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            with self._lock:
+                closes = sorted(self._due.pop(symbol))
+                received = self._received.pop(symbol)
+                self._building.add(symbol)
+            try:
+                self.build(symbol, closes)
+            except Exception:
+                log.exception(
+                    "%s: bars and features of the closes up to %d failed", symbol, closes[-1]
+                )
+            else:
+                self.build_seconds.append(time.time() - received)
+            with self._lock:
+                if symbol not in self._due:
+                    self._building.discard(symbol)
+                    return
 
     def build(self, symbol: str, closes: list[int]) -> None:
         """The bars, then the features, of every timeframe that closed at one of `closes`."""
