@@ -234,7 +234,7 @@ class Ingestor:
         run_start = day_start_ms(run[0])
         run_end = min(day_start_ms(run[-1]) + DAY_MS, closed_end)
         # Each day's stored real candles, made once: the top-up and the day's merge both use
-        # the open day's (a minutely pass's biggest single cost after the write).
+        # the open day's.
         stored_reals = {day: self._stored_real(stored, day) for day in run}
         if run_end < day_start_ms(run[-1]) + DAY_MS or not finalise:
             # The open day is topped up: real candles stored by the previous pass are kept

@@ -6,10 +6,9 @@ sensor sees each strategy's bar the moment it closes.
 A hook of the live collector. The builds run in threads of their own (one symbol's in
 close order, never two at once), so the event loop keeps streaming while they run; a
 symbol whose builds fall behind has its closes coalesced into one build of every
-timeframe that closed meanwhile. They wait
-while the collector is still writing closed candles (`persisting`): every symbol closes
-at the same instant, and on two cores the builds would otherwise slow every other
-symbol's write down.
+timeframe that closed meanwhile. They wait while the collector is still writing closed
+candles (`persisting`): every symbol closes at the same instant, and on two cores the
+builds would otherwise slow every other symbol's write down.
 """
 
 from __future__ import annotations
