@@ -17,6 +17,7 @@ from moto.server import ThreadedMotoServer
 from polars.testing import assert_frame_equal
 
 import candlestack.lake as lake_module
+import candlestack.lake.files as lake_files
 from assets.market_data import candles_1m, catalog
 from candlestack.backtest_store import run_backtest, run_sweep
 from candlestack.bars import BarBuilder
@@ -318,7 +319,7 @@ def test_a_write_failing_while_encoding_leaves_the_previous_object(versioned, s3
         sink.write(b"PAR1 half a file")
         raise Boom("killed while encoding")
 
-    monkeypatch.setattr(lake_module.pq, "write_table", half_then_fail)
+    monkeypatch.setattr(lake_files.pq, "write_table", half_then_fail)
     with pytest.raises(Boom):
         write_day(lake, candles.with_columns(pl.col("close") * 2), report, gaps)
     monkeypatch.undo()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-import candlestack.lake as lake_module
+import candlestack.lake.files as lake_files
 from candlestack.catalog import build_catalog
 from candlestack.errors import DamagedFileError, LakeError
 from candlestack.gaps import gap_report
@@ -501,7 +501,7 @@ def write_behind_the_footer(path: Path, change, checksums: bool = True) -> None:
             path,
             compression="zstd",
             use_dictionary=False,
-            column_encoding=lake_module._encodings(rows.schema),
+            column_encoding=lake_files._encodings(rows.schema),
         )
 
 
@@ -592,7 +592,7 @@ def test_a_file_that_cannot_be_read_is_not_judged_damaged(lake, day_data, monkey
     def unreachable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(lake_module, "open", unreachable, raising=False)
+    monkeypatch.setattr(lake_files, "open", unreachable, raising=False)
     with pytest.raises(LakeError, match="cannot read") as info:
         lake.read_month("ohlcv", "binance", "1m", "BTC-USDT", DAY)
     monkeypatch.undo()
@@ -621,16 +621,14 @@ def test_write_fsyncs_the_folder_after_the_rename(tmp_path, day_data, monkeypatc
     path = tmp_path / "month=2021-04" / "data.parquet"
     events = []
     replace, fsync = os.replace, os.fsync
-    monkeypatch.setattr(
-        lake_module.os, "replace", lambda *a: (events.append("rename"), replace(*a))
-    )
+    monkeypatch.setattr(lake_files.os, "replace", lambda *a: (events.append("rename"), replace(*a)))
 
     def recording_fsync(fd):
         kind = "folder" if os.path.samefile(f"/proc/self/fd/{fd}", path.parent) else "file"
         events.append(f"fsync {kind}")
         fsync(fd)
 
-    monkeypatch.setattr(lake_module.os, "fsync", recording_fsync)
+    monkeypatch.setattr(lake_files.os, "fsync", recording_fsync)
     write_parquet_atomic(path, day_data[0].to_arrow(), {})
 
     assert events == ["fsync file", "rename", "fsync folder"]
@@ -772,7 +770,7 @@ def test_exception_during_write_leaves_no_temp_file(lake, day_data, monkeypatch,
     old = write(lake, {DAY: DayData(candles, report, gaps)})[DAY]
     old_sha = sha(path)
 
-    monkeypatch.setattr(lake_module.pq, "write_table", partial_write_then(exc))
+    monkeypatch.setattr(lake_files.pq, "write_table", partial_write_then(exc))
     with pytest.raises(type(exc)):
         write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})
     monkeypatch.undo()
@@ -791,7 +789,7 @@ def test_failed_rename_leaves_no_temp_file(lake, day_data, monkeypatch):
     def refuse(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(lake_module.os, "replace", refuse)
+    monkeypatch.setattr(lake_files.os, "replace", refuse)
     with pytest.raises(OSError, match="cross-device"):
         write(lake, {DAY: DayData(bump_one_close(candles), report, gaps)})
     monkeypatch.undo()
