@@ -24,6 +24,7 @@ from talib import abstract
 import candlestack.features as features
 from candlestack.bars import BarBuilder
 from candlestack.feature_store import FeatureBuilder
+from candlestack.feature_warmup import convergence_bars
 from candlestack.features import (
     DEFAULT_FEATURES,
     FeatureInputError,
@@ -31,7 +32,6 @@ from candlestack.features import (
     FeatureSpec,
     bar_arrays,
     compute,
-    convergence_bars,
     default_features,
     feature_columns,
     feature_schema,
