@@ -1,13 +1,12 @@
 """The live collector: 1-minute candles streamed over WebSocket (ccxt.pro), each persisted
 into the lake's open month the moment it closes.
 
-A closed candle goes through the REST ingest's own pass (`Ingestor` on the open day, with
-`keep_closed`): the same validation, gap pass, imputation, atomic write and content hashes,
-so a streamed day and a REST-backfilled day are the same rows. The pass reads candles from
-`StreamedCandles`, which answers from the stream and asks REST for every minute the stream
-does not hold: minutes missed across a disconnect, a stall or a restart are repaired over
-REST in the same write as the first candle streamed after it, so no minute is ever stored
-from the stream with a hole before it, and none twice.
+This module is the stream: ccxt.pro's subscription kept alive (reconnects with backoff,
+stalls detected) and each kline judged. A closed candle accepted goes to the
+`live_writer.CandleWriter`, which persists it through the REST ingest's own pass: the same
+validation, gap pass, imputation, atomic write and content hashes, so a streamed day and a
+REST-backfilled day are the same rows, and minutes the stream missed are repaired over REST
+in the same write.
 
 A candle counts as closed when Binance's kline says so (its `x` flag, read by a small
 override of ccxt.pro's kline handler): forming updates are never stored.
@@ -23,13 +22,10 @@ import json
 import logging
 import random
 import signal
-import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import ccxt
@@ -40,108 +36,24 @@ from ccxt.async_support.base.ws.client import Client
 from candlestack.config import Settings, load_settings, symbol_key
 from candlestack.errors import ConfigError
 from candlestack.feature_store import load_feature_set
-from candlestack.ingest import Ingestor
 from candlestack.lake import Lake
 from candlestack.live_build import BuildOnClose
 from candlestack.live_status import UNATTRIBUTED, WRITE_EVERY_S, StatusRecorder, StreamedOpens
+from candlestack.live_writer import (
+    TIMEFRAME,
+    CandleWriter,
+    CollectorState,
+    PersistedCandle,
+    SymbolState,
+)
 from candlestack.schema import MINUTE_MS, RAW_CANDLES
 from candlestack.sources.ccxt_source import CcxtSource
 from candlestack.validate import validate
 
 log = logging.getLogger("candlestack.live")  # also when run as __main__
 
-TIMEFRAME = "1m"
-# Latency samples kept per symbol: a day of minutes, enough for any percentile.
-LATENCY_SAMPLES = 1440
-
-
-@dataclass
-class SymbolState:
-    """What the collector knows of one symbol, for metrics, alerts and the UI."""
-
-    symbol: str
-    newest_closed_ts: int | None = None  # open time (ms) of the newest candle in the lake
-    messages: int = 0  # kline messages received, forming and closed
-    closed: int = 0  # closed candles accepted from the stream
-    persisted: int = 0  # of those, persisted
-    repaired: int = 0  # minutes fetched over REST because the stream did not deliver them
-    reconnects: int = 0  # reconnects of the connection the symbol streams on
-    last_message_at: float | None = None  # wall clock (s) of its newest kline message
-    rejected: Counter[str] = field(default_factory=Counter)  # reason -> messages refused
-    # WebSocket receipt -> persisted, in ms, newest last.
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-
-
-@dataclass
-class CollectorState:
-    symbols: dict[str, SymbolState]
-    connected: bool = False
-    reconnects: int = 0
-    stalls: int = 0  # reconnects forced by silence on an open socket
-    # reason -> messages refused that name no streamed symbol (malformed JSON, unknown market)
-    rejected: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class PersistedCandle:
-    """A streamed closed candle, as it now stands in the lake (the hook's argument)."""
-
-    symbol: str
-    ts_ms: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    received_at: float  # wall clock (s) of the closing kline's arrival
-    persisted_at: float
-
-    @property
-    def latency_ms(self) -> float:
-        return (self.persisted_at - self.received_at) * 1000
-
-
-Candle = tuple[float, float, float, float, float]  # open, high, low, close, volume
-
-
-class StreamedCandles:
-    """The candle source of the collector's ingest pass: the closed candles the stream
-    delivered, and REST (the configured ccxt source) for every minute it did not. Its
-    clock is the stream's: the newest closed candle's end."""
-
-    def __init__(
-        self, rest: CcxtSource, streamed: dict[int, Candle], closed_end_ms: int, lock
-    ) -> None:
-        self.rest = rest
-        self.kind = rest.kind
-        self.exchange = rest.exchange
-        self.streamed = streamed
-        self.closed_end_ms = closed_end_ms
-        self._rest_lock = lock  # one ccxt REST client serves every symbol's pass
-        self.repaired = 0
-
-    def now_ms(self) -> int:
-        return self.closed_end_ms
-
-    def fetch_candles(self, symbol: str, start_ms: int, end_ms: int) -> pl.DataFrame:
-        end_ms = min(end_ms, self.closed_end_ms)
-        have = [(ts, *row) for ts, row in self.streamed.items() if start_ms <= ts < end_ms]
-        held = {row[0] for row in have}
-        missing = [ts for ts in range(start_ms, end_ms, MINUTE_MS) if ts not in held]
-        frame = pl.DataFrame(have, schema=RAW_CANDLES, orient="row")
-        if not missing:
-            return frame
-        with self._rest_lock:
-            fetched = self.rest.fetch_candles(symbol, missing[0], missing[-1] + MINUTE_MS)
-        fetched = fetched.filter(~pl.col("ts").is_in(list(held)))
-        self.repaired += fetched.height
-        return pl.concat([frame, fetched]).sort("ts")
-
-    def open_at(self, symbol: str, ts_ms: int) -> float | None:
-        return self.rest.open_at(symbol, ts_ms)
-
-    def load_markets(self) -> pl.DataFrame:
-        return self.rest.load_markets()
+# Importers of the collector's types find them here too.
+__all__ = ["CollectorState", "LiveCollector", "PersistedCandle", "SymbolState", "serve", "wired"]
 
 
 class _TolerantClient(Client):
@@ -230,7 +142,6 @@ class LiveCollector:
         self.symbols = list(symbols)
         self.lake = lake
         self.rest = rest
-        self.refetch_attempts = refetch_attempts
         self.stall_seconds = stall_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
@@ -242,21 +153,19 @@ class LiveCollector:
         if sandbox:
             self.exchange.set_sandbox_mode(True)
         self.exchange.collector = self
-        # More threads than cores: a write waits on fsync much of its time.
-        self._write_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="live-write")
-        self._rest_lock = threading.Lock()
-        # Closed candles accepted (symbol -> open time -> candle) and when each arrived;
-        # those not yet persisted, and each symbol's write in progress; the newest accepted
-        # and forming minute, for order checks.
-        self._streamed: dict[str, dict[int, Candle]] = {s: {} for s in self.symbols}
-        self._received: dict[tuple[str, int], float] = {}
-        self._unpersisted: dict[str, list[int]] = {s: [] for s in self.symbols}
-        self._writing: dict[str, asyncio.Task] = {}
-        self._persisting = 0  # writes of closed candles in flight (not the finalising ones)
+        self.writer = CandleWriter(
+            self.symbols,
+            lake,
+            rest,
+            self.state,
+            self.on_persisted,
+            refetch_attempts,
+            write_threads,
+        )
+        # The newest accepted and forming minute of each symbol, for order checks.
         self._newest_closed: dict[str, int | None] = {}
         self._forming: dict[str, int] = {}
         self._market_ids: dict[str, str] = {}
-        self._stopping = False
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> LiveCollector:
@@ -286,19 +195,19 @@ class LiveCollector:
     async def run(self, stop: asyncio.Event) -> None:
         """Stream until `stop` is set; then finish the writes in flight (their hooks too) and
         close ccxt. Closed candles not yet written are left to the next start's REST repair."""
-        self._stopping = False
+        self.writer.stopping = False
         try:
             streaming = asyncio.create_task(self._stream())
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({streaming, stopping}, return_when=asyncio.FIRST_COMPLETED)
             streaming.cancel()
             stopping.cancel()
-            self._stopping = True
-            await asyncio.gather(streaming, *self._writing.values(), return_exceptions=True)
+            self.writer.stopping = True
+            await asyncio.gather(streaming, self.writer.finish(), return_exceptions=True)
             if streaming in done:
                 streaming.result()  # it ended on its own: it failed, raise why
         finally:
-            self._write_pool.shutdown(wait=True)
+            self.writer.close()
             await self.exchange.close()
 
     async def _start(self) -> None:
@@ -409,7 +318,7 @@ class LiveCollector:
         if newest is not None and ts <= newest:
             reason = "out-of-order kline"
             if ts == newest and closed:
-                held = self._streamed[symbol].get(ts)
+                held = self.writer.held(symbol, ts)
                 # A closed minute sent again with other values: the exchange corrected it.
                 # Left to the REST pass that finalises the day, which records the revision.
                 reason = "late correction" if held not in (None, candle) else "duplicate kline"
@@ -439,112 +348,9 @@ class LiveCollector:
                     log.exception("%s: an on_opened hook failed", symbol)
         if closed:
             self._newest_closed[symbol] = ts
-            self._streamed[symbol][ts] = candle
-            self._received[(symbol, ts)] = received_at
-            self._unpersisted[symbol].append(ts)
             state.closed += 1
-            if symbol not in self._writing and not self._stopping:
-                self._writing[symbol] = asyncio.ensure_future(self._persist_symbol(symbol))
+            self.writer.accept(symbol, ts, candle, received_at)
         return True
-
-    # -- persisting (worker threads) -------------------------------------------------------
-
-    async def _persist_symbol(self, symbol: str) -> None:
-        """Write the symbol's closed candles as they come, one write at a time: each symbol
-        starts its write the moment its candle closes, on the write threads, never waiting
-        for another symbol's."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._unpersisted[symbol] and not self._stopping:
-                closed, self._unpersisted[symbol] = self._unpersisted[symbol], []
-                # A snapshot: the event loop keeps adding candles while the thread writes.
-                streamed = dict(self._streamed[symbol])
-                self._persisting += 1
-                try:
-                    repaired, completed = await loop.run_in_executor(
-                        self._write_pool, self._persist, symbol, max(closed), streamed
-                    )
-                except Exception as exc:
-                    # Retried with the symbol's next closed candle.
-                    log.error("%s: persisting failed: %s", symbol, exc, exc_info=exc)
-                    self._unpersisted[symbol][:0] = closed
-                    return
-                finally:
-                    self._persisting -= 1
-                self._persisted(symbol, max(closed), repaired, closed)
-                if completed and not self._stopping:
-                    await loop.run_in_executor(
-                        self._write_pool, self._finalise, symbol, completed, max(closed)
-                    )
-        finally:
-            del self._writing[symbol]
-
-    def persisting(self) -> bool:
-        """Whether a closed candle is being written (any thread may ask)."""
-        return self._persisting > 0
-
-    def _persist(
-        self, symbol: str, newest: int, streamed: dict[int, Candle]
-    ) -> tuple[int, list[date]]:
-        """Ingest the symbol's days through `newest` from the stream (and REST for what the
-        stream lacks). Returns how many minutes REST supplied, and the days this write
-        completed (their last minute is in), which are stored not yet final."""
-        source = StreamedCandles(self.rest, streamed, newest + MINUTE_MS, self._rest_lock)
-        last_day = _day_of(newest)
-        stored = self.state.symbols[symbol].newest_closed_ts
-        # From the day of the first minute not stored (a restart after midnight finishes
-        # the day before too), within the open month: older months are the backfill's. A
-        # lake without the symbol starts with the open day.
-        first_day = last_day
-        if stored is not None and stored < newest:
-            first_day = max(_day_of(stored + MINUTE_MS), last_day.replace(day=1))
-        days = [first_day + timedelta(days=n) for n in range((last_day - first_day).days + 1)]
-        Ingestor(source, self.lake, self.refetch_attempts).ingest(
-            symbol, days, keep_closed=True, finalise=False
-        )
-        completed = [d for d in days if _day_of(newest + MINUTE_MS) > d]
-        return source.repaired, completed
-
-    def _finalise(self, symbol: str, days: list[date], newest: int) -> None:
-        """The completed `days` fetched again in full over REST and stored closed, as the
-        REST top-up closes a day: what the exchange revised since streaming is recorded.
-        After the close's hooks, so the close does not wait for it; a collector stopped
-        before it leaves the days to the schedules (they are stored not closed)."""
-        source = StreamedCandles(self.rest, {}, newest + MINUTE_MS, self._rest_lock)
-        try:
-            Ingestor(source, self.lake, self.refetch_attempts).ingest(
-                symbol, days, keep_closed=True
-            )
-        except Exception as exc:
-            log.error("%s: finalising %s failed: %s", symbol, days[-1], exc, exc_info=exc)
-            return
-        log.info("%s: %s fetched again over REST and stored closed", symbol, days[-1])
-
-    def _persisted(self, symbol: str, newest: int, repaired: int, stream_ts: list[int]) -> None:
-        now = time.time()
-        state = self.state.symbols[symbol]
-        state.newest_closed_ts = max(newest, state.newest_closed_ts or newest)
-        state.repaired += repaired
-        if repaired:
-            log.info("%s: %d minute(s) the stream missed repaired over REST", symbol, repaired)
-        streamed = self._streamed[symbol]
-        for ts in stream_ts:
-            received = self._received.pop((symbol, ts))
-            candle = PersistedCandle(symbol, ts, *streamed[ts], received, now)
-            state.persisted += 1
-            state.latencies_ms.append(candle.latency_ms)
-            for hook in self.on_persisted:
-                try:
-                    hook(candle)
-                except Exception:
-                    log.exception("%s: an on_persisted hook failed", symbol)
-        # The lake holds them now: later passes read them from there.
-        for ts in [t for t in streamed if t < newest]:
-            del streamed[ts]
-
-
-def _day_of(ts_ms: int) -> date:
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
 
 
 def wired(settings: Settings) -> tuple[LiveCollector, StatusRecorder, BuildOnClose]:
@@ -558,7 +364,7 @@ def wired(settings: Settings) -> tuple[LiveCollector, StatusRecorder, BuildOnClo
         settings.exchange_id,
         load_feature_set(settings.features),
         settings.imputed_max_share,
-        collector.persisting,
+        collector.writer.persisting,
     )
     collector.on_persisted += [recorder.on_persisted, builds]
     collector.on_opened.append(StreamedOpens(settings.live_opens).record)
