@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -78,6 +78,7 @@ class Ingestor:
         self.source = source
         self.lake = lake
         self.refetch_attempts = refetch_attempts
+        self._repair = DayRepair(self._fetch, source.kind, refetch_attempts)
         # Made once: an empty polars frame costs ~0.5 ms, and a year has 365 days.
         self._no_candles = pl.DataFrame(schema=RAW_CANDLES)
         self._no_rejected = pl.DataFrame(schema=REJECTED)
@@ -162,7 +163,7 @@ class Ingestor:
             stored=stored,
         )
         outcomes = [
-            self._outcome(symbol, day, data, rejected, revised, writes[day])
+            _outcome(symbol, day, data, rejected, revised, writes[day])
             for day, data, rejected, revised in finished
         ]
         path = self.path(symbol, month)
@@ -195,7 +196,7 @@ class Ingestor:
             write = WriteResult(path, size, report["content_hash"], written=False)
             kept = DayData(no_rows, report, gaps_by_day.get(day, no_gaps))
             outcomes.append(
-                self._outcome(symbol, day, kept, self._no_rejected, self._no_revisions, write)
+                _outcome(symbol, day, kept, self._no_rejected, self._no_revisions, write)
             )
         return sorted(outcomes, key=lambda o: o.day)
 
@@ -209,19 +210,6 @@ class Ingestor:
             return self._no_candles
         real = stored.day(day).filter(~pl.col("imputed")).drop("imputed")
         return real.with_columns(pl.col("ts").dt.epoch("ms")).cast(RAW_CANDLES)
-
-    @staticmethod
-    def _revisions(fetched: pl.DataFrame, stored_real: pl.DataFrame) -> pl.DataFrame:
-        """Stored real candles the source now delivers with other values, old beside new."""
-        values = ("open", "high", "low", "close", "volume")
-        both = fetched.join(stored_real, on="ts", suffix="_stored")
-        changed = both.filter(pl.any_horizontal(pl.col(c) != pl.col(f"{c}_stored") for c in values))
-        return changed.select(
-            pl.col("ts").cast(TS),
-            *(pl.col(f"{c}_stored").alias(f"old_{c}") for c in values),
-            *values,
-            revised_at=pl.lit(datetime.now(UTC)).cast(TS),
-        ).match_to_schema(REVISIONS)
 
     def _ingest_run(
         self,
@@ -270,14 +258,14 @@ class Ingestor:
             stored_real = stored_reals[day]
             # Nothing stored (a backfill's days): nothing to revise, and no join to pay for.
             revisions = (
-                self._revisions(fetched, stored_real) if stored_real.height else self._no_revisions
+                _revisions(fetched, stored_real) if stored_real.height else self._no_revisions
             )
             if revisions.height and not stored.reports[day]["day_closed"]:
                 # The newest real candle of a day stored open may have been stored while
                 # forming: its final values are not a revision.
                 forming = stored_real["ts"].max()
                 revisions = revisions.filter(pl.col("ts").dt.epoch("ms") != forming)
-            data, rejected_rows, real = self._finish_day(
+            data, rejected_rows, real = self._repair.finish_day(
                 symbol,
                 day,
                 start,
@@ -298,6 +286,21 @@ class Ingestor:
             previous = real
             finished.append((day, data, rejected_rows, revisions))
         return finished
+
+
+class DayRepair:
+    """One day's candles made whole: its missing minutes re-requested (bounded attempts),
+    what the source still lacks imputed at the previous close, and its report."""
+
+    def __init__(
+        self,
+        fetch: Callable[[str, int, int], tuple[pl.DataFrame, pl.DataFrame]],
+        kind: str,
+        refetch_attempts: int,
+    ) -> None:
+        self._fetch = fetch  # (symbol, start ms, end ms) -> (clean, rejected), validated
+        self.kind = kind
+        self.refetch_attempts = refetch_attempts
 
     def _previous_close(
         self, symbol: str, start: int, previous_day_real: pl.DataFrame | None
@@ -322,7 +325,7 @@ class Ingestor:
         window = _in(previous_day_real, lookback, start)
         return float(window["close"][-1]) if window.height else None
 
-    def _finish_day(
+    def finish_day(
         self,
         symbol: str,
         day: date,
@@ -386,37 +389,48 @@ class Ingestor:
             "kept": kept,
             "first_ts": candles["ts"].min(),
             "last_ts": candles["ts"].max(),
-            "source": self.source.kind,
+            "source": self.kind,
             "day_closed": end == start + DAY_MS and finalise,
         }
         return DayData(candles, report, gaps), rejected, clean
 
-    def _outcome(
-        self,
-        symbol: str,
-        day: date,
-        data: DayData,
-        rejected: pl.DataFrame,
-        revisions: pl.DataFrame,
-        write: WriteResult,
-    ) -> PartitionOutcome:
-        report = {**data.report, "content_hash": write.content_hash}
-        missing_found = report["missing_found"]
-        log.info(
-            "%s %s: %d rows, %d missing found, %d re-fetched, %d imputed, %d missing, "
-            "%d kept as stored, %d revised, %d rejected%s",
-            symbol,
-            day,
-            report["rows"],
-            missing_found,
-            report["refetched"],
-            report["imputed"],
-            report["missing"],
-            report.get("kept", 0),
-            revisions.height,
-            report["rejected"],
-            f" ({describe_rejections(rejected, limit=3)})" if rejected.height else "",
-        )
-        return PartitionOutcome(
-            symbol, day, write.path, report, data.gaps, rejected, revisions, write
-        )
+
+def _revisions(fetched: pl.DataFrame, stored_real: pl.DataFrame) -> pl.DataFrame:
+    """Stored real candles the source now delivers with other values, old beside new."""
+    values = ("open", "high", "low", "close", "volume")
+    both = fetched.join(stored_real, on="ts", suffix="_stored")
+    changed = both.filter(pl.any_horizontal(pl.col(c) != pl.col(f"{c}_stored") for c in values))
+    return changed.select(
+        pl.col("ts").cast(TS),
+        *(pl.col(f"{c}_stored").alias(f"old_{c}") for c in values),
+        *values,
+        revised_at=pl.lit(datetime.now(UTC)).cast(TS),
+    ).match_to_schema(REVISIONS)
+
+
+def _outcome(
+    symbol: str,
+    day: date,
+    data: DayData,
+    rejected: pl.DataFrame,
+    revisions: pl.DataFrame,
+    write: WriteResult,
+) -> PartitionOutcome:
+    report = {**data.report, "content_hash": write.content_hash}
+    missing_found = report["missing_found"]
+    log.info(
+        "%s %s: %d rows, %d missing found, %d re-fetched, %d imputed, %d missing, "
+        "%d kept as stored, %d revised, %d rejected%s",
+        symbol,
+        day,
+        report["rows"],
+        missing_found,
+        report["refetched"],
+        report["imputed"],
+        report["missing"],
+        report.get("kept", 0),
+        revisions.height,
+        report["rejected"],
+        f" ({describe_rejections(rejected, limit=3)})" if rejected.height else "",
+    )
+    return PartitionOutcome(symbol, day, write.path, report, data.gaps, rejected, revisions, write)
