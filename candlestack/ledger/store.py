@@ -74,7 +74,7 @@ from candlestack.errors import LedgerError
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/ledger.sqlite"
-MIGRATIONS = Path(__file__).resolve().parent / "ledger_migrations"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "ledger_migrations"
 # Not "alembic_version": Dagster's PostgreSQL storage keeps its own Alembic table, and the
 # ledger may share its database.
 VERSION_TABLE = "ledger_alembic_version"
