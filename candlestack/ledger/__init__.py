@@ -1,8 +1,10 @@
 """The dry-run ledger: orders, fills, positions, balances, kill switch and a hash-chained audit log.
 
-What it guarantees is told in store.py (the Ledger); records.py holds what it stores and how it
-hashes it, tables.py the tables, audit.py and bindings.py the chain and the state it vouches for,
-migrations.py the Alembic plumbing, queries.py the reads.
+What it guarantees is told in store.py (the Ledger and its write path). records.py holds what it
+stores and how it hashes it, tables.py the tables and the frames' schemas, migrations.py the
+Alembic plumbing, database.py the connections and transactions, audit.py and bindings.py the
+chain and the state it vouches for, verify.py and switch.py the verification and kill switch,
+queries.py the reads.
 """
 
 from candlestack.ledger.audit import (

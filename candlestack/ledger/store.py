@@ -1,4 +1,5 @@
-"""The dry-run ledger: orders, fills, positions, balances, kill switch and a hash-chained audit log.
+"""The Ledger and its write path; it inherits its reads (queries.py), verification and kill
+switch (verify.py, switch.py) and connections (database.py).
 
 SQLAlchemy 2.x over a SQLite file by default (DEFAULT_URL) or PostgreSQL by URL
 (`postgresql+psycopg://...`). Alembic is the migration tool: its scripts live in
