@@ -58,9 +58,9 @@ from candlestack.ledger import (
     Base,
     ChainHeadRow,
     Ledger,
-    _alembic_config,
-    _current_revision,
-    _known,
+    alembic_config,
+    current_revision,
+    known_revision,
 )
 
 BATCH_ROWS = 10_000
@@ -210,15 +210,15 @@ def _copy_snapshot(url: str, to: Path) -> None:
         with source.connect() as db, copy.begin() as out:
             db = db.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             with db.begin():
-                revision = _current_revision(db)
+                revision = current_revision(db)
                 if revision is None:
                     raise BackupError(f"no ledger at {shown}: it has no {VERSION_TABLE} table")
-                if not _known(revision):
+                if not known_revision(revision):
                     raise BackupError(
                         f"ledger {shown} is at schema revision {revision}, newer than this "
                         "code's: back it up with the candlestack that wrote it"
                     )
-                command.upgrade(_alembic_config(out), revision)
+                command.upgrade(alembic_config(out), revision)
                 _copy_rows(db, out)
         with copy.connect() as conn:
             conn.exec_driver_sql("PRAGMA journal_mode=DELETE")
@@ -238,7 +238,7 @@ def _load_postgres(staged: Path, url: str, shown: str, force: bool) -> None:
             _refuse_held(_holdings(out), shown)
         Base.metadata.drop_all(out)
         out.exec_driver_sql(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
-        command.upgrade(_alembic_config(out), "head")
+        command.upgrade(alembic_config(out), "head")
         _copy_rows(db, out)
         for table in Base.metadata.sorted_tables:
             for column in table.primary_key.columns:

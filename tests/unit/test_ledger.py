@@ -37,7 +37,7 @@ from candlestack.ledger import (
     Ledger,
     OrderRecord,
     Position,
-    _alembic_config,
+    alembic_config,
     chain_hash,
     head_revision,
     iso_utc,
@@ -188,7 +188,7 @@ def test_migrations_match_the_models_and_downgrade(url: str, ledger: Ledger):
         with engine.begin() as conn:
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
             assert compare_metadata(context, Base.metadata) == []
-            command.downgrade(_alembic_config(conn), "base")
+            command.downgrade(alembic_config(conn), "base")
     finally:
         engine.dispose()
     assert ledger.schema_revision() is None
@@ -496,7 +496,7 @@ def test_rows_written_before_the_state_was_audited_are_bound_by_one_baseline(
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            command.upgrade(_alembic_config(conn), "0002")
+            command.upgrade(alembic_config(conn), "0002")
     finally:
         engine.dispose()
     # What a 0002 ledger holds: state rows and events binding none of them.

@@ -34,7 +34,7 @@ from candlestack.ledger import (
     Ledger,
     OrderRecord,
     Position,
-    _alembic_config,
+    alembic_config,
     head_revision,
 )
 from candlestack.ledger_backup import backup, main, restore, verify
@@ -358,7 +358,7 @@ def test_a_backup_of_an_older_schema_restores_and_migrates(url: str, tmp_path: P
     ledger.close()
     engine = create_engine(url)
     with engine.begin() as conn:
-        command.downgrade(_alembic_config(conn), "0001")
+        command.downgrade(alembic_config(conn), "0001")
     engine.dispose()
 
     taken = backup(url, tmp_path / "backup.sqlite")
