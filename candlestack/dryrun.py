@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from candlestack import execution as ex
-from candlestack.backtest import config_signals, rules_row, untradable
+from candlestack.backtest import config_signals, untradable
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.config import symbol_key
 from candlestack.errors import CandlestackError
@@ -299,7 +299,7 @@ def warm_up(config: StrategyConfig, bars: pl.DataFrame) -> float:
     if config.name in _warmed_up:
         return 0.0
     started = time.perf_counter()
-    rules_row(np.zeros(1, dtype=np.int64), 0)
+    ex.rules_row(np.zeros(1, dtype=np.int64), 0, 0)
     ex.exit_code(1.0, 1.0, False, 0.0, 0.0, 0.0)
     ex.buy_order(1.0, 1.0, 1.0, 0.0, 0.0, 0.01, 2, 0.01, 2, 0.0, 1.0, 0.0)
     ex.sell_order(1.0, 1.0, 0.0, 0.0, 0.01, 2, 0.0, 1.0, 0.0)
@@ -439,7 +439,8 @@ class DryRun:
         fill = self._fill(window, index)  # I/O, maybe waiting: not compute
         started += time.perf_counter() - fetching
         fill_ms = _ms(fill.ts) if fill else int(window.ts[index]) + self.bar_ms
-        rules = window.rules.at(rules_row(window.rules.snapshot_days, fill_ms))
+        days = window.rules.snapshot_days
+        rules = window.rules.at(ex.rules_row(days, fill_ms, len(days) - 1))
         return BarDecision(
             bar_ts=row["ts"],
             seen=seen,
