@@ -203,9 +203,14 @@ def _apply(
         position = None
         balance = replace(balance, realised_pnl=balance.realised_pnl + event.pnl)
     return replace(
-        record, action=side, order=order, fill=filled, position=position, seen=seen,
+        record,
+        action=side,
+        order=order,
+        fill=filled,
+        position=position,
+        seen=seen,
         balance=balance,
-    )  # fmt: skip
+    )
 
 
 def _require_fill(config: StrategyConfig, bar: BarDecision) -> FillQuote:
