@@ -283,6 +283,8 @@ def _loop(
         equity[t - first] = state.cash + state.amount * close[t]
         if t == n - 1:
             break
+        if ex.idle(state, entry[t]):
+            continue
         row = ex.rules_row(snapshot_days, ts[t + 1], j)
         if row != j:
             j = row

@@ -348,9 +348,18 @@ def sold(state: State, price: float, fee: float, reason: int) -> tuple[State, Ev
 
 
 @njit(cache=True, inline="always")
+def idle(state: State, entry: bool) -> bool:
+    """True when `step` does nothing whatever else the bar says: flat, no entry signal (most
+    bars; the backtest's loop skips building them)."""
+    return state.amount <= 0.0 and not entry
+
+
+@njit(cache=True, inline="always")
 def step(state: State, bar: Bar, rules: Rules) -> tuple[State, Event]:
     """One closed bar's decision, its order filled at the next open (the module's rules)."""
     nothing = Event(NOTHING, 0, ACCEPTED, 0.0, 0.0, 0.0, 0.0)
+    if idle(state, bar.entry):
+        return state, nothing
     if state.amount > 0.0:
         reason = exit_code(
             bar.close,
@@ -379,7 +388,7 @@ def step(state: State, bar: Bar, rules: Rules) -> tuple[State, Event]:
             held = State(state.cash, state.amount, state.entry_price, state.entry_fee, reason)
             return held, Event(SELL, reason, code, price, state.amount, fee, 0.0)
         return sold(state, price, fee, reason)
-    if not (bar.entry and rules.min_price <= bar.close <= rules.max_price):
+    if not rules.min_price <= bar.close <= rules.max_price:
         return state, nothing
     skip = 0
     if bar.untradable:
