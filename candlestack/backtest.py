@@ -2,12 +2,8 @@
 
 Vectorised where the maths allows (features, signals, tradability, metrics); the one
 path-dependent part, holding at most one position, is a compiled loop over bars that calls
-the execution kernels the dry-run calls (candlestack.execution).
-
-Data policy for imputed and incomplete bars: no entry is taken on a signal from a bar with
-any imputed or missing minute, nor when the bar it would fill on has one (its open may be a
-made-up price) or is not the next period (a day without bars in between). Exits are never
-held back: getting out beats waiting for clean data.
+`execution.step`, the decision the dry-run takes on each of its bars. The data policy for
+imputed and incomplete bars is the engine's (see candlestack.execution).
 """
 
 from __future__ import annotations
@@ -82,7 +78,7 @@ def _epoch_ms(value: date | datetime | None, bars_ts: np.ndarray) -> int:
 
 
 def untradable_expr(columns: list[str]) -> pl.Expr | None:
-    """True on bars with an imputed or missing minute (the data policy above), for bars
+    """True on bars with an imputed or missing minute (the engine's data policy), for bars
     (n_imputed, complete) or 1-minute candles (imputed); None when the frame has neither."""
     if "n_imputed" in columns:
         return ((pl.col("n_imputed") > 0) | ~pl.col("complete")).fill_null(True)
@@ -179,20 +175,13 @@ def simulate(
         rules.max_amount,
         rules.min_cost,
         first,
-        config.order_value,
-        config.capital,
-        config.fee,
-        config.slippage,
-        config.min_profit,
-        config.stop_loss,
-        config.min_price,
-        config.max_price if config.max_price is not None else np.inf,
+        float(config.capital),
+        engine_rules(config, rules.at(0)),
         int(np.count_nonzero(entry[first:])) + 1,
     )
     equity, in_position, skipped = out[0], out[1], out[-1]
-    entry_price, exit_price, amount, entry_fee, exit_fee = out[4:9]
+    entry_price, amount, entry_fee, exit_fee, pnl = out[4], out[6], out[7], out[8], out[10]
     cost = amount * entry_price + entry_fee  # what each entry took from the cash
-    pnl = amount * exit_price - exit_fee - cost
     metrics = _metrics(
         config.capital,
         ts[first:],
@@ -203,7 +192,7 @@ def simulate(
         bar_ms,
         buy_and_hold=float(close[-1] / open_[first] - 1) if len(close) > first else math.nan,
     )
-    metrics["rejected_orders"] = len(out[10])
+    metrics["rejected_orders"] = len(out[11])
     metrics["skipped_entries"] = int(skipped)
     if not frames:
         return BacktestResult(
@@ -212,7 +201,7 @@ def simulate(
             rejections=pl.DataFrame(schema=REJECTIONS),
             metrics=metrics,
         )
-    packed = out[10]
+    packed = out[11]
     unpacked = (packed // 16, packed // 8 % 2, packed % 8)
     trades, equity_frame, rejections = _frames(ts, first, *out[:10], *unpacked, cost, pnl)
     return BacktestResult(
@@ -220,16 +209,18 @@ def simulate(
     )
 
 
-@njit(cache=True)
-def rules_row(snapshot_days, fill_ts):
-    """Row of the rules of the day an order fills: the latest snapshot on or before it (the
-    first one before any). A scan back from the newest: there are few snapshots, orders fill
-    mostly on recent days, and numba's np.searchsorted costs 0.4 s of compile time."""
-    day = fill_ts // DAY_MS
-    row = len(snapshot_days) - 1
-    while row > 0 and snapshot_days[row] > day:
-        row -= 1
-    return row
+def engine_rules(config: StrategyConfig, market: ex.MarketRules) -> ex.Rules:
+    """The rules `execution.step` trades `config` by, on a day of `market` rules."""
+    return ex.rules_of(
+        market,
+        config.order_value,
+        config.fee,
+        config.slippage,
+        config.min_profit,
+        config.stop_loss,
+        config.min_price,
+        config.max_price,
+    )
 
 
 @njit(cache=True)
@@ -262,17 +253,11 @@ def _loop(
     max_amount,
     min_cost,
     first,
-    order_value,
     capital,
-    fee_rate,
-    slippage,
-    min_profit,
-    stop_loss,
-    min_price,
-    max_price,
+    rules,
     trades_capacity,
 ):
-    """One position at most; decisions on the close of t fill at the open of t+1."""
+    """execution.step on every bar; `rules` holds the market rules of snapshot row 0."""
     n = len(close)
     m = max(n - first, 0)
     equity = np.empty(m)
@@ -286,90 +271,75 @@ def _loop(
     t_entry_fee = np.empty(capacity)
     t_exit_fee = np.empty(capacity)
     t_reason = np.empty(capacity, dtype=np.int64)
+    t_pnl = np.empty(capacity)
     rejected = np.empty(64, dtype=np.int64)  # see _record; side 0 buy, 1 sell
-    cash = capital
-    amount = 0.0
-    entry_price = 0.0
+    state = ex.State(capital, 0.0, 0.0, 0.0, ex.NO_EXIT)
+    j = 0
     k = 0
     r = 0
     skipped = 0
-    refused_exit = ex.NO_EXIT
     for t in range(first, n):
-        held = amount > 0.0
-        in_position[t - first] = held
-        equity[t - first] = cash + amount * close[t]
+        in_position[t - first] = state.amount > 0.0
+        equity[t - first] = state.cash + state.amount * close[t]
         if t == n - 1:
             break
-        if held:
-            reason = ex.exit_code(
-                close[t], entry_price, exit_signal[t], min_profit, stop_loss, fee_rate
-            )
-            if reason == ex.NO_EXIT:
-                # A refused exit is tried again on every bar until it fills.
-                reason = refused_exit
-            if reason == ex.NO_EXIT:
-                continue
-            j = rules_row(snapshot_days, ts[t + 1])
-            price, fee, code = ex.sell_order(
-                open_[t + 1],
-                amount,
-                slippage,
-                fee_rate,
+        if ex.idle(state, entry[t]):
+            continue
+        row = ex.rules_row(snapshot_days, ts[t + 1], j)
+        if row != j:
+            j = row
+            rules = ex.Rules(
+                rules.order_value,
+                rules.fee_rate,
+                rules.slippage,
+                rules.min_profit,
+                rules.stop_loss,
+                rules.min_price,
+                rules.max_price,
                 price_tick[j],
                 price_decimals[j],
+                amount_step[j],
+                amount_decimals[j],
                 min_amount[j],
                 max_amount[j],
                 min_cost[j],
             )
-            if code != ex.ACCEPTED:
-                rejected = _record(rejected, r, t, 1, code)
-                r += 1
-                refused_exit = reason
-                continue
-            refused_exit = ex.NO_EXIT
-            cash += amount * price - fee
-            t_exit[k], t_exit_price[k], t_exit_fee[k], t_reason[k] = t + 1, price, fee, reason
-            k += 1
-            amount = 0.0
-            continue
-        if not (entry[t] and min_price <= close[t] <= max_price):
-            continue
-        if untradable[t] or untradable[t + 1] or ts[t + 1] - ts[t] != bar_ms:
-            skipped += 1  # the data policy: see the module's docstring
-            continue
-        j = rules_row(snapshot_days, ts[t + 1])
-        price, size, fee, code = ex.buy_order(
+        bar = ex.Bar(
+            close[t],
+            entry[t],
+            exit_signal[t],
+            untradable[t],
             open_[t + 1],
-            order_value,
-            cash,
-            slippage,
-            fee_rate,
-            price_tick[j],
-            price_decimals[j],
-            amount_step[j],
-            amount_decimals[j],
-            min_amount[j],
-            max_amount[j],
-            min_cost[j],
+            untradable[t + 1],
+            ts[t + 1] - ts[t] == bar_ms,
         )
-        if code != ex.ACCEPTED:
-            rejected = _record(rejected, r, t, 0, code)
-            r += 1
+        state, event = ex.step(state, bar, rules)
+        if event.kind == ex.NOTHING:
             continue
-        cash -= size * price + fee
-        amount = size
-        entry_price = price
-        t_entry[k], t_entry_price[k], t_amount[k], t_entry_fee[k] = t + 1, price, size, fee
-    if amount > 0.0 and m > 0:
+        if event.kind == ex.SKIPPED:
+            skipped += 1
+        elif event.rejected != ex.ACCEPTED:
+            rejected = _record(rejected, r, t, int(event.kind == ex.SELL), event.rejected)
+            r += 1
+        elif event.kind == ex.BUY:
+            t_entry[k], t_entry_price[k], t_amount[k] = t + 1, event.price, event.amount
+            t_entry_fee[k] = event.fee
+        else:
+            t_exit[k], t_exit_price[k], t_exit_fee[k] = t + 1, event.price, event.fee
+            t_reason[k], t_pnl[k] = event.reason, event.pnl
+            k += 1
+    if state.amount > 0.0 and m > 0:
         # Still open at the end of the window: sold at the last close, slippage and fee
         # included, so returns are realised and the trades add up to the equity curve.
-        j = rules_row(snapshot_days, ts[n - 1])
-        price = ex.sell_price(close[n - 1], slippage, price_tick[j], price_decimals[j])
-        fee = ex.fee_of(amount, price, fee_rate)
-        cash += amount * price - fee
-        t_exit[k], t_exit_price[k], t_exit_fee[k], t_reason[k] = n - 1, price, fee, ex.EXIT_END
+        j = ex.rules_row(snapshot_days, ts[n - 1], j)
+        price = ex.sell_price(close[n - 1], rules.slippage, price_tick[j], price_decimals[j])
+        state, event = ex.sold(
+            state, price, ex.fee_of(state.amount, price, rules.fee_rate), ex.EXIT_END
+        )
+        t_exit[k], t_exit_price[k], t_exit_fee[k] = n - 1, price, event.fee
+        t_reason[k], t_pnl[k] = ex.EXIT_END, event.pnl
         k += 1
-        equity[m - 1] = cash
+        equity[m - 1] = state.cash
     return (
         equity,
         in_position,
@@ -381,6 +351,7 @@ def _loop(
         t_entry_fee[:k],
         t_exit_fee[:k],
         t_reason[:k],
+        t_pnl[:k],
         rejected[:r],
         skipped,
     )

@@ -1,10 +1,11 @@
 """Dry-run (paper) execution: a configured strategy on its newest closed bars, into the ledger.
 
 Nothing here, or anywhere in candlestack, sends an order to an exchange: the paper broker
-is `decide`, which fills at the next bar's open with the backtest's own kernels
-(candlestack.execution: exit_code, buy_order, sell_order), the same data policy and the
-market rules of the day the order fills. Signals come from `config_signals`, the function
-the backtest calls.
+is `decide`, which takes the bar's decision with the step the backtest's loop takes on
+every bar (candlestack.execution.step: exits, entries, data policy, fills at the next
+bar's open, cash and PnL), under the market rules of the day the order fills; around it
+only what is live: the kill switch and drawdown gate, the ledger. Signals come from
+`config_signals`, the function the backtest calls.
 
 One bar is one ledger transaction (`Ledger.execute`): the state is read and the decision
 written under the ledger's write lock, so a bar is executed once whichever run gets there
@@ -24,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from candlestack import execution as ex
-from candlestack.backtest import config_signals, rules_row, untradable
+from candlestack.backtest import config_signals, engine_rules, untradable
 from candlestack.backtest_store import load_rules, load_window
 from candlestack.config import symbol_key
 from candlestack.errors import CandlestackError
@@ -79,7 +80,7 @@ class BarDecision:
     entry: bool
     exit: bool
     fill: FillQuote | None
-    rules: ex.MarketRules  # of the day the order would fill
+    rules: ex.Rules  # the strategy's, with the market rules of the day the order would fill
     quality_trip: str | None  # stale or low-quality data: trip the kill switch
     compute_ms: float
 
@@ -104,9 +105,8 @@ def decide(
     now: datetime,
     run_id: str | None = None,
 ) -> DecisionRecord:
-    """The paper broker: one bar's decision from the strategy's state, as the backtest's loop
-    would take it at this bar (see candlestack.backtest._loop). `now` is when it is decided
-    and filled."""
+    """The paper broker: one bar's decision from the strategy's state, `execution.step` as
+    the backtest's loop takes it at this bar. `now` is when it is decided and filled."""
     balance = state.balance or opening_balance(config)
     position = state.position
     close = bar.seen.close
@@ -137,126 +137,79 @@ def decide(
         trip=trip if state.tripped is None else None,
         decided_at=now,
     )
+    # Floats, ints and bools throughout: the types the compiled step was cached for.
+    engine_state = ex.State(float(balance.cash), 0.0, 0.0, 0.0, ex.NO_EXIT)
     if position is not None:
-        return _exit(config, bar, record, position, balance, blocked)
-    return _entry(config, bar, record, balance, blocked)
+        engine_state = ex.State(
+            float(balance.cash),
+            float(position.amount),
+            float(position.entry_price),
+            float(position.entry_fee),
+            _EXIT_CODES.get(position.refused_exit, ex.NO_EXIT),
+        )
+    fill = bar.fill
+    engine_bar = ex.Bar(
+        float(close),
+        bool(bar.entry),
+        bool(bar.exit),
+        bool(bar.seen.untradable),
+        # No fill quote yet: an order then raises (or is blocked) in _apply, unfilled.
+        float(fill.open) if fill else np.nan,
+        bool(fill.untradable) if fill else False,
+        bool(fill.adjacent) if fill else True,
+    )
+    after, event = ex.step(engine_state, engine_bar, bar.rules)
+    return _apply(config, bar, record, after, event, blocked)
 
 
-def _exit(
+def _apply(
     config: StrategyConfig,
     bar: BarDecision,
     record: DecisionRecord,
-    position: Position,
-    balance: Balance,
+    after: ex.State,
+    event: ex.Event,
     blocked: str | None,
 ) -> DecisionRecord:
-    code = ex.exit_code(
-        bar.seen.close,
-        position.entry_price,
-        bar.exit,
-        config.min_profit,
-        config.stop_loss,
-        config.fee,
-    )
-    if code == ex.NO_EXIT and position.refused_exit:
-        code = _EXIT_CODES[position.refused_exit]  # a refused exit is tried on every bar
-    if code == ex.NO_EXIT:
+    """The step's event as the ledger records it, unless the kill switch holds it back."""
+    if event.kind == ex.NOTHING:
         return record
-    reason = ex.EXIT_REASONS[code]
-    if blocked:
+    if event.kind == ex.SELL and blocked:
+        reason = ex.EXIT_REASONS[event.reason]
         return replace(record, action="blocked", note=f"sell ({reason}) not sent: {blocked}")
     fill = _require_fill(config, bar)
-    rules = bar.rules
-    price, fee, rejected = ex.sell_order(
-        fill.open,
-        position.amount,
-        config.slippage,
-        config.fee,
-        rules.price_tick,
-        rules.price_decimals,
-        rules.min_amount,
-        rules.max_amount,
-        rules.min_cost,
-    )
-    seen = replace(bar.seen, fill_open=fill.open)
-    if rejected != ex.ACCEPTED:
-        why = ex.REJECTION_REASONS[rejected]
-        order = OrderRecord("sell", position.amount, price, "rejected", why)
-        return replace(
-            record,
-            action="sell",
-            order=order,
-            seen=seen,
-            position=replace(position, refused_exit=reason),
-        )
-    proceeds = position.amount * price - fee
-    pnl = proceeds - (position.amount * position.entry_price + position.entry_fee)
-    return replace(
-        record,
-        action="sell",
-        order=OrderRecord("sell", position.amount, price, "filled", reason),
-        fill=FillRecord(price, position.amount, fee, record.decided_at, fill.ts),
-        position=None,
-        seen=seen,
-        balance=replace(
-            balance,
-            cash=balance.cash + proceeds,
-            realised_pnl=balance.realised_pnl + pnl,
-            fees=balance.fees + fee,
-        ),
-    )
-
-
-def _entry(
-    config: StrategyConfig,
-    bar: BarDecision,
-    record: DecisionRecord,
-    balance: Balance,
-    blocked: str | None,
-) -> DecisionRecord:
-    max_price = config.max_price if config.max_price is not None else np.inf
-    if not (bar.entry and config.min_price <= bar.seen.close <= max_price):
-        return record
-    fill = _require_fill(config, bar)
-    if bar.seen.untradable or fill.untradable or not fill.adjacent:
+    if event.kind == ex.SKIPPED:
         # The backtest's data policy, counted there as skipped_entries.
-        why = (
-            "this bar has imputed or missing minutes"
-            if bar.seen.untradable
-            else "the next bar has imputed or missing minutes"
-            if fill.untradable
-            else "the next bar is not the next period"
-        )
-        return replace(record, note=f"{ENTRY_SKIPPED_PREFIX}: {why}")
+        note = f"{ENTRY_SKIPPED_PREFIX}: {ex.SKIP_REASONS[event.reason]}"
+        return replace(record, note=note)
     if blocked:
         return replace(record, action="blocked", note=f"buy not sent: {blocked}")
-    rules = bar.rules
-    price, amount, fee, rejected = ex.buy_order(
-        fill.open,
-        config.order_value,
-        balance.cash,
-        config.slippage,
-        config.fee,
-        rules.price_tick,
-        rules.price_decimals,
-        rules.amount_step,
-        rules.amount_decimals,
-        rules.min_amount,
-        rules.max_amount,
-        rules.min_cost,
-    )
+    side = "buy" if event.kind == ex.BUY else "sell"
     seen = replace(bar.seen, fill_open=fill.open)
-    if rejected != ex.ACCEPTED:
-        order = OrderRecord("buy", amount, price, "rejected", ex.REJECTION_REASONS[rejected])
-        return replace(record, action="buy", order=order, seen=seen)
+    balance, position = record.balance, record.position
+    if event.rejected != ex.ACCEPTED:
+        why = ex.REJECTION_REASONS[event.rejected]
+        if position is not None:
+            position = replace(position, refused_exit=ex.EXIT_REASONS[after.refused_exit])
+        order = OrderRecord(side, event.amount, event.price, "rejected", why)
+        return replace(record, action=side, order=order, seen=seen, position=position)
+    filled = FillRecord(event.price, event.amount, event.fee, record.decided_at, fill.ts)
+    balance = replace(balance, cash=after.cash, fees=balance.fees + event.fee)
+    if side == "buy":
+        order = OrderRecord("buy", event.amount, event.price, "filled")
+        position = Position(event.amount, event.price, event.fee, fill.ts)
+    else:
+        reason = ex.EXIT_REASONS[event.reason]
+        order = OrderRecord("sell", event.amount, event.price, "filled", reason)
+        position = None
+        balance = replace(balance, realised_pnl=balance.realised_pnl + event.pnl)
     return replace(
         record,
-        action="buy",
-        order=OrderRecord("buy", amount, price, "filled"),
-        fill=FillRecord(price, amount, fee, record.decided_at, fill.ts),
-        position=Position(amount, price, fee, fill.ts),
+        action=side,
+        order=order,
+        fill=filled,
+        position=position,
         seen=seen,
-        balance=replace(balance, cash=balance.cash - amount * price - fee, fees=balance.fees + fee),
+        balance=balance,
     )
 
 
@@ -299,10 +252,10 @@ def warm_up(config: StrategyConfig, bars: pl.DataFrame) -> float:
     if config.name in _warmed_up:
         return 0.0
     started = time.perf_counter()
-    rules_row(np.zeros(1, dtype=np.int64), 0)
-    ex.exit_code(1.0, 1.0, False, 0.0, 0.0, 0.0)
-    ex.buy_order(1.0, 1.0, 1.0, 0.0, 0.0, 0.01, 2, 0.01, 2, 0.0, 1.0, 0.0)
-    ex.sell_order(1.0, 1.0, 0.0, 0.0, 0.01, 2, 0.0, 1.0, 0.0)
+    ex.rules_row(np.zeros(1, dtype=np.int64), 0, 0)
+    market = ex.MarketRules(amount_step=0.01, price_tick=0.01)
+    bar = ex.Bar(1.0, True, False, False, 1.0, False, True)
+    ex.step(ex.State(1.0, 0.0, 0.0, 0.0, ex.NO_EXIT), bar, engine_rules(config, market))
     config_signals(config, bars.tail(50))
     _warmed_up.add(config.name)
     return (time.perf_counter() - started) * 1000
@@ -439,14 +392,15 @@ class DryRun:
         fill = self._fill(window, index)  # I/O, maybe waiting: not compute
         started += time.perf_counter() - fetching
         fill_ms = _ms(fill.ts) if fill else int(window.ts[index]) + self.bar_ms
-        rules = window.rules.at(rules_row(window.rules.snapshot_days, fill_ms))
+        days = window.rules.snapshot_days
+        market = window.rules.at(ex.rules_row(days, fill_ms, len(days) - 1))
         return BarDecision(
             bar_ts=row["ts"],
             seen=seen,
             entry=entry,
             exit=exit_,
             fill=fill,
-            rules=rules,
+            rules=engine_rules(self.config, market),
             quality_trip=quality,
             compute_ms=(time.perf_counter() - started) * 1000,
         )

@@ -1,8 +1,9 @@
 """The one execution engine: sizing, exchange rules, fills and fees for backtest and dry-run.
 
-The kernels here are compiled with numba and called both from the backtest's loop over bars
-(candlestack.backtest) and, one order at a time, from the dry-run: a second implementation
-of any of them would be a bug.
+`step` takes one closed bar's decision: explicit state in, state and event out (vectorbt's
+`process_order_nb` is the model). It is compiled with numba and called on every bar by the
+backtest's loop (candlestack.backtest) and, for the bar it decides, by the dry-run: a second
+implementation of any of its rules would be a bug.
 
 Rules, long-only spot:
 - a signal on the closed bar t fills at the open of bar t+1, moved against us by
@@ -15,7 +16,12 @@ Rules, long-only spot:
 - the fee is `fee_rate` of the filled notional, paid in quote currency on both sides;
 - a position is closed on an exit signal, a stop (close at or below entry price x
   (1 - stop_loss)) or a take-profit (selling at the close would net at least min_profit
-  after both fees), checked in that order on each closed bar.
+  after both fees), checked in that order on each closed bar; an exit the exchange refuses
+  is tried again on every bar until it fills; exits come before entries (one position);
+- an entry needs its signal bar's close within [min_price, max_price]; the data policy then
+  skips it when its bar or the bar it would fill on has an imputed or missing minute, or
+  the fill bar is not the next period. Exits are never held back: getting out beats
+  waiting for clean data.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 from numba import njit
+
+from candlestack.schema import DAY_MS
 
 # Relative tolerance for float noise in value/step quotients (0.3 / 0.1 = 2.9999999999999996).
 _QUOTIENT_TOLERANCE = 1e-12
@@ -56,6 +65,22 @@ EXIT_REASONS = {
     EXIT_MIN_PROFIT: "min_profit",
     EXIT_END: "end_of_window",
 }
+
+# Why an entry was skipped by the data policy.
+SKIP_BAR = 1
+SKIP_FILL_BAR = 2
+SKIP_NOT_NEXT = 3
+SKIP_REASONS = {
+    SKIP_BAR: "this bar has imputed or missing minutes",
+    SKIP_FILL_BAR: "the next bar has imputed or missing minutes",
+    SKIP_NOT_NEXT: "the next bar is not the next period",
+}
+
+# What a step did (Event.kind).
+NOTHING = 0
+BUY = 1  # an order was placed: filled, or refused (Event.rejected)
+SELL = 2
+SKIPPED = 3  # an entry held back by the data policy (Event.reason: a SKIP_ code)
 
 
 @lru_cache(maxsize=256)
@@ -101,7 +126,92 @@ class MarketRules:
         return step_decimals(self.price_tick)
 
 
-# --- compiled kernels (scalars; called from the backtest loop and the dry-run) -------------
+# --- the step's values (numba types them as named tuples) -----------------------------------
+
+
+class State(NamedTuple):
+    """A strategy's account between two bars."""
+
+    cash: float
+    amount: float  # base held; 0 when flat
+    entry_price: float
+    entry_fee: float
+    refused_exit: int  # the exit the exchange refused (NO_EXIT: none), tried again
+
+
+class Bar(NamedTuple):
+    """The closed bar decided on and the bar its order would fill on."""
+
+    close: float
+    entry: bool
+    exit: bool
+    untradable: bool  # imputed or missing minutes
+    next_open: float
+    next_untradable: bool
+    next_adjacent: bool  # the fill bar is the very next period
+
+
+class Rules(NamedTuple):
+    """A strategy's order rules and the market rules of the day its order fills."""
+
+    order_value: float
+    fee_rate: float
+    slippage: float
+    min_profit: float
+    stop_loss: float
+    min_price: float
+    max_price: float
+    price_tick: float
+    price_decimals: int
+    amount_step: float
+    amount_decimals: int
+    min_amount: float
+    max_amount: float
+    min_cost: float
+
+
+class Event(NamedTuple):
+    """What one step did: price, amount and fee of the order it placed (filled or not)."""
+
+    kind: int  # NOTHING, BUY, SELL or SKIPPED
+    reason: int  # SELL: the exit reason; SKIPPED: the SKIP_ code
+    rejected: int  # BUY, SELL: ACCEPTED or why the order was refused
+    price: float
+    amount: float
+    fee: float
+    pnl: float  # a filled SELL: realised, after both fees
+
+
+def rules_of(
+    market: MarketRules,
+    order_value: float,
+    fee_rate: float,
+    slippage: float,
+    min_profit: float,
+    stop_loss: float,
+    min_price: float,
+    max_price: float | None,
+) -> Rules:
+    """Rules with every field of the type the compiled step was cached for."""
+    return Rules(
+        float(order_value),
+        float(fee_rate),
+        float(slippage),
+        float(min_profit),
+        float(stop_loss),
+        float(min_price),
+        float(max_price) if max_price is not None else np.inf,
+        float(market.price_tick),
+        int(market.price_decimals),
+        float(market.amount_step),
+        int(market.amount_decimals),
+        float(market.min_amount),
+        float(market.max_amount),
+        float(market.min_cost),
+    )
+
+
+# --- compiled kernels (called from the backtest loop and the dry-run) ----------------------
 
 
 @njit(cache=True)
@@ -228,6 +338,101 @@ def sell_order(
     )
 
 
+@njit(cache=True)
+def sold(state: State, price: float, fee: float, reason: int) -> tuple[State, Event]:
+    """The position sold at `price`: flat, the proceeds in cash, the PnL realised."""
+    proceeds = state.amount * price - fee
+    pnl = proceeds - (state.amount * state.entry_price + state.entry_fee)
+    flat = State(state.cash + proceeds, 0.0, 0.0, 0.0, NO_EXIT)
+    return flat, Event(SELL, reason, ACCEPTED, price, state.amount, fee, pnl)
+
+
+@njit(cache=True, inline="always")
+def idle(state: State, entry: bool) -> bool:
+    """True when `step` does nothing whatever else the bar says: flat, no entry signal (most
+    bars; the backtest's loop skips building them)."""
+    return state.amount <= 0.0 and not entry
+
+
+@njit(cache=True, inline="always")
+def step(state: State, bar: Bar, rules: Rules) -> tuple[State, Event]:
+    """One closed bar's decision, its order filled at the next open (the module's rules)."""
+    nothing = Event(NOTHING, 0, ACCEPTED, 0.0, 0.0, 0.0, 0.0)
+    if idle(state, bar.entry):
+        return state, nothing
+    if state.amount > 0.0:
+        reason = exit_code(
+            bar.close,
+            state.entry_price,
+            bar.exit,
+            rules.min_profit,
+            rules.stop_loss,
+            rules.fee_rate,
+        )
+        if reason == NO_EXIT:
+            reason = state.refused_exit
+        if reason == NO_EXIT:
+            return state, nothing
+        price, fee, code = sell_order(
+            bar.next_open,
+            state.amount,
+            rules.slippage,
+            rules.fee_rate,
+            rules.price_tick,
+            rules.price_decimals,
+            rules.min_amount,
+            rules.max_amount,
+            rules.min_cost,
+        )
+        if code != ACCEPTED:
+            held = State(state.cash, state.amount, state.entry_price, state.entry_fee, reason)
+            return held, Event(SELL, reason, code, price, state.amount, fee, 0.0)
+        return sold(state, price, fee, reason)
+    if not rules.min_price <= bar.close <= rules.max_price:
+        return state, nothing
+    skip = 0
+    if bar.untradable:
+        skip = SKIP_BAR
+    elif bar.next_untradable:
+        skip = SKIP_FILL_BAR
+    elif not bar.next_adjacent:
+        skip = SKIP_NOT_NEXT
+    if skip:
+        return state, Event(SKIPPED, skip, ACCEPTED, 0.0, 0.0, 0.0, 0.0)
+    price, amount, fee, code = buy_order(
+        bar.next_open,
+        rules.order_value,
+        state.cash,
+        rules.slippage,
+        rules.fee_rate,
+        rules.price_tick,
+        rules.price_decimals,
+        rules.amount_step,
+        rules.amount_decimals,
+        rules.min_amount,
+        rules.max_amount,
+        rules.min_cost,
+    )
+    event = Event(BUY, 0, code, price, amount, fee, 0.0)
+    if code != ACCEPTED:
+        return state, event
+    return State(state.cash - (amount * price + fee), amount, price, fee, NO_EXIT), event
+
+
+@njit(cache=True, inline="always")
+def rules_row(snapshot_days, fill_ts, row):
+    """Row of the rules of the day an order fills: the latest snapshot on or before it (the
+    first one before any), searched from `row` (the loop's last row; the dry-run passes the
+    newest: orders fill mostly on recent days, and numba's np.searchsorted costs 0.4 s of
+    compile time)."""
+    # In ms, not days: no division on the loop's every bar.
+    while row + 1 < len(snapshot_days) and snapshot_days[row + 1] * DAY_MS <= fill_ts:
+        row += 1
+    while row > 0 and snapshot_days[row] * DAY_MS > fill_ts:
+        row -= 1
+    return row
+
+
 # --- Python conveniences over the kernels (one order: tests, dry-run, reports) -----------
 
 
@@ -299,7 +504,7 @@ class RuleBook:
         )
 
     def at(self, row: int) -> MarketRules:
-        """The rules of one snapshot row (see backtest.rules_row for the row of a day)."""
+        """The rules of one snapshot row (see rules_row for the row of a day)."""
         return MarketRules(
             amount_step=float(self.amount_step[row]),
             price_tick=float(self.price_tick[row]),
