@@ -17,6 +17,7 @@ import polars as pl
 from assets.backtests import strategies_file, strategy_upstream
 from assets.markdown import md_table
 from assets.market_data import EXCHANGE_POOL
+from assets.tags import STRATEGY_TAG
 from candlestack.drift import drift_from_lake
 from candlestack.dryrun import LATENCY_WINDOW, DryRun, latency_stats
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
@@ -103,7 +104,7 @@ def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
         deps=[*strategy_upstream(strategy), dg.AssetKey(f"backtest_{strategy.name}")],
         group_name="dry_run",
         kinds={"python", "sql"},
-        tags={"candlestack/strategy": strategy.name},
+        tags={STRATEGY_TAG: strategy.name},
         pool=EXCHANGE_POOL,  # it fetches the forming candle's open when the stream lacks it
         description=f"Paper trading of {strategy.name} ({strategy.strategy} on {strategy.symbol} "
         f"{strategy.timeframe}), one closed bar per run, into the ledger. No real orders.",

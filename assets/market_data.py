@@ -6,11 +6,6 @@ from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
 
 from assets.markdown import md_table
 from assets.partitions import (
@@ -20,6 +15,7 @@ from assets.partitions import (
     is_top_up,
     symbol_months,
 )
+from assets.tags import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from candlestack.checks import (
     gap_failure,
     gap_failures,
@@ -309,9 +305,9 @@ def _blocking_result(
 def _run_months(tags: Mapping[str, str]) -> tuple[date, date] | None:
     """The first and last month of the candle partitions a run targets; None for a run of
     no partition (a check run on its own)."""
-    keys = [tags.get(t) for t in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG)]
+    keys = [tags.get(t) for t in (RANGE_START_TAG, RANGE_END_TAG)]
     if not all(keys):
-        keys = [tags.get(PARTITION_NAME_TAG)] * 2
+        keys = [tags.get(PARTITION_TAG)] * 2
     if not all(keys):
         return None
     months = sorted(month_of(k.split("|")[0]) for k in keys)

@@ -26,6 +26,7 @@ from dagster._utils.error import SerializableErrorInfo
 
 from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
 from assets.market_data import candles_1m, candles_freshness
+from assets.tags import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG, STRATEGY_TAG
 from candlestack.alerts import (
     CHECK_FAILURE,
     DRIFT,
@@ -53,8 +54,6 @@ RUN_ENDS = (
     dg.DagsterEventType.RUN_CANCELED,
 )
 FRESHNESS = next(iter(candles_freshness.check_keys))
-STRATEGY_TAG = "candlestack/strategy"
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SYMBOLS = {c.name: c.symbol for c in enabled_strategies}
 STRATEGY_BY_ASSET = {dry_run_key(c): c.name for c in enabled_strategies}
 
@@ -141,9 +140,9 @@ def _run_ends(instance: dg.DagsterInstance, after: int) -> tuple[list[dg.EventLo
 
 
 def _partition(run: dg.DagsterRun) -> str | None:
-    if RANGE_START in run.tags:
-        return f"{run.tags[RANGE_START]}...{run.tags[RANGE_END]}"
-    return run.tags.get("dagster/partition")
+    if RANGE_START_TAG in run.tags:
+        return f"{run.tags[RANGE_START_TAG]}...{run.tags[RANGE_END_TAG]}"
+    return run.tags.get(PARTITION_TAG)
 
 
 def _root_cause(error: SerializableErrorInfo) -> str:

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
+from assets.tags import RANGE_END_TAG, RANGE_START_TAG
 from candlestack.catalog import connect
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
@@ -35,7 +32,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def _range_tags(start: str, end: str) -> dict[str, str]:
-    return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    return {RANGE_START_TAG: start, RANGE_END_TAG: end}
 
 
 def _bars_summary(catalog: Path, lake, first: str) -> pl.DataFrame:

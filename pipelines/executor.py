@@ -32,7 +32,8 @@ from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._utils.interrupts import check_captured_interrupt
 
-from pipelines.stuck_runs import COMMAND, WORKER_TAG, Worker, clean_up, describe
+from assets.tags import WORKER_TAG
+from pipelines.stuck_runs import COMMAND, Worker, clean_up, describe
 
 # How often a waiting step re-checks an interrupt (seconds), and looks at who holds its pool.
 INTERRUPT_CHECK_S = 1.0

@@ -23,6 +23,7 @@ import polars as pl
 from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
 from assets.markdown import md_table
 from assets.market_data import candles_1m
+from assets.tags import BAR_OPEN_TAG, STRATEGY_TAG
 from candlestack.backtest_store import bar_dataset
 from candlestack.config import load_settings, symbol_key
 from candlestack.lake import Lake
@@ -89,7 +90,7 @@ def run_request(strategy: StrategyConfig, bar_ts: datetime) -> dg.RunRequest:
         run_config=dg.RunConfig(
             ops={key.to_python_identifier(): DryRunBar(bar_open=bar_ts.isoformat())}
         ),
-        tags={"candlestack/strategy": strategy.name, "candlestack/bar_open": bar_ts.isoformat()},
+        tags={STRATEGY_TAG: strategy.name, BAR_OPEN_TAG: bar_ts.isoformat()},
     )
 
 

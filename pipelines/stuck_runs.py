@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 import psutil
 
-WORKER_TAG = "candlestack/run_worker"
+from assets.tags import WORKER_TAG
+
 UNFINISHED = (
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
