@@ -22,7 +22,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import dagster as dg
-from dagster._utils.error import SerializableErrorInfo
 
 from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
 from assets.market_data import candles_1m, candles_freshness
@@ -43,6 +42,7 @@ from candlestack.alerts import (
 from candlestack.config import load_settings
 from candlestack.ledger import AUDIT_KILL_SWITCH_TRIP
 from candlestack.live_status import DELAYED_BUFFER, RECONNECT_STORM
+from pipelines.dagster_adapter import SerializableErrorInfo
 from resources import AlertResource, LedgerResource
 
 INTERVAL_SECONDS = 30

@@ -9,7 +9,7 @@ from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
 from candlestack.config import load_settings
 from pipelines.alerts import alert_sensors
-from pipelines.executor import worker_tracking_executor
+from pipelines.dagster_adapter import worker_tracking_executor
 from pipelines.jobs import (
     backtest_job,
     build_bars_job,

@@ -12,10 +12,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import (
-    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
-    AssetCheckExecutionRecordStatus,
-)
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -29,6 +25,10 @@ from candlestack.metrics import (
     lake_metrics,
     ledger_metrics,
     live_metrics,
+)
+from pipelines.dagster_adapter import (
+    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
+    AssetCheckExecutionRecordStatus,
 )
 from pipelines.definitions import defs
 from resources import LedgerResource
