@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.bars import bars_key
+from assets.keys import backtest_key, bars_key, sweep_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m, markets
 from candlestack.backtest import METRICS
@@ -88,7 +88,7 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
-    key = dg.AssetKey(f"backtest_{strategy.name}")
+    key = backtest_key(strategy.name)
 
     @dg.asset(
         key=key,
@@ -189,7 +189,7 @@ def _sweep_asset(sweep: SweepConfig) -> dg.AssetsDefinition:
     strategy = strategies_file.strategy(sweep.strategy)
 
     @dg.asset(
-        name=f"sweep_{sweep.name}",
+        key=sweep_key(sweep.name),
         deps=strategy_upstream(strategy),
         group_name="backtests",
         kinds={"parquet", "polars"},

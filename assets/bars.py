@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from assets.keys import bars_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
 from assets.partitions import candle_backfill_policy, candle_partitions, is_top_up, symbol_months
@@ -13,10 +14,6 @@ from resources import CandleSourceResource, LakeResource
 
 RECONCILE_CHECK = "reconciles_with_1m"
 COMPLETENESS_CHECK = "completeness"
-
-
-def bars_key(timeframe: str) -> dg.AssetKey:
-    return dg.AssetKey(f"bars_{timeframe}")
 
 
 def _bars_asset(timeframe: str) -> dg.AssetsDefinition:

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from assets.bars import bars_key
+from assets.keys import bars_key, features_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
 from assets.partitions import candle_backfill_policy, candle_partitions, symbol_months
@@ -37,7 +37,7 @@ def _days_table(outcomes: list[FeatureOutcome]) -> pl.DataFrame:
 
 def _features_asset(timeframe: str) -> dg.AssetsDefinition:
     specs = feature_set.for_timeframe(timeframe)
-    key = dg.AssetKey(f"features_{timeframe}")
+    key = features_key(timeframe)
     upstream = candles_1m.key if timeframe == "1m" else bars_key(timeframe)
 
     @dg.asset(

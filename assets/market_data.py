@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 import polars as pl
 
+from assets.keys import CANDLES_KEY, bars_key, features_key
 from assets.markdown import md_table
 from assets.partitions import (
     candle_backfill_policy,
@@ -137,6 +138,7 @@ def _revision_rows(revisions: pl.DataFrame) -> pl.DataFrame:
 
 
 @dg.asset(
+    key=CANDLES_KEY,
     partitions_def=candle_partitions,
     backfill_policy=candle_backfill_policy,
     group_name="market_data",
@@ -147,26 +149,26 @@ def _revision_rows(revisions: pl.DataFrame) -> pl.DataFrame:
         # days. The block is per day, downstream: a failing day gets no bars or features.
         dg.AssetCheckSpec(
             GAPS_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="No unresolved missing minutes; imputed share within the threshold, "
             "per day. A failing day gets no bars or features; the month's others do.",
         ),
         dg.AssetCheckSpec(
             OHLC_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="low <= open, close <= high; volume >= 0; unique, increasing, "
             "minute-aligned timestamps inside the month, per day (read back from the lake).",
         ),
         dg.AssetCheckSpec(
             REVISIONS_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="No stored real candle came back from the source with other values "
             "(a revision is written, and old and new are kept in the month file's revisions "
             "table and the catalog's `revisions` view).",
         ),
         dg.AssetCheckSpec(
             ZERO_VOLUME_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="Of each day's real minutes, the share that traded nothing is within "
             "CANDLESTACK_ZERO_VOLUME_MAX_SHARE.",
         ),
@@ -429,11 +431,8 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
     deps=[
         candles_1m,
         markets,
-        *(dg.AssetKey(f"bars_{tf}") for tf in BAR_TIMEFRAMES),
-        *(
-            dg.AssetKey(f"features_{tf}")
-            for tf in load_feature_set(load_settings().features).timeframes
-        ),
+        *(bars_key(tf) for tf in BAR_TIMEFRAMES),
+        *(features_key(tf) for tf in load_feature_set(load_settings().features).timeframes),
     ],
     group_name="market_data",
     kinds={"duckdb"},

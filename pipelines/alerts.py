@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
+from assets.dry_run import DRIFT_CHECK, enabled_strategies
+from assets.keys import dry_run_key
 from assets.market_data import candles_1m, candles_freshness
 from assets.tags import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG, STRATEGY_TAG
 from candlestack.alerts import (
@@ -55,7 +56,7 @@ RUN_ENDS = (
 )
 FRESHNESS = next(iter(candles_freshness.check_keys))
 SYMBOLS = {c.name: c.symbol for c in enabled_strategies}
-STRATEGY_BY_ASSET = {dry_run_key(c): c.name for c in enabled_strategies}
+STRATEGY_BY_ASSET = {dry_run_key(c.name): c.name for c in enabled_strategies}
 
 DEFAULT_STATUS = (
     dg.DefaultSensorStatus.RUNNING

@@ -103,7 +103,8 @@ def _backtest_summary(result) -> pl.DataFrame:
 def _dry_run_session(defs, instance, lake, exchange) -> list:
     """The sensor's work by hand: one run of the dry-run job per newest closed bar of each
     enabled strategy, in order, then the drift and audit checks."""
-    from assets.dry_run import dry_run_key, enabled_strategies
+    from assets.dry_run import enabled_strategies
+    from assets.keys import dry_run_key
     from pipelines.sensors import closed_bars, run_request
 
     job = defs.resolve_job_def("dry_run")
@@ -116,7 +117,7 @@ def _dry_run_session(defs, instance, lake, exchange) -> list:
                 job.execute_in_process(
                     instance=instance,
                     run_config={**request.run_config, **QUIET},
-                    asset_selection=[dry_run_key(strategy)],
+                    asset_selection=[dry_run_key(strategy.name)],
                     tags=request.tags,
                     raise_on_error=False,
                 )

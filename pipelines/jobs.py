@@ -9,13 +9,13 @@ from pydantic import Field
 from assets.backtests import backtest_assets, sweep_assets
 from assets.bars import bar_assets
 from assets.dry_run import (
-    LEDGER_KEY,
     drift_checks,
     dry_run_assets,
     kill_switch_table,
     ledger_snapshot,
 )
 from assets.features import feature_assets
+from assets.keys import LEDGER_KEY
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
 from assets.partitions import candle_partitions, daily_partitions
 from candlestack.config import load_settings
