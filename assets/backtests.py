@@ -14,12 +14,11 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.bars import bars_key
+from assets.keys import backtest_key, bars_key, sweep_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m, markets
 from candlestack.backtest import METRICS
 from candlestack.backtest_store import run_backtest, run_sweep
-from candlestack.config import load_settings
 from candlestack.errors import ConfigError
 from candlestack.lookahead import violations
 from candlestack.report import equity_png, html_report, markdown_image, metric_rows
@@ -30,6 +29,7 @@ from candlestack.strategies.config import (
     load_strategies,
 )
 from resources import CandleSourceResource, LakeResource
+from resources.deployment import settings
 
 LOOKAHEAD_CHECK = "no_lookahead"
 LOOKAHEAD_CUTS = 20
@@ -39,7 +39,6 @@ def _configured_strategies() -> StrategiesFile:
     """The strategies file, loaded with the code location: a mistake fails here, naming the
     field. A strategy on a symbol outside CANDLESTACK_SYMBOLS is an error in the user's own
     file; the built-in file just leaves it (and any sweep of it) out."""
-    settings = load_settings()
     loaded = load_strategies(settings.strategies)
     configured = set(settings.symbols)
     outside = [c for c in loaded.strategies if c.symbol not in configured]
@@ -88,7 +87,7 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 def _backtest_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
-    key = dg.AssetKey(f"backtest_{strategy.name}")
+    key = backtest_key(strategy.name)
 
     @dg.asset(
         key=key,
@@ -189,7 +188,7 @@ def _sweep_asset(sweep: SweepConfig) -> dg.AssetsDefinition:
     strategy = strategies_file.strategy(sweep.strategy)
 
     @dg.asset(
-        name=f"sweep_{sweep.name}",
+        key=sweep_key(sweep.name),
         deps=strategy_upstream(strategy),
         group_name="backtests",
         kinds={"parquet", "polars"},

@@ -3,20 +3,16 @@
 import dagster as dg
 import polars as pl
 
+from assets.keys import bars_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
 from assets.partitions import candle_backfill_policy, candle_partitions, is_top_up, symbol_months
 from candlestack.bars import BarBuilder, outcomes_frame
-from candlestack.config import load_settings
 from candlestack.resample import BAR_TIMEFRAMES, SOURCE_TIMEFRAME
 from resources import CandleSourceResource, LakeResource
 
 RECONCILE_CHECK = "reconciles_with_1m"
 COMPLETENESS_CHECK = "completeness"
-
-
-def bars_key(timeframe: str) -> dg.AssetKey:
-    return dg.AssetKey(f"bars_{timeframe}")
 
 
 def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
@@ -55,7 +51,7 @@ def _bars_asset(timeframe: str) -> dg.AssetsDefinition:
     def bars(
         context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
     ) -> dg.MaterializeResult:
-        builder = BarBuilder(lake.lake, source.exchange_name(), load_settings().imputed_max_share)
+        builder = BarBuilder(lake.lake, source.exchange_name(), lake.imputed_max_share)
         outcomes, mismatches = [], []
         for symbol_key, months in symbol_months(context.partition_keys).items():
             for month, partition_key in sorted(months.items()):

@@ -15,8 +15,10 @@ import dagster as dg
 import polars as pl
 
 from assets.backtests import strategies_file, strategy_upstream
+from assets.keys import LEDGER_KEY, backtest_key, dry_run_key
 from assets.markdown import md_table
 from assets.market_data import EXCHANGE_POOL
+from assets.tags import STRATEGY_TAG
 from candlestack.drift import drift_from_lake
 from candlestack.dryrun import LATENCY_WINDOW, DryRun, latency_stats
 from candlestack.ledger import GLOBAL_SCOPE, Ledger
@@ -27,13 +29,8 @@ from resources import CandleSourceResource, LakeResource, LedgerResource
 
 DRIFT_CHECK = "drift"
 AUDIT_CHECK = "audit_chain"
-LEDGER_KEY = dg.AssetKey("ledger")
 
 enabled_strategies = [c for c in strategies_file.strategies if c.dry_run.enabled]
-
-
-def dry_run_key(strategy: StrategyConfig) -> dg.AssetKey:
-    return dg.AssetKey(f"dryrun_{strategy.name}")
 
 
 class DryRunBar(dg.Config):
@@ -96,14 +93,14 @@ def _decision_metadata(ledger: Ledger, strategy: StrategyConfig, outcome) -> dic
 
 
 def _dry_run_asset(strategy: StrategyConfig) -> dg.AssetsDefinition:
-    key = dry_run_key(strategy)
+    key = dry_run_key(strategy.name)
 
     @dg.asset(
         key=key,
-        deps=[*strategy_upstream(strategy), dg.AssetKey(f"backtest_{strategy.name}")],
+        deps=[*strategy_upstream(strategy), backtest_key(strategy.name)],
         group_name="dry_run",
         kinds={"python", "sql"},
-        tags={"candlestack/strategy": strategy.name},
+        tags={STRATEGY_TAG: strategy.name},
         pool=EXCHANGE_POOL,  # it fetches the forming candle's open when the stream lacks it
         description=f"Paper trading of {strategy.name} ({strategy.strategy} on {strategy.symbol} "
         f"{strategy.timeframe}), one closed bar per run, into the ledger. No real orders.",
@@ -140,7 +137,7 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
     tolerance = strategy.dry_run.drift
 
     @dg.asset_check(
-        asset=dry_run_key(strategy),
+        asset=dry_run_key(strategy.name),
         name=DRIFT_CHECK,
         description=f"The dry-run against its backtest replayed on the same bars over the last "
         f"{tolerance.window_days} days (replayed from the dry-run's last flat bar before them, "
@@ -163,7 +160,7 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
         # Observed on the asset too: its Plots tab draws each figure across check runs.
         context.op_execution_context.log_event(
             dg.AssetObservation(
-                asset_key=dry_run_key(strategy),
+                asset_key=dry_run_key(strategy.name),
                 metadata={f"drift_{k}": float(v) for k, v in report.metrics.items()},
             )
         )
@@ -187,7 +184,7 @@ def _drift_check(strategy: StrategyConfig) -> dg.AssetChecksDefinition:
     key=LEDGER_KEY,
     group_name="dry_run",
     kinds={"sql"},
-    deps=[dry_run_key(c) for c in enabled_strategies],
+    deps=[dry_run_key(c.name) for c in enabled_strategies],
     description="Snapshot of the dry-run ledger: balances, positions, kill switch, orders, "
     "latency, and the head of the hash-chained audit log (published here so a rewrite of the "
     "whole chain in the database still shows).",

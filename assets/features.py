@@ -3,19 +3,19 @@
 import dagster as dg
 import polars as pl
 
-from assets.bars import bars_key
+from assets.keys import bars_key, features_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
 from assets.partitions import candle_backfill_policy, candle_partitions, symbol_months
-from candlestack.config import load_settings
 from candlestack.feature_store import FeatureBuilder, FeatureOutcome, load_feature_set
 from candlestack.features import feature_columns, warmup_bars
 from resources import CandleSourceResource, LakeResource
+from resources.deployment import settings
 
 WARMUP_CHECK = "no_null_after_warmup"
 
 # Loaded with the code location: a wrong feature set fails here, not in a run at night.
-feature_set = load_feature_set(load_settings().features)
+feature_set = load_feature_set(settings.features)
 
 
 def _days_table(outcomes: list[FeatureOutcome]) -> pl.DataFrame:
@@ -37,7 +37,7 @@ def _days_table(outcomes: list[FeatureOutcome]) -> pl.DataFrame:
 
 def _features_asset(timeframe: str) -> dg.AssetsDefinition:
     specs = feature_set.for_timeframe(timeframe)
-    key = dg.AssetKey(f"features_{timeframe}")
+    key = features_key(timeframe)
     upstream = candles_1m.key if timeframe == "1m" else bars_key(timeframe)
 
     @dg.asset(
@@ -61,9 +61,8 @@ def _features_asset(timeframe: str) -> dg.AssetsDefinition:
     def features(
         context: dg.AssetExecutionContext, source: CandleSourceResource, lake: LakeResource
     ) -> dg.MaterializeResult:
-        settings = load_settings()
         builder = FeatureBuilder(
-            lake.lake, source.exchange_name(), feature_set, settings.imputed_max_share
+            lake.lake, source.exchange_name(), feature_set, lake.imputed_max_share
         )
         outcomes = []
         for symbol_key, months in symbol_months(context.partition_keys).items():

@@ -6,12 +6,9 @@ from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
 
+from assets import partitions
+from assets.keys import CANDLES_KEY, bars_key, features_key
 from assets.markdown import md_table
 from assets.partitions import (
     candle_backfill_policy,
@@ -20,6 +17,7 @@ from assets.partitions import (
     is_top_up,
     symbol_months,
 )
+from assets.tags import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from candlestack.checks import (
     gap_failure,
     gap_failures,
@@ -28,7 +26,7 @@ from candlestack.checks import (
     zero_volume_failures,
     zero_volume_share,
 )
-from candlestack.config import load_settings, symbol_key
+from candlestack.config import symbol_key
 from candlestack.coverage import IMPUTED_GRADES, coverage_frame, month_strips, recent_grid
 from candlestack.errors import SourceError
 from candlestack.feature_store import load_feature_set
@@ -38,6 +36,7 @@ from candlestack.resample import BAR_TIMEFRAMES
 from candlestack.schema import DAY_MS, MINUTE_MS
 from candlestack.validate import describe_rejections
 from resources import CandleSourceResource, LakeResource
+from resources.deployment import settings
 
 GAPS_CHECK = "gaps"
 OHLC_CHECK = "ohlc_sanity"
@@ -58,7 +57,7 @@ _MONTH_TOTALS = (
 )
 # Every step that calls the exchange takes a slot of this pool, so the instance's pool limit
 # (`concurrency: pools:` in dagster.yaml) caps requests to one exchange across all runs.
-EXCHANGE_POOL = f"exchange-{load_settings().exchange_id}"
+EXCHANGE_POOL = f"exchange-{settings.exchange_id}"
 
 
 def _gap_ranges(gaps: pl.DataFrame) -> pl.DataFrame:
@@ -141,6 +140,7 @@ def _revision_rows(revisions: pl.DataFrame) -> pl.DataFrame:
 
 
 @dg.asset(
+    key=CANDLES_KEY,
     partitions_def=candle_partitions,
     backfill_policy=candle_backfill_policy,
     group_name="market_data",
@@ -151,26 +151,26 @@ def _revision_rows(revisions: pl.DataFrame) -> pl.DataFrame:
         # days. The block is per day, downstream: a failing day gets no bars or features.
         dg.AssetCheckSpec(
             GAPS_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="No unresolved missing minutes; imputed share within the threshold, "
             "per day. A failing day gets no bars or features; the month's others do.",
         ),
         dg.AssetCheckSpec(
             OHLC_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="low <= open, close <= high; volume >= 0; unique, increasing, "
             "minute-aligned timestamps inside the month, per day (read back from the lake).",
         ),
         dg.AssetCheckSpec(
             REVISIONS_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="No stored real candle came back from the source with other values "
             "(a revision is written, and old and new are kept in the month file's revisions "
             "table and the catalog's `revisions` view).",
         ),
         dg.AssetCheckSpec(
             ZERO_VOLUME_CHECK,
-            asset="candles_1m",
+            asset=CANDLES_KEY,
             description="Of each day's real minutes, the share that traded nothing is within "
             "CANDLESTACK_ZERO_VOLUME_MAX_SHARE.",
         ),
@@ -182,20 +182,19 @@ def candles_1m(
     """Closed 1-minute OHLCV candles per UTC month and symbol (one file each), gaps
     re-requested and imputed (flat at the previous close, volume 0, `imputed = true`), with a
     per-day table. A range backfill is one run."""
-    settings = load_settings()
     started = time.perf_counter()
     ingestor = Ingestor(source.open(), lake.lake, source.refetch_attempts)
     outcomes: list[PartitionOutcome] = []
     months_read_back = []
     for key, months in symbol_months(context.partition_keys).items():
-        symbol = settings.symbol_by_key[key]
+        symbol = partitions.symbol_by_key[key]
         for month, partition_key in sorted(months.items()):
-            wanted = [d for d in month_days(month) if d >= settings.start_date]
+            wanted = [d for d in month_days(month) if d >= partitions.start_date]
             days = ingestor.days_to_ingest(symbol, wanted)
             if not days:
                 raise dg.Failure(
                     f"{partition_key}: no day of the month to ingest (none has a closed minute "
-                    f"yet, is on or after CANDLESTACK_START_DATE {settings.start_date}, or is "
+                    f"yet, is on or after CANDLESTACK_START_DATE {partitions.start_date}, or is "
                     "in the source's recording)"
                 )
             try:
@@ -208,13 +207,13 @@ def candles_1m(
             outcomes.extend(month_outcomes)
             months_read_back.append((key, month, month_outcomes[0].path))
             context.add_asset_metadata(
-                _month_metadata(month_outcomes, settings.imputed_max_share),
+                _month_metadata(month_outcomes, lake.imputed_max_share),
                 partition_key=partition_key,
             )
     # Named by symbol key, as the partitions and the sanity check name them.
     gaps_failed = gap_failures(
         ((symbol_key(o.symbol), o.day, o.report, o.gaps) for o in outcomes),
-        settings.imputed_max_share,
+        lake.imputed_max_share,
     )
     # Sanity is checked on what the lake holds, read back, not on what was meant to be written.
     sanity_failed = sanity_failures(months_read_back)
@@ -242,11 +241,11 @@ def candles_1m(
                 missing_minutes=sum(o.report["missing"] for o in outcomes),
                 imputed_minutes=imputed,
                 imputed_share=imputed / expected if expected else 0.0,
-                imputed_max_share=settings.imputed_max_share,
+                imputed_max_share=lake.imputed_max_share,
             ),
             _blocking_result(OHLC_CHECK, sanity_failed, len(outcomes)),
             _revisions_result(outcomes),
-            _zero_volume_result(outcomes, settings.zero_volume_max_share),
+            _zero_volume_result(outcomes, lake.zero_volume_max_share),
         ],
     )
 
@@ -309,9 +308,9 @@ def _blocking_result(
 def _run_months(tags: Mapping[str, str]) -> tuple[date, date] | None:
     """The first and last month of the candle partitions a run targets; None for a run of
     no partition (a check run on its own)."""
-    keys = [tags.get(t) for t in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG)]
+    keys = [tags.get(t) for t in (RANGE_START_TAG, RANGE_END_TAG)]
     if not all(keys):
-        keys = [tags.get(PARTITION_NAME_TAG)] * 2
+        keys = [tags.get(PARTITION_TAG)] * 2
     if not all(keys):
         return None
     months = sorted(month_of(k.split("|")[0]) for k in keys)
@@ -327,7 +326,6 @@ def _run_months(tags: Mapping[str, str]) -> tuple[date, date] | None:
 def candles_freshness(
     context: dg.AssetCheckExecutionContext, lake: LakeResource, source: CandleSourceResource
 ) -> dg.AssetCheckResult:
-    settings = load_settings()
     client = source.open()
     closed_end = client.now_ms() // MINUTE_MS * MINUTE_MS
     today = datetime.fromtimestamp(closed_end / 1000, UTC).date()
@@ -341,7 +339,7 @@ def candles_freshness(
         )
     day_start = closed_end // DAY_MS * DAY_MS
     rows = []
-    for symbol in settings.symbols:
+    for symbol in partitions.symbols:
         stored = lake.lake.read_day_report(client.exchange, symbol_key(symbol), today)
         newest = stored[0]["last_ts"] if stored else None
         stored_end = (
@@ -352,14 +350,14 @@ def candles_freshness(
         # Closed minutes of today after the newest stored one: 0 when it is up to date.
         lag = max(0, (closed_end - stored_end) // MINUTE_MS)
         rows.append({"symbol": symbol, "newest_open": newest or "none today", "lag_minutes": lag})
-    stale = [r for r in rows if r["lag_minutes"] > settings.freshness_lag_minutes]
+    stale = [r for r in rows if r["lag_minutes"] > lake.freshness_lag_minutes]
     return dg.AssetCheckResult(
         passed=not stale,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "applicable": True,
             "max_lag_minutes": max(r["lag_minutes"] for r in rows),
-            "allowed_lag_minutes": settings.freshness_lag_minutes,
+            "allowed_lag_minutes": lake.freshness_lag_minutes,
             "stale_symbols": len(stale),
             "newest_candles": dg.MetadataValue.md(md_table(pl.DataFrame(rows))),
         },
@@ -411,7 +409,7 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
 
     Dagster records checks of a single-run range without a partition; this grid (and each
     partition's own metadata) is where a person sees quality per symbol and day."""
-    coverage = coverage_frame(lake.lake.reports(source.exchange_name()), load_settings().symbols)
+    coverage = coverage_frame(lake.lake.reports(source.exchange_name()), partitions.symbols)
     counts = dict(coverage.group_by("status").len().iter_rows())
     imputed = {g: counts.get(g, 0) for g, _ in IMPUTED_GRADES}
     return dg.MaterializeResult(
@@ -433,11 +431,8 @@ def candle_coverage(source: CandleSourceResource, lake: LakeResource) -> dg.Mate
     deps=[
         candles_1m,
         markets,
-        *(dg.AssetKey(f"bars_{tf}") for tf in BAR_TIMEFRAMES),
-        *(
-            dg.AssetKey(f"features_{tf}")
-            for tf in load_feature_set(load_settings().features).timeframes
-        ),
+        *(bars_key(tf) for tf in BAR_TIMEFRAMES),
+        *(features_key(tf) for tf in load_feature_set(settings.features).timeframes),
     ],
     group_name="market_data",
     kinds={"duckdb"},

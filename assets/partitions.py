@@ -14,14 +14,15 @@ from datetime import date
 
 import dagster as dg
 
-from candlestack.config import load_settings, symbol_key
+from assets.tags import TOP_UP_TAG
+from candlestack.config import symbol_key
 from candlestack.lake import month_of
+from resources.deployment import settings
 
-settings = load_settings()
-
-# Set by the minutely schedule: a run that tops up the open month keeps what is stored closed
-# (candles of closed days, bars built from unchanged candles) instead of redoing the month.
-TOP_UP_TAG = "candlestack/top_up"
+# The symbols and first day the partitions hold, for the assets that ingest and grade them.
+symbols = settings.symbols
+symbol_by_key = settings.symbol_by_key
+start_date = settings.start_date
 
 # end_offset=1: the current month's partition exists while the month is open, so the
 # minutely schedule can keep it current.

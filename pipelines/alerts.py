@@ -22,10 +22,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import dagster as dg
-from dagster._utils.error import SerializableErrorInfo
 
-from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
+from assets.dry_run import DRIFT_CHECK, enabled_strategies
+from assets.keys import dry_run_key
 from assets.market_data import candles_1m, candles_freshness
+from assets.tags import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG, STRATEGY_TAG
 from candlestack.alerts import (
     CHECK_FAILURE,
     DRIFT,
@@ -42,6 +43,7 @@ from candlestack.alerts import (
 from candlestack.config import load_settings
 from candlestack.ledger import AUDIT_KILL_SWITCH_TRIP
 from candlestack.live_status import DELAYED_BUFFER, RECONNECT_STORM
+from pipelines.dagster_adapter import SerializableErrorInfo
 from resources import AlertResource, LedgerResource
 
 INTERVAL_SECONDS = 30
@@ -53,10 +55,8 @@ RUN_ENDS = (
     dg.DagsterEventType.RUN_CANCELED,
 )
 FRESHNESS = next(iter(candles_freshness.check_keys))
-STRATEGY_TAG = "candlestack/strategy"
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SYMBOLS = {c.name: c.symbol for c in enabled_strategies}
-STRATEGY_BY_ASSET = {dry_run_key(c): c.name for c in enabled_strategies}
+STRATEGY_BY_ASSET = {dry_run_key(c.name): c.name for c in enabled_strategies}
 
 DEFAULT_STATUS = (
     dg.DefaultSensorStatus.RUNNING
@@ -141,9 +141,9 @@ def _run_ends(instance: dg.DagsterInstance, after: int) -> tuple[list[dg.EventLo
 
 
 def _partition(run: dg.DagsterRun) -> str | None:
-    if RANGE_START in run.tags:
-        return f"{run.tags[RANGE_START]}...{run.tags[RANGE_END]}"
-    return run.tags.get("dagster/partition")
+    if RANGE_START_TAG in run.tags:
+        return f"{run.tags[RANGE_START_TAG]}...{run.tags[RANGE_END_TAG]}"
+    return run.tags.get(PARTITION_TAG)
 
 
 def _root_cause(error: SerializableErrorInfo) -> str:

@@ -7,9 +7,8 @@ from assets.bars import bar_assets
 from assets.dry_run import drift_checks, dry_run_assets, ledger_snapshot
 from assets.features import feature_assets
 from assets.market_data import candle_coverage, candles_1m, candles_freshness, catalog, markets
-from candlestack.config import load_settings
 from pipelines.alerts import alert_sensors
-from pipelines.executor import worker_tracking_executor
+from pipelines.dagster_adapter import worker_tracking_executor
 from pipelines.jobs import (
     backtest_job,
     build_bars_job,
@@ -32,9 +31,8 @@ from pipelines.schedules import (
 )
 from pipelines.sensors import dry_run_bars, live_feed, stuck_runs
 from resources import AlertResource, LakeResource, ledger_resource, source_resource
+from resources.deployment import settings
 from resources.env import env_var_or
-
-settings = load_settings()
 
 defs = dg.Definitions(
     assets=[
@@ -81,6 +79,9 @@ defs = dg.Definitions(
             root=str(settings.lake),
             catalog_path=str(settings.catalog),
             reports_path=str(settings.reports),
+            imputed_max_share=settings.imputed_max_share,
+            zero_volume_max_share=settings.zero_volume_max_share,
+            freshness_lag_minutes=settings.freshness_lag_minutes,
         ),
         "ledger": ledger_resource(settings),
         # EnvVar: the UI shows the variables' names, never the webhook URLs (credentials).

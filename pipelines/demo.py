@@ -14,11 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
+from assets.tags import RANGE_END_TAG, RANGE_START_TAG
 from candlestack.catalog import connect
 from candlestack.checks import gap_failures, sanity_failures
 from candlestack.config import symbol_key
@@ -35,7 +32,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def _range_tags(start: str, end: str) -> dict[str, str]:
-    return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    return {RANGE_START_TAG: start, RANGE_END_TAG: end}
 
 
 def _bars_summary(catalog: Path, lake, first: str) -> pl.DataFrame:
@@ -106,7 +103,8 @@ def _backtest_summary(result) -> pl.DataFrame:
 def _dry_run_session(defs, instance, lake, exchange) -> list:
     """The sensor's work by hand: one run of the dry-run job per newest closed bar of each
     enabled strategy, in order, then the drift and audit checks."""
-    from assets.dry_run import dry_run_key, enabled_strategies
+    from assets.dry_run import enabled_strategies
+    from assets.keys import dry_run_key
     from pipelines.sensors import closed_bars, run_request
 
     job = defs.resolve_job_def("dry_run")
@@ -119,7 +117,7 @@ def _dry_run_session(defs, instance, lake, exchange) -> list:
                 job.execute_in_process(
                     instance=instance,
                     run_config={**request.run_config, **QUIET},
-                    asset_selection=[dry_run_key(strategy)],
+                    asset_selection=[dry_run_key(strategy.name)],
                     tags=request.tags,
                     raise_on_error=False,
                 )

@@ -9,20 +9,20 @@ from pydantic import Field
 from assets.backtests import backtest_assets, sweep_assets
 from assets.bars import bar_assets
 from assets.dry_run import (
-    LEDGER_KEY,
     drift_checks,
     dry_run_assets,
     kill_switch_table,
     ledger_snapshot,
 )
 from assets.features import feature_assets
+from assets.keys import LEDGER_KEY
 from assets.market_data import candle_coverage, candles_1m, catalog, markets
 from assets.partitions import candle_partitions, daily_partitions
-from candlestack.config import load_settings
 from candlestack.kill_switch import known_scope
 from candlestack.ledger import GLOBAL_SCOPE
 from candlestack.strategies.config import load_strategies
 from resources import LedgerResource
+from resources.deployment import settings
 
 ingest_candles_job = dg.define_asset_job(
     "ingest_candles",
@@ -92,7 +92,7 @@ def change_kill_switch(
     """Trip or reset the kill switch by hand; audited with the run that did it."""
     if not config.reason.strip():
         raise ValueError("a kill-switch change needs a reason")
-    strategies = load_strategies(load_settings().strategies).strategies
+    strategies = load_strategies(settings.strategies).strategies
     known_scope(config.scope, [s.name for s in strategies])
     book = ledger.open()
     by = f"dagster run {context.run_id}"

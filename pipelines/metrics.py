@@ -12,14 +12,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import (
-    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
-    AssetCheckExecutionRecordStatus,
-)
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from assets.dry_run import DRIFT_CHECK, dry_run_key, enabled_strategies
+from assets.dry_run import DRIFT_CHECK, enabled_strategies
+from assets.keys import dry_run_key
 from candlestack.config import Settings, load_settings
 from candlestack.lake import Lake
 from candlestack.live_status import read_status
@@ -29,6 +26,10 @@ from candlestack.metrics import (
     lake_metrics,
     ledger_metrics,
     live_metrics,
+)
+from pipelines.dagster_adapter import (
+    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
+    AssetCheckExecutionRecordStatus,
 )
 from pipelines.definitions import defs
 from resources import LedgerResource
@@ -50,7 +51,7 @@ def instance_metrics(
         "The latest drift check's figures (candlestack.drift), per strategy and figure",
         labels=["strategy", "metric"],
     )
-    strategy_by_asset = {dry_run_key(c): c.name for c in enabled_strategies}
+    strategy_by_asset = {dry_run_key(c.name): c.name for c in enabled_strategies}
     storage = instance.event_log_storage
     for key in sorted(check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name)):
         records = storage.get_asset_check_execution_history(

@@ -4,12 +4,9 @@ and rerun the backtests on the finalised day."""
 from datetime import timedelta
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
-from assets.partitions import TOP_UP_TAG, candle_range
+from assets.partitions import candle_range
+from assets.tags import RANGE_END_TAG, RANGE_START_TAG, TOP_UP_TAG
 from pipelines.jobs import (
     backtest_job,
     dry_run_checks_job,
@@ -25,8 +22,8 @@ def _all_symbols(day: str, run_key: str, **tags: str) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=run_key,
         tags={
-            ASSET_PARTITION_RANGE_START_TAG: keys.start,
-            ASSET_PARTITION_RANGE_END_TAG: keys.end,
+            RANGE_START_TAG: keys.start,
+            RANGE_END_TAG: keys.end,
             **tags,
         },
     )

@@ -20,9 +20,11 @@ from datetime import UTC, date, datetime, timedelta
 import dagster as dg
 import polars as pl
 
-from assets.dry_run import DryRunBar, dry_run_key, enabled_strategies
+from assets.dry_run import DryRunBar, enabled_strategies
+from assets.keys import dry_run_key
 from assets.markdown import md_table
 from assets.market_data import candles_1m
+from assets.tags import BAR_OPEN_TAG, STRATEGY_TAG
 from candlestack.backtest_store import bar_dataset
 from candlestack.config import load_settings, symbol_key
 from candlestack.lake import Lake
@@ -82,14 +84,14 @@ def bar_requests(
 
 
 def run_request(strategy: StrategyConfig, bar_ts: datetime) -> dg.RunRequest:
-    key = dry_run_key(strategy)
+    key = dry_run_key(strategy.name)
     return dg.RunRequest(
         run_key=decision_key(strategy.name, strategy.symbol, strategy.timeframe, bar_ts),
         asset_selection=[key],
         run_config=dg.RunConfig(
             ops={key.to_python_identifier(): DryRunBar(bar_open=bar_ts.isoformat())}
         ),
-        tags={"candlestack/strategy": strategy.name, "candlestack/bar_open": bar_ts.isoformat()},
+        tags={STRATEGY_TAG: strategy.name, BAR_OPEN_TAG: bar_ts.isoformat()},
     )
 
 

@@ -3,7 +3,7 @@
 A `kill -9`'d CLI backfill (or a killed run worker) stays STARTED and keeps the pool slots it
 claimed: Dagster's CLI and local run launcher cannot probe a run's process, and run
 monitoring only fails such a run after max_runtime_seconds (hours). Every run of this code
-location records the process executing it (pipelines.executor, tag `candlestack/run_worker`:
+location records the process executing it (pipelines.dagster_adapter, tag `candlestack/run_worker`:
 host, pid and process start time, since a pid alone is reused), so a run whose process on
 this host is gone is known dead. A run on another host cannot be probed from here, and is
 named, not touched.
@@ -13,7 +13,7 @@ named, not touched.
     python -m pipelines.stuck_runs --run ID     fail a run you know is dead (any host)
 
 The same cleanup runs in the `stuck_runs` sensor while the daemon runs, and in a step that
-waits for a pool held by dead runs (pipelines.executor).
+waits for a pool held by dead runs (pipelines.dagster_adapter).
 """
 
 import argparse
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 import psutil
 
-WORKER_TAG = "candlestack/run_worker"
+from assets.tags import WORKER_TAG
+
 UNFINISHED = (
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,

@@ -8,8 +8,9 @@ import dagster as dg
 import psutil
 import pytest
 
+from assets.tags import WORKER_TAG
 from pipelines.sensors import stuck_runs
-from pipelines.stuck_runs import WORKER_TAG, Worker, main
+from pipelines.stuck_runs import Worker, main
 
 POOL = "exchange-binance"
 STEP = "candles_1m"

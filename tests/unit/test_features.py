@@ -7,7 +7,6 @@ included), gaps forward-filled onto the full minute grid.
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import shutil
 from datetime import UTC, date, datetime, timedelta
@@ -627,6 +626,11 @@ def test_a_period_past_the_data_is_empty(btc):
     assert empty.height == 0
 
 
-def test_talib_functions_are_called_unwrapped():
-    # talib wraps each function to accept polars Series by copying them: we bypass that.
-    assert features._talib_function("SMA") is inspect.unwrap(talib.SMA)
+def test_a_feature_has_the_values_of_talib_called_directly(btc):
+    bars = btc.head(500)
+    atr = spec(name="atr", function="ATR", params={"timeperiod": 14})
+    ours = compute(bars, [atr])["atr"].to_numpy()
+    high, low, close = (bars[c].to_numpy() for c in ("high", "low", "close"))
+    direct = talib.ATR(high, low, close, timeperiod=14)
+    warm = warmup_bars(atr)
+    np.testing.assert_array_equal(ours[warm:], direct[warm:])

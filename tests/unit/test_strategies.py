@@ -18,8 +18,6 @@ from candlestack.schema import MINUTE_MS, TS
 from candlestack.strategies import Breakout, MeanReversion, MovingAverageCross, StrategyError
 from candlestack.strategies.base import signals
 from candlestack.strategies.config import (
-    DEFAULT_STRATEGIES,
-    StrategiesFile,
     StrategyConfig,
     load_strategies,
 )
@@ -347,14 +345,16 @@ def test_unreadable_or_malformed_files_are_config_errors(tmp_path):
         load_strategies(broken)
 
 
-def test_the_default_strategies_file_loads():
-    if not DEFAULT_STRATEGIES.exists():
-        pytest.skip(f"{DEFAULT_STRATEGIES} does not exist yet")
+def test_the_default_strategies_file_loads_the_built_in_strategies():
     loaded = load_strategies()
-    assert isinstance(loaded, StrategiesFile)
-    assert loaded.strategies
-    for strategy in loaded.strategies:
-        assert strategy.strategy_object is not None
+    kinds = {c.name: type(c.strategy_object) for c in loaded.strategies}
+    assert kinds == {
+        "btc_mean_reversion": MeanReversion,
+        "eth_breakout": Breakout,
+        "btc_ma_cross": MovingAverageCross,
+        "btc_scalp": MovingAverageCross,
+    }
+    assert [(s.name, s.strategy) for s in loaded.sweeps] == [("btc_ma_cross_grid", "btc_ma_cross")]
 
 
 def test_a_user_strategy_registered_as_an_entry_point_is_found_by_name(mymod, tmp_path):

@@ -1,4 +1,15 @@
-"""Dagster's in-process executor, with the run's process recorded and a pool wait that ends.
+"""The one module that imports Dagster's private API (`dagster._...`); nothing else may.
+
+Each import here is something dagster 1.13 exposes no public name for:
+- the executor below copies part of Dagster's InProcessExecutor, and executors are only
+  pluggable through its private execution-plan internals;
+- AssetCheckExecutionRecordStatus (the metrics endpoint's check results): the public
+  `fetch_asset_check_executions`-style records carry it, but dagster does not export the type;
+- SerializableErrorInfo (a failed run's error, which alerts read): the type of a public
+  field, not exported either.
+An upgrade of dagster is checked here first.
+
+Dagster's in-process executor, with the run's process recorded and a pool wait that ends.
 
 Four things Dagster 1.13's in-process executor does not do, all about a step waiting for an
 exchange pool's slot (each exchange is a pool, see dagster.yaml):
@@ -29,10 +40,24 @@ from dagster._core.execution.plan.execute_plan import inner_plan_execution_itera
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.executor.in_process import InProcessExecutor
+from dagster._core.storage.asset_check_execution_record import (
+    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
+    AssetCheckExecutionRecordStatus,
+)
 from dagster._core.storage.event_log import SqliteEventLogStorage
+from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.interrupts import check_captured_interrupt
 
-from pipelines.stuck_runs import COMMAND, WORKER_TAG, Worker, clean_up, describe
+from assets.tags import WORKER_TAG
+from pipelines.stuck_runs import COMMAND, Worker, clean_up, describe
+
+# The private names the rest of the code location uses, re-exported from here only.
+__all__ = [
+    "COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES",
+    "AssetCheckExecutionRecordStatus",
+    "SerializableErrorInfo",
+    "worker_tracking_executor",
+]
 
 # How often a waiting step re-checks an interrupt (seconds), and looks at who holds its pool.
 INTERRUPT_CHECK_S = 1.0
