@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup demo test ui bench metrics browser live
+.PHONY: setup demo test docs ui bench metrics browser live
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	DAGSTER_HOME=$(CURDIR) $(BIN)/python -m pipelines.demo
 
-test: setup browser
+test: setup browser docs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The manual (docs/, mkdocs.yml), built strictly: a broken link or anchor fails.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
 
 # tests/ui drives Debian's Chromium through its chromedriver (never a downloaded browser).
 browser:

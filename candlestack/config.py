@@ -216,7 +216,7 @@ class Settings(BaseModel, frozen=True):
             key for key in environ if key.upper().startswith(ENV_PREFIX) and key not in known
         )
         if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see README")
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see docs/configuration.md")
         # Half a credential would be ignored (a key is only used with its secret): refuse it.
         halves = {n: bool(environ.get(n)) for n in CREDENTIAL_VARIABLES}
         if len(set(halves.values())) > 1:
