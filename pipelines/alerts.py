@@ -40,11 +40,10 @@ from candlestack.alerts import (
     deliver,
     kill_switch_alerts,
 )
-from candlestack.config import load_settings
 from candlestack.ledger import AUDIT_KILL_SWITCH_TRIP
 from candlestack.live_status import DELAYED_BUFFER, RECONNECT_STORM
 from pipelines.dagster_adapter import SerializableErrorInfo
-from resources import AlertResource, LedgerResource
+from resources import AlertResource, LedgerResource, deployment
 
 INTERVAL_SECONDS = 30
 # Run-end events read per tick and event type; the rest follow on the next ticks.
@@ -60,7 +59,7 @@ STRATEGY_BY_ASSET = {dry_run_key(c.name): c.name for c in enabled_strategies}
 
 DEFAULT_STATUS = (
     dg.DefaultSensorStatus.RUNNING
-    if load_settings().alerts_configured
+    if deployment.settings.alerts_configured
     else dg.DefaultSensorStatus.STOPPED
 )
 NOT_CONFIGURED = (

@@ -26,7 +26,7 @@ from assets.markdown import md_table
 from assets.market_data import candles_1m
 from assets.tags import BAR_OPEN_TAG, STRATEGY_TAG
 from candlestack.backtest_store import bar_dataset
-from candlestack.config import load_settings, symbol_key
+from candlestack.config import symbol_key
 from candlestack.lake import Lake
 from candlestack.ledger import decision_key
 from candlestack.live_status import (
@@ -40,7 +40,7 @@ from candlestack.resample import TIMEFRAME_MINUTES
 from candlestack.strategies.config import StrategyConfig
 from pipelines.jobs import dry_run_job
 from pipelines.stuck_runs import clean_up
-from resources import CandleSourceResource, LakeResource
+from resources import CandleSourceResource, LakeResource, deployment
 
 # The Dagster daemon's floor: a sensor is evaluated at most every 5 s.
 INTERVAL_SECONDS = 5
@@ -212,7 +212,7 @@ def _feed_state(status: dict, now: float) -> dg.AssetObservation:
     "and each delayed buffer and reconnect storm as it begins (alerted by alert_live_feed).",
 )
 def live_feed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    settings = load_settings()
+    settings = deployment.settings
     status = read_status(settings.live_status)
     if status is None:
         return dg.SensorResult(

@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from candlestack.alerts import Target
-from candlestack.config import load_settings
+from resources import deployment
 
 
 class AlertResource(dg.ConfigurableResource):
@@ -31,4 +31,4 @@ class AlertResource(dg.ConfigurableResource):
     @staticmethod
     def secrets() -> list[str]:
         """Values that must never reach a payload, whatever an error message quotes."""
-        return load_settings().secrets()
+        return deployment.settings.secrets()

@@ -14,7 +14,6 @@ import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
 
-import pipelines.sensors
 from assets.dry_run import drift_checks, dry_run_assets, enabled_strategies
 from assets.market_data import candles_1m, candles_freshness
 from candlestack.config import Settings
@@ -33,6 +32,7 @@ from resources import (
     LedgerResource,
     ReplaySourceResource,
     SyntheticSourceResource,
+    deployment,
 )
 from tests.conftest import EXCHANGE_INFO, REPLAY_FILES, isolated_env
 
@@ -375,7 +375,7 @@ def test_a_delayed_live_buffer_and_a_reconnect_storm_alert_once_each(
     here they are reported to the instance as it would)."""
     status_path = tmp_path / "live" / "status.json"
     settings = Settings(live_status=status_path, live_reconnect_storm=3)
-    monkeypatch.setattr(pipelines.sensors, "load_settings", lambda: settings)
+    monkeypatch.setattr(deployment, "settings", settings)
     webhook, slack = receivers
     alerts = alert_resource(receivers)
 

@@ -1,13 +1,20 @@
-"""Credential-bearing settings reach the resources as dg.EnvVar when their variable is set,
+"""Settings reach the code location's resources: credential-bearing ones as dg.EnvVar when their
+variable is set,
 and as the plain default (which holds no secret) when it is not."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from candlestack.config import Settings
 from resources import ledger_resource, source_resource
+from tests.conftest import isolated_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LEDGER_URL = "postgresql+psycopg://cs:ledger-pw@db.internal:5432/cs"
 OPTIONS = {"httpProxy": "http://trader:proxy-pw@127.0.0.1:8080", "headers": {"X-Token": "t-1"}}
@@ -56,3 +63,23 @@ def test_unset_variables_are_the_plain_defaults(environment):
     # Nothing to resolve, so nothing fails at init for want of a variable.
     assert ledger.process_config_and_initialize().url == "sqlite:///data/ledger.sqlite"
     source.process_config_and_initialize()
+
+
+def test_the_code_locations_lake_takes_its_thresholds_from_the_environment(tmp_path):
+    """Assets read the imputed-share, zero-volume and freshness thresholds from the lake
+    resource only, so a CANDLESTACK_* setting must reach it through pipelines.definitions."""
+    script = (
+        "import json, pipelines.definitions as d; lake = d.defs.resources['lake']; "
+        "print(json.dumps([lake.imputed_max_share, lake.zero_volume_max_share, "
+        "lake.freshness_lag_minutes, lake.root]))"
+    )
+    thresholds = {"imputed_max_share": "0.07", "zero_volume_max_share": "0.3"}
+    env = {
+        **isolated_env(tmp_path, **thresholds, freshness_lag_minutes="42"),
+        "PYTHONPATH": str(ROOT),
+    }
+    printed = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == [0.07, 0.3, 42, str(tmp_path / "lake")]
