@@ -123,6 +123,16 @@ class Settings(BaseModel, frozen=True):
     # reconnected; reconnects back off exponentially, with jitter, up to the cap.
     live_stall_seconds: float = Field(90.0, gt=0)
     live_backoff_max_seconds: float = Field(30.0, gt=0)
+    # Where a run's steps execute: in the run's own process, or as Celery tasks on
+    # `dagster-celery worker` processes (pipelines/workers.py) on any machine that reaches
+    # the broker, the instance's PostgreSQL and an s3:// lake. The broker and the result
+    # backend may carry passwords: they are masked like every other credential.
+    executor: Literal["in_process", "celery"] = "in_process"
+    celery_broker: str = "pyamqp://guest@127.0.0.1:5672//"
+    celery_backend: str = "redis://127.0.0.1:6379/0"
+    # The broker queue the steps are sent to and the workers take them from: deployments
+    # sharing one broker keep apart by their queue names.
+    celery_queue: str = Field("candlestack", pattern=r"^[A-Za-z0-9_.-]+$")
 
     @field_validator("lake", mode="before")
     @classmethod
@@ -201,10 +211,12 @@ class Settings(BaseModel, frozen=True):
 
     def secrets(self) -> list[str]:
         """Every credential these settings hold: the exchange keys, the ledger's password,
-        the webhook URLs and the ccxt options' credentials. Alerts mask each of them."""
+        the webhook URLs, the ccxt options' credentials and the Celery broker's and backend's
+        passwords. Alerts mask each of them."""
         values = [os.environ.get(name) for name in CREDENTIAL_VARIABLES]
         values += [self.alert_webhook_url, self.slack_webhook_url]
         values += url_secrets(self.ledger_url) + ccxt_option_secrets(self.ccxt_options)
+        values += url_secrets(self.celery_broker) + url_secrets(self.celery_backend)
         return list(dict.fromkeys(value for value in values if value))
 
     @classmethod

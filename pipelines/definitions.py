@@ -34,6 +34,22 @@ from resources import AlertResource, LakeResource, ledger_resource, source_resou
 from resources.deployment import settings
 from resources.env import env_var_or
 
+
+def run_executor() -> dg.ExecutorDefinition:
+    """CANDLESTACK_EXECUTOR: in_process, or celery (each step a task on the workers)."""
+    if settings.executor == "celery":
+        # Imported only when selected: an in-process deployment never loads Celery.
+        from dagster_celery import celery_executor
+
+        from pipelines.workers import executor_config
+
+        return celery_executor.configured(executor_config(settings))
+    # Each job here is one heavy step plus light checks: on 2 cores a process per step
+    # only adds ~3 s of spawn and definitions reload per step (measured in bench/). It records
+    # the run's process, so a killed run's pool slots are freed (pipelines.stuck_runs).
+    return worker_tracking_executor
+
+
 defs = dg.Definitions(
     assets=[
         candles_1m,
@@ -69,10 +85,7 @@ defs = dg.Definitions(
         backtests_daily,
         dry_run_checks_every_15_minutes,
     ],
-    # Each job here is one heavy step plus light checks: on 2 cores a process per step
-    # only adds ~3 s of spawn and definitions reload per step (measured in bench/). It records
-    # the run's process, so a killed run's pool slots are freed (pipelines.stuck_runs).
-    executor=worker_tracking_executor,
+    executor=run_executor(),
     resources={
         "source": source_resource(settings),
         "lake": LakeResource(

@@ -1,0 +1,85 @@
+"""The Celery deployment: the executor that CANDLESTACK_EXECUTOR=celery selects, and the app
+its workers run. A worker is one process taking one step at a time from the broker:
+
+    dagster-celery worker start -A pipelines.workers -n worker1 -- --pool=solo
+
+(`make workers N=2` starts N of them). A worker loads this code location with its own
+CANDLESTACK_* settings, so each needs the same settings as the run's process, the
+instance's PostgreSQL (DAGSTER_HOME) and an s3:// lake: nothing on another worker's disk.
+"""
+
+import warnings
+
+from celery.app import trace
+from celery.exceptions import DuplicateTaskNameWarning
+from dagster_celery.executor import CeleryExecutor
+from dagster_celery.make_app import make_app
+from dagster_celery.tasks import create_task
+from kombu import Queue
+
+from candlestack.config import Settings
+from resources.deployment import settings
+
+# A broker restart is waited out for this long before sending a step fails its run.
+PUBLISH_RETRY_SECONDS = 300
+# Celery's default; dagster-celery's queue declares it, and the workers' queue must match.
+MAX_PRIORITY = 10
+
+
+def celery_settings(settings: Settings) -> dict:
+    """The Celery settings both sides use: the run's process sending steps, the workers."""
+    return {
+        # A step is acknowledged only once it ends, and put back if its worker process is
+        # lost: a worker killed mid-step has the step run again by another, not dropped.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One step per worker at a time, none reserved behind a busy one.
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.celery_queue,
+        # dagster-celery gives up sending after ~1.5 s (3 retries): a broker restart would
+        # fail the run. Sending now retries each second, and workers reconnect forever.
+        "task_publish_retry_policy": {
+            "max_retries": PUBLISH_RETRY_SECONDS,
+            "interval_start": 0,
+            "interval_step": 1,
+            "interval_max": 1,
+        },
+        "broker_transport_options": {
+            "max_retries": PUBLISH_RETRY_SECONDS,
+            "interval_start": 0,
+            "interval_step": 1,
+            "interval_max": 1,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+    }
+
+
+def executor_config(settings: Settings) -> dict:
+    """dagster-celery's executor config for this deployment."""
+    return {
+        "broker": settings.celery_broker,
+        "backend": settings.celery_backend,
+        "config_source": celery_settings(settings),
+    }
+
+
+def celery_app(settings: Settings):
+    app = make_app(CeleryExecutor.for_cli(**executor_config(settings)).app_args())
+    # dagster-celery's app listens on its own queue name: workers take the deployment's.
+    queue = settings.celery_queue
+    app.conf.task_queues = [
+        Queue(queue, routing_key=f"{queue}.#", queue_arguments={"x-max-priority": MAX_PRIORITY})
+    ]
+    return app
+
+
+# A step's result is its serialized events (tens of KB): a worker's log says that it ended,
+# the instance's event log holds what it did.
+trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+# dagster-celery registers its task anew for every step it sends; the first registration
+# is the one used, so the warning each repeat raises says nothing.
+warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
+
+app = celery_app(settings)
+execute_plan = create_task(app)
