@@ -77,8 +77,8 @@ class CeleryWorkers:
             self.processes[name] = subprocess.Popen(
                 [BIN / "dagster-celery", "worker", "start", "-A", "pipelines.workers",
                  "-n", name, "--", "--pool=solo", "--without-mingle", "--without-gossip"],
-                cwd=ROOT, env={**self.env, "PATH": path, **env}, stdout=sink, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cwd=ROOT, env={**self.env, "PATH": path, **env}, stdout=sink,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + WORKER_READY_S
         while f"{name}@" not in self.log(name) or " ready." not in self.log(name):

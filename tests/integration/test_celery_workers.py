@@ -166,7 +166,7 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path, binance, endpoint, monkeypatch) -> Iterator[Deployment]:
-    """Two workers (worker1, worker2), a daemon, the exchange pool capped at one slot."""
+    """A daemon, the exchange pool capped at one slot, and no worker yet."""
     prefix = f"celery-{uuid.uuid4().hex[:8]}"
     env = deployment_env(tmp_path, binance, endpoint, prefix)
     with throwaway_database() as database:
@@ -183,11 +183,8 @@ def deployment(tmp_path, binance, endpoint, monkeypatch) -> Iterator[Deployment]
             monkeypatch.setenv(name, env[name])
         workers = CeleryWorkers(env, tmp_path / "workers")
         try:
-            workers.start("worker1")
-            workers.start("worker2")
-            deployed = Deployment(env, workers, prefix)
             with running_daemon(env):
-                yield deployed
+                yield Deployment(env, workers, prefix)
         finally:
             workers.stop()
 
@@ -195,6 +192,8 @@ def deployment(tmp_path, binance, endpoint, monkeypatch) -> Iterator[Deployment]
 def test_a_backfill_fans_out_over_two_workers_and_equals_the_in_process_run(
     deployment, binance, endpoint, in_process_lake
 ):
+    deployment.workers.start("worker1")
+    deployment.workers.start("worker2")
     binance.reset_max_in_flight()
     deployment.backfill("ingest_and_build")
     runs = deployment.wait_for_runs()
@@ -212,11 +211,89 @@ def test_a_backfill_fans_out_over_two_workers_and_equals_the_in_process_run(
     workers = {worker for worker, _, _ in intervals}
     assert workers == {f"worker1@{socket.gethostname()}", f"worker2@{socket.gethostname()}"}
     # The two workers ran steps at the same time...
-    assert any(
-        a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in intervals for b in intervals
-    )
+    assert any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in intervals for b in intervals)
     # ...and yet the exchange never had two requests at once: the pool holds across workers.
     assert binance.max_in_flight == 1
     assert deployment.instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
 
     assert lake_objects(endpoint, deployment.prefix) == in_process_lake
+
+
+def first_step_taken(deployment: Deployment) -> tuple[str, str, str]:
+    """(run id, step, worker) of the first step a worker takes."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        for run in deployment.runs():
+            for step, worker, _ in deployment.executions(run.run_id):
+                return run.run_id, step, worker
+        time.sleep(0.2)
+    pytest.fail("no worker took a step")
+
+
+def test_a_worker_killed_mid_step_has_the_step_run_again_by_the_other(
+    deployment, binance, endpoint, in_process_lake
+):
+    deployment.workers.start("worker1")
+    deployment.workers.start("worker2")
+    binance.delay = 1.0  # a step fetching for several seconds: time to kill it mid-way
+    try:
+        deployment.backfill("ingest_candles")
+        run_id, step, victim = first_step_taken(deployment)
+        fetched = len(binance.requests)
+        while len(binance.requests) == fetched:  # the step is fetching from the exchange
+            time.sleep(0.1)
+        killed_at = time.time()
+        deployment.workers.kill(victim.split("@")[0])
+    finally:
+        binance.delay = 0.2
+    runs = deployment.wait_for_runs()
+
+    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS)
+    takers = [worker for taken, worker, _ in deployment.executions(run_id) if taken == step]
+    survivor = ({"worker1", "worker2"} - {victim.split("@")[0]}).pop()
+    assert takers == [victim, f"{survivor}@{socket.gethostname()}"]
+    assert deployment.successes(run_id)[step] > killed_at
+    # Nothing half-written: exactly the candle files of a clean run, byte for byte.
+    candles = {k: v for k, v in in_process_lake.items() if k.startswith("ohlcv/")}
+    assert lake_objects(endpoint, deployment.prefix) == candles
+
+
+def test_a_broker_restart_mid_backfill_delays_it_and_loses_nothing(
+    deployment, endpoint, in_process_lake
+):
+    deployment.workers.start("worker1")
+    deployment.workers.start("worker2")
+    deployment.backfill("ingest_and_build")
+    # Some steps done, most to come: the broker goes down with runs in flight.
+    while not any(deployment.successes(r.run_id) for r in deployment.runs()):
+        time.sleep(0.2)
+    restart_rabbitmq(down_seconds=10)
+    runs = deployment.wait_for_runs()
+
+    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS)
+    for name in ("worker1", "worker2"):
+        assert "Connection to broker lost" in deployment.workers.log(name)
+    assert lake_objects(endpoint, deployment.prefix) == in_process_lake
+
+
+def test_a_worker_that_cannot_reach_the_object_store_fails_its_step_naming_the_endpoint(
+    deployment,
+):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    deployment.workers.start("cut-off", AWS_ENDPOINT_URL=nowhere)
+    done = subprocess.run(
+        [BIN / "dagster", "asset", "materialize", "-m", "pipelines.definitions",
+         "--select", "candles_1m", "--partition", PARTITIONS[0]],
+        cwd=ROOT, env=deployment.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    (run,) = deployment.runs()
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    (failure,) = deployment.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    error = failure.dagster_event.step_failure_data.error.to_string()
+    assert f"cannot reach the lake's bucket '{BUCKET}' at {nowhere}" in error
+    assert [worker for _, worker, _ in deployment.executions(run.run_id)] == [
+        f"cut-off@{socket.gethostname()}"
+    ]
