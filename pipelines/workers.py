@@ -49,6 +49,8 @@ def celery_settings(settings: Settings) -> dict:
             "interval_start": 0,
             "interval_step": 1,
             "interval_max": 1,
+            # kombu also stops reconnecting after the connect timeout (4 s) in all.
+            "connect_retries_timeout": PUBLISH_RETRY_SECONDS,
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

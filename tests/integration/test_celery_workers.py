@@ -149,6 +149,23 @@ class Deployment:
         logs = {name: self.workers.log(name)[-2000:] for name in self.workers.processes}
         pytest.fail(f"runs not finished: {[r.status for r in self.runs()]}\n{logs}")
 
+    def failures(self) -> str:
+        """The errors the failed runs logged: to read when a test finds one."""
+        errors = [
+            f"{entry.step_key}: {entry.message}\n{entry.dagster_event.event_specific_data.error}"
+            for run in self.runs()
+            if run.status == dg.DagsterRunStatus.FAILURE
+            for entry in self.instance.all_logs(run.run_id)
+            if getattr(
+                entry.dagster_event and entry.dagster_event.event_specific_data, "error", None
+            )
+        ]
+        return "\n\n".join(errors)
+
+    def assert_all_succeeded(self, runs: list[dg.DagsterRun]) -> None:
+        statuses = [r.status for r in runs]
+        assert statuses == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS), self.failures()
+
     def executions(self, run_id: str) -> list[tuple[str, str, float]]:
         """(step, worker, when) for each time a worker took a step of the run."""
         taken = []
@@ -197,7 +214,7 @@ def test_a_backfill_fans_out_over_two_workers_and_equals_the_in_process_run(
     binance.reset_max_in_flight()
     deployment.backfill("ingest_and_build")
     runs = deployment.wait_for_runs()
-    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS)
+    deployment.assert_all_succeeded(runs)
     assert sorted(r.tags["dagster/partition"] for r in runs) == sorted(PARTITIONS)
 
     intervals = []
@@ -248,7 +265,7 @@ def test_a_worker_killed_mid_step_has_the_step_run_again_by_the_other(
         binance.delay = 0.2
     runs = deployment.wait_for_runs()
 
-    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS)
+    deployment.assert_all_succeeded(runs)
     takers = [worker for taken, worker, _ in deployment.executions(run_id) if taken == step]
     survivor = ({"worker1", "worker2"} - {victim.split("@")[0]}).pop()
     assert takers == [victim, f"{survivor}@{socket.gethostname()}"]
@@ -270,7 +287,7 @@ def test_a_broker_restart_mid_backfill_delays_it_and_loses_nothing(
     restart_rabbitmq(down_seconds=10)
     runs = deployment.wait_for_runs()
 
-    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * len(PARTITIONS)
+    deployment.assert_all_succeeded(runs)
     for name in ("worker1", "worker2"):
         assert "Connection to broker lost" in deployment.workers.log(name)
     assert lake_objects(endpoint, deployment.prefix) == in_process_lake
