@@ -280,3 +280,12 @@ def test_the_default_settings_hold_no_secret(monkeypatch):
     for name in CREDENTIAL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert Settings.from_env({}).secrets() == []
+
+
+def test_every_setting_is_in_the_configuration_reference():
+    reference = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    text = reference.read_text()
+    missing = [
+        f"{name}" for name in Settings.model_fields if f"`CANDLESTACK_{name.upper()}`" not in text
+    ]
+    assert missing == []
