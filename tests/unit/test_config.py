@@ -286,6 +286,6 @@ def test_every_setting_is_in_the_configuration_reference():
     reference = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     text = reference.read_text()
     missing = [
-        f"{name}" for name in Settings.model_fields if f"`CANDLESTACK_{name.upper()}`" not in text
+        name for name in Settings.model_fields if f"`CANDLESTACK_{name.upper()}`" not in text
     ]
     assert missing == []
