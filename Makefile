@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup demo test docs ui bench metrics browser live
+.PHONY: setup demo test docs ui bench metrics browser live workers
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,20 @@ metrics: setup
 # The live WebSocket collector (CANDLESTACK_SOURCE=ccxt): streams closed 1m candles into the lake.
 live: setup
 	$(BIN)/python -m candlestack.live
+
+# Celery workers for CANDLESTACK_EXECUTOR=celery (docs/workers.md): N of them (default 2),
+# worker1..N, each `dagster-celery worker start` taking one step at a time, in the foreground;
+# Ctrl-C stops them all (a step in flight finishes; a second Ctrl-C drops it, to run again on
+# another worker). They read the caller's CANDLESTACK_* settings and DAGSTER_HOME (this folder
+# unless set, as for ui and demo): the same as the runs'. The instance's tables are made first,
+# not by N workers at once; dagster-celery runs `celery` off PATH.
+N ?= 2
+workers: setup
+	@export DAGSTER_HOME="$${DAGSTER_HOME:-$(CURDIR)}" PATH="$(abspath $(BIN)):$$PATH"; \
+	$(BIN)/python -c 'import dagster; dagster.DagsterInstance.get()'; \
+	pids=; trap 'for p in $$pids; do pkill -TERM -P $$p; done; wait; exit 130' INT TERM; \
+	for i in $$(seq 1 $(N)); do \
+		$(BIN)/dagster-celery worker start -A pipelines.workers -n worker$$i -- --pool=solo & \
+		pids="$$pids $$!"; \
+	done; \
+	wait

@@ -2,10 +2,12 @@
 each other: the same run queue everywhere, services and ports that reference each other.
 (Docker and Kubernetes are not run here; this is what can be checked without them.)"""
 
+import ast
 import importlib.util
 import json
 import re
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -19,18 +21,56 @@ from dagster_k8s import K8sRunLauncher
 from dagster_webserver.cli import DEFAULT_WEBSERVER_HOST
 
 from candlestack.config import ENV_PREFIX, Settings
+from candlestack.lake.s3 import S3Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # What every instance must share: the queue, the run and exchange-pool limits, monitoring.
 SHARED_SECTIONS = ("run_coordinator", "concurrency", "run_monitoring", "telemetry")
-DAGSTER_SERVICES = ("code", "daemon", "webserver")
+# The services that load the code location and the instance (a worker executes steps).
+DAGSTER_SERVICES = ("code", "daemon", "webserver", "worker")
+# What the Celery deployment adds: its broker, its results, the lake's object store and the
+# one-shot service that makes the lake's bucket.
+CELERY_SERVICES = ("rabbitmq", "redis", "minio", "bucket")
+WORKER_COMMAND = ["dagster-celery", "worker", "start", "-A", "pipelines.workers"]
+# The passwords `docker compose up` is given (it refuses to start without them).
+COMPOSE_SECRETS = {
+    "POSTGRES_PASSWORD": "pg-secret",
+    "RABBITMQ_PASSWORD": "mq-secret",
+    "MINIO_ROOT_PASSWORD": "minio-secret",
+}
+COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::([-?])([^}]*))?\}")
 LIVE_COMMAND = ["python", "-m", "candlestack.live"]
 HEALTH_CHECK = ["python", "-m", "candlestack.live_status"]
 
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def interpolate(value: str, environ: dict[str, str]) -> str:
+    """Compose's substitution: ${X}, ${X:-default}, ${X:?error} (unset: refused), $$ ($)."""
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, kind, rest = match.groups()
+        if environ.get(name):
+            return environ[name]
+        if kind == "?":
+            raise KeyError(f"{name}: {rest}")
+        return rest if kind == "-" else ""
+
+    return COMPOSE_VARIABLE.sub(substitute, value)
+
+
+def compose_env(service: dict, environ: dict[str, str] = COMPOSE_SECRETS) -> dict[str, str]:
+    return {k: interpolate(str(v), environ) for k, v in service["environment"].items()}
+
+
+def extra_manifest(helm: dict, name: str) -> dict:
+    (manifest,) = [m for m in helm["extraManifests"] if m["metadata"]["name"] == name]
+    return manifest
 
 
 def camel_to_snake(name: str) -> str:
@@ -99,7 +139,7 @@ def test_ui_binds_loopback_unless_told():
 
 def test_compose_services_and_loopback_ui(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", *DAGSTER_SERVICES, "live"}
+    assert set(services) == {"postgres", *CELERY_SERVICES, *DAGSTER_SERVICES, "live"}
     # The UI is published on loopback only; nothing else is published at all.
     assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
     assert [name for name, s in services.items() if "ports" in s] == ["webserver"]
@@ -148,6 +188,133 @@ def test_compose_live_collector(compose):
     assert importlib.util.find_spec(HEALTH_CHECK[-1]) is not None
 
 
+def test_compose_refuses_to_start_without_its_passwords(compose):
+    services = compose["services"]
+    for name in COMPOSE_SECRETS:
+        environ = {k: v for k, v in COMPOSE_SECRETS.items() if k != name}
+        with pytest.raises(KeyError, match=name):
+            for service in services.values():
+                if "environment" in service:
+                    compose_env(service, environ)
+
+
+def test_compose_celery_worker(compose):
+    services = compose["services"]
+    worker, code = services["worker"], services["code"]
+    command = worker["command"]
+    assert command[: len(WORKER_COMMAND)] == WORKER_COMMAND
+    # One step at a time in the worker's own process: the worker the UI names ran it.
+    assert command[command.index("--") + 1 :] == ["--pool=solo"]
+    # dagster-celery appends @%h to the name: each replica's container hostname keeps the
+    # names of `--scale worker=N` apart. A fixed container name would refuse to scale.
+    assert "@" not in command[command.index("-n") + 1]
+    assert "container_name" not in worker and "profiles" not in worker  # `up` starts it
+    # The app module the workers load (-A), with its `app`.
+    spec = importlib.util.find_spec(command[command.index("-A") + 1])
+    tree = ast.parse(Path(spec.origin).read_text())
+    assigned = {
+        t.id
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+    assert "app" in assigned
+    # The run's process (in `code`) and the workers: the same image, settings and volumes.
+    assert worker["image"] == code["image"]
+    assert worker["environment"] == code["environment"]
+    assert worker["volumes"] == code["volumes"]
+    assert worker["restart"] == "unless-stopped"
+    # SIGTERM is Celery's warm shutdown, which lets the step in flight finish.
+    assert seconds(worker["stop_grace_period"]) >= 60
+    conditions = {name: d["condition"] for name, d in worker["depends_on"].items()}
+    assert conditions == {
+        "postgres": "service_healthy",
+        "rabbitmq": "service_healthy",
+        "redis": "service_healthy",
+        "bucket": "service_completed_successfully",
+    }
+    # The run's process sends steps to the broker and reads their results and the lake.
+    assert code["depends_on"] == worker["depends_on"]
+
+
+def test_compose_celery_settings_reach_the_broker_results_and_lake(compose, monkeypatch):
+    services = compose["services"]
+    env = compose_env(services["worker"])
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+    assert settings.executor == "celery"
+    assert Settings.from_env({}).celery_queue == settings.celery_queue  # the workers' default
+    # The broker: RabbitMQ's service, as the user it creates (guest may not log in remotely).
+    mq = compose_env(services["rabbitmq"])
+    broker = urlsplit(settings.celery_broker)
+    assert (broker.scheme, broker.hostname, broker.port) == ("pyamqp", "rabbitmq", 5672)
+    assert (broker.username, broker.password) == (
+        mq["RABBITMQ_DEFAULT_USER"],
+        mq["RABBITMQ_DEFAULT_PASS"],
+    )
+    assert broker.username != "guest"
+    assert COMPOSE_SECRETS["RABBITMQ_PASSWORD"] in settings.secrets()  # masked in alerts
+    backend = urlsplit(settings.celery_backend)
+    assert (backend.scheme, backend.hostname, backend.port) == ("redis", "redis", 6379)
+    # The lake: a bucket of the MinIO service, which the bucket service makes, reached with
+    # MinIO's user through the standard AWS environment.
+    assert isinstance(settings.lake, str) and settings.lake.startswith("s3://")
+    bucket = settings.lake.removeprefix("s3://").split("/")[0]
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    s3 = S3Settings.from_env()
+    endpoint = urlsplit(s3.endpoint)
+    assert (endpoint.hostname, endpoint.port) == ("minio", 9000)
+    minio = compose_env(services["minio"])
+    assert (s3.access_key, s3.secret_key) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
+    assert services["minio"]["command"] == ["server", "/data"]
+    maker = services["bucket"]
+    (script,) = [interpolate(line, COMPOSE_SECRETS) for line in maker["command"]]
+    assert f"mc alias set lake {s3.endpoint} {s3.access_key} " in script
+    assert '"$MINIO_ROOT_PASSWORD"' in script  # the shell's, from the service's environment
+    assert compose_env(maker)["MINIO_ROOT_PASSWORD"] == s3.secret_key
+    assert f"mc mb --ignore-existing lake/{bucket}" in script
+    assert maker["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert "restart" not in maker  # it runs once and exits
+
+
+def test_compose_health_checks_behind_every_wait(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        for dependency, wait in service.get("depends_on", {}).items():
+            if wait["condition"] == "service_healthy":
+                assert services[dependency]["healthcheck"]["test"], (name, dependency)
+
+
+def test_compose_broker_keeps_waiting_steps_across_a_restart(compose, postgres):
+    mq = compose["services"]["rabbitmq"]
+    # RabbitMQ keeps its data under its node name, rabbit@<hostname>: a fixed hostname and a
+    # volume keep the durable queue and its steps when the container is recreated.
+    assert mq["hostname"] == "rabbitmq"
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in mq["volumes"])
+    # A step unacknowledged past consumer_timeout is redelivered: not before a run's limit.
+    timeout = re.search(
+        r"consumer_timeout (\d+)", mq["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]
+    )
+    max_runtime = postgres["run_monitoring"]["max_runtime_seconds"]
+    assert int(timeout.group(1)) >= max_runtime * 1000
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+
+
+def test_make_workers_starts_the_compose_worker_command(compose):
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^N \?= 2$", makefile, re.M)  # the documented default
+    assert re.search(r"^workers: setup$", makefile, re.M)
+    recipe = re.search(r"^workers:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert " ".join(WORKER_COMMAND) + " -n worker$$i -- --pool=solo &" in recipe
+    assert "seq 1 $(N)" in recipe and "wait" in recipe
+    assert "dagster-celery" in (ROOT / "pyproject.toml").read_text()  # in the image too
+
+
 def test_dockerfile_ships_the_postgres_instance_and_workspace(compose):
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     home = re.search(r"DAGSTER_HOME=(\S+)", dockerfile).group(1)
@@ -156,7 +323,8 @@ def test_dockerfile_ships_the_postgres_instance_and_workspace(compose):
     assert copies["deploy/workspace.yaml"] == "./deploy/workspace.yaml"
     for source in copies:
         assert (ROOT / source).exists(), source
-    # Compute logs live under $DAGSTER_HOME/storage: one volume shared by all three services.
+    # Compute logs live under $DAGSTER_HOME/storage: one volume shared by the Dagster services
+    # (a step's logs are written where it executes: on a worker).
     for name in DAGSTER_SERVICES:
         assert f"dagster-storage:{home}/storage" in compose["services"][name]["volumes"]
 
@@ -253,8 +421,7 @@ def test_helm_user_code_is_the_compose_image_and_module(helm, compose):
 
 def test_helm_live_collector(helm, compose):
     (deployment,) = helm["dagster-user-deployments"]["deployments"]
-    manifests = {m["kind"]: m for m in helm["extraManifests"]}
-    collector = manifests["Deployment"]["spec"]
+    collector = extra_manifest(helm, "candlestack-live")["spec"]
     # One replica, never two at once (a rollout stops the old pod first).
     assert collector["replicas"] == 1
     assert collector["strategy"] == {"type": "Recreate"}
@@ -273,7 +440,7 @@ def test_helm_live_collector(helm, compose):
     )
     # The status file and the streamed opens are on a volume the user code (the live_feed
     # sensor, the dry-run runs) mounts too.
-    claim = manifests["PersistentVolumeClaim"]
+    claim = extra_manifest(helm, "candlestack-live-status")
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     assert pod["volumes"] == deployment["volumes"]
     (volume,) = pod["volumes"]
@@ -285,3 +452,38 @@ def test_helm_live_collector(helm, compose):
     assert (mount["name"], mount["mountPath"]) == (volume["name"], str(status.parent))
     assert (PurePosixPath(workdir) / Settings().live_opens).parent == status.parent
     assert pod["securityContext"] == deployment["podSecurityContext"]
+
+
+def test_helm_celery_workers(helm, compose, postgres):
+    (deployment,) = helm["dagster-user-deployments"]["deployments"]
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    settings = Settings.from_env(env)
+    assert settings.executor == "celery"
+    assert str(settings.lake).startswith("s3://")  # nothing on another pod's disk
+    # The URLs that carry passwords, and the workers' instance database, in the Secret.
+    (pg_env_var,) = [v["env"] for v in postgres["storage"]["postgres"].values()]
+    header = (DEPLOY / "helm" / "values.yaml").read_text()
+    for name in ("CANDLESTACK_CELERY_BROKER", "CANDLESTACK_CELERY_BACKEND", pg_env_var):
+        assert f"--from-literal={name}=" in header, name
+    workers = extra_manifest(helm, "candlestack-worker")["spec"]
+    assert workers["replicas"] >= 2
+    labels = workers["template"]["metadata"]["labels"]
+    assert workers["selector"]["matchLabels"].items() <= labels.items()
+    live = extra_manifest(helm, "candlestack-live")["spec"]
+    assert workers["selector"]["matchLabels"] != live["selector"]["matchLabels"]
+    pod = workers["template"]["spec"]
+    (container,) = pod["containers"]
+    image = deployment["image"]
+    assert container["image"] == f"{image['repository']}:{image['tag']}"
+    assert container["command"] == compose["services"]["worker"]["command"]
+    assert container["env"] == deployment["env"]
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == [
+        s["name"] for s in deployment["envSecrets"]
+    ]
+    # The dry-run steps read the streamed opens on the workers too.
+    assert pod["volumes"] == deployment["volumes"]
+    assert container["volumeMounts"] == deployment["volumeMounts"]
+    assert pod["securityContext"] == deployment["podSecurityContext"]
+    assert pod["terminationGracePeriodSeconds"] == seconds(
+        compose["services"]["worker"]["stop_grace_period"]
+    )

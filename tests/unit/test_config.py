@@ -110,6 +110,10 @@ def test_reads_the_process_environment(monkeypatch):
         ),
         ({"CANDLESTACK_SOURCE": "kraken"}, "CANDLESTACK_SOURCE", "synthetic"),
         ({"CANDLESTACK_START_DATE": "yesterday"}, "CANDLESTACK_START_DATE", "date"),
+        ({"CANDLESTACK_EXECUTOR": "multiprocess"}, "CANDLESTACK_EXECUTOR", "'celery'"),
+        ({"CANDLESTACK_EXECUTOR": "Celery"}, "CANDLESTACK_EXECUTOR", "'in_process'"),
+        ({"CANDLESTACK_CELERY_QUEUE": "steps queue"}, "CANDLESTACK_CELERY_QUEUE", "pattern"),
+        ({"CANDLESTACK_CELERY_QUEUE": "a/b"}, "CANDLESTACK_CELERY_QUEUE", "pattern"),
     ],
 )
 def test_bad_value_names_the_variable(environ, variable, detail):
@@ -237,7 +241,51 @@ def test_secrets_are_every_credential_the_settings_hold(monkeypatch):
     }
 
 
+def test_the_celery_settings_default_to_in_process_and_local_services():
+    settings = Settings.from_env({})
+    assert settings.executor == "in_process"
+    assert settings.celery_broker == "pyamqp://guest@127.0.0.1:5672//"
+    assert settings.celery_backend == "redis://127.0.0.1:6379/0"
+    assert settings.celery_queue == "candlestack"
+    celery = Settings.from_env(
+        {
+            "CANDLESTACK_EXECUTOR": "celery",
+            "CANDLESTACK_CELERY_BROKER": "pyamqp://cs@rabbitmq:5672/candlestack",
+            "CANDLESTACK_CELERY_BACKEND": "redis://redis:6379/1",
+            "CANDLESTACK_CELERY_QUEUE": "candlestack.prod-1",
+        }
+    )
+    assert celery.executor == "celery"
+    assert celery.celery_broker == "pyamqp://cs@rabbitmq:5672/candlestack"
+    assert celery.celery_backend == "redis://redis:6379/1"
+    assert celery.celery_queue == "candlestack.prod-1"
+    assert celery.secrets() == []  # no password in either URL
+
+
+def test_the_broker_and_backend_passwords_are_secrets(monkeypatch):
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env(
+        {
+            "CANDLESTACK_EXECUTOR": "celery",
+            "CANDLESTACK_CELERY_BROKER": "pyamqp://cs:br%2Fker@rabbitmq:5672//",
+            "CANDLESTACK_CELERY_BACKEND": "redis://:redis-pw@redis:6379/0",
+        }
+    )
+    # As the URL writes it, and as it is sent.
+    assert set(settings.secrets()) == {"br%2Fker", "br/ker", "redis-pw"}
+
+
 def test_the_default_settings_hold_no_secret(monkeypatch):
     for name in CREDENTIAL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert Settings.from_env({}).secrets() == []
+
+
+def test_every_setting_is_in_the_configuration_reference():
+    reference = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    text = reference.read_text()
+    missing = [
+        name for name in Settings.model_fields if f"`CANDLESTACK_{name.upper()}`" not in text
+    ]
+    assert missing == []
