@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import pytest
 from moto.server import ThreadedMotoServer
 
 from tests.integration.daemon import BIN, ROOT
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"  # trust auth: any password is accepted
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test-key",
     "AWS_SECRET_ACCESS_KEY": "test-secret",
@@ -29,10 +30,14 @@ WORKER_READY_S = 60
 
 
 @contextmanager
-def throwaway_database() -> Iterator[str]:
+def throwaway_database(prefix: str = "candlestack") -> Iterator[str]:
     """A new database on the real server (its name), dropped afterwards."""
-    name = f"candlestack_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as admin:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{POSTGRES}/test", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES} is unreachable (CI provides it): {exc}")
+    with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield name

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 import zlib
 from contextlib import closing, suppress
 from datetime import UTC, date, datetime, timedelta
@@ -53,10 +52,10 @@ from candlestack.config import Settings
 from resources.sources import source_resource
 from tests.conftest import REPLAY_FILES, isolated_env
 from tests.integration.fake_binance import FakeBinance
+from tests.integration.services import POSTGRES, throwaway_database
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # trust auth: any password is accepted
 SAPI_PREFIX = "/sapi/v1"
 # ccxt's binance asks this signed endpoint for currencies in load_markets when it has keys.
 CURRENCIES_PATH = f"{SAPI_PREFIX}/capital/config/getall"
@@ -237,7 +236,7 @@ def _sqlite_texts(path: Path) -> list[bytes]:
 def postgres_texts(database: str) -> list[bytes]:
     """Every value of every table in the database's schemas (the ledger's tables)."""
     texts = []
-    with psycopg.connect(f"{PG_SERVER}/{database}") as con:
+    with psycopg.connect(f"{POSTGRES}/{database}") as con:
         tables = con.execute(
             "SELECT table_schema, table_name FROM information_schema.tables WHERE "
             "table_schema NOT IN ('pg_catalog', 'information_schema')"
@@ -277,19 +276,8 @@ def _shifted_csv(source: Path, target: Path, shift_ms: int) -> Path:
 
 @pytest.fixture
 def database():
-    """A throwaway database on the real PostgreSQL server, dropped afterwards."""
-    name = f"canary_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(f"{PG_SERVER}/test", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at {PG_SERVER} is unreachable (CI provides it): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with throwaway_database("canary") as name:
         yield name
-    finally:
-        with psycopg.connect(f"{PG_SERVER}/test", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -457,7 +445,7 @@ def test_search_finds_a_planted_canary(tmp_path, database):
     with closing(sqlite3.connect(runs)) as con, con:
         con.execute("CREATE TABLE snapshots (body BLOB)")
         con.execute("INSERT INTO snapshots VALUES (?)", [zlib.compress(canary.encode())])
-    with psycopg.connect(f"{PG_SERVER}/{database}") as con:
+    with psycopg.connect(f"{POSTGRES}/{database}") as con:
         con.execute("CREATE TABLE audit (seq int, payload text)")
         con.execute("INSERT INTO audit SELECT i, 'row ' || i FROM generate_series(1, 1000) i")
         con.execute("INSERT INTO audit VALUES (0, %s)", [json.dumps({"note": canary})])

@@ -5,7 +5,6 @@ daemon, land their runs, events and tick state in PostgreSQL and nothing in SQLi
 import shutil
 import subprocess
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,23 +14,16 @@ from dagster._core.scheduler.instigation import InstigatorState, TickData
 from dagster._serdes import deserialize_value
 
 from tests.integration.daemon import BIN, ROOT, live_dry_run_env, running_daemon
+from tests.integration.services import POSTGRES, throwaway_database
 
-SERVER = "postgresql://postgres@127.0.0.1:5432"
 DRIVER = "postgresql+psycopg2"  # as deploy/postgres/dagster.yaml asks
 TIMEOUT_S = 180
 
 
 @pytest.fixture
 def database():
-    """A throwaway database on the real server, dropped afterwards."""
-    name = f"candlestack_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{SERVER}/test", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with throwaway_database() as name:
         yield name
-    finally:
-        with psycopg.connect(f"{SERVER}/test", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -50,7 +42,7 @@ def dagster(env, *args: str) -> subprocess.CompletedProcess:
 
 
 def query(database: str, sql: str, *params) -> list[tuple]:
-    with psycopg.connect(f"{SERVER}/{database}") as conn:
+    with psycopg.connect(f"{POSTGRES}/{database}") as conn:
         return conn.execute(sql, params).fetchall()
 
 
