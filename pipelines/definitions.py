@@ -39,11 +39,9 @@ def run_executor() -> dg.ExecutorDefinition:
     """CANDLESTACK_EXECUTOR: in_process, or celery (each step a task on the workers)."""
     if settings.executor == "celery":
         # Imported only when selected: an in-process deployment never loads Celery.
-        from dagster_celery import celery_executor
+        from pipelines.workers import executor_config, recorded_celery_executor
 
-        from pipelines.workers import executor_config
-
-        return celery_executor.configured(executor_config(settings))
+        return recorded_celery_executor.configured(executor_config(settings))
     # Each job here is one heavy step plus light checks: on 2 cores a process per step
     # only adds ~3 s of spawn and definitions reload per step (measured in bench/). It records
     # the run's process, so a killed run's pool slots are freed (pipelines.stuck_runs).

@@ -10,14 +10,18 @@ instance's PostgreSQL (DAGSTER_HOME) and an s3:// lake: nothing on another worke
 
 import warnings
 
+import dagster as dg
 from celery.app import trace
 from celery.exceptions import DuplicateTaskNameWarning
+from dagster_celery import celery_executor
 from dagster_celery.executor import CeleryExecutor
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 from kombu import Queue
 
+from assets.tags import WORKER_TAG
 from candlestack.config import Settings
+from pipelines.stuck_runs import Worker
 from resources.deployment import settings
 
 # A broker restart is waited out for this long before sending a step fails its run.
@@ -64,6 +68,34 @@ def executor_config(settings: Settings) -> dict:
         "backend": settings.celery_backend,
         "config_source": celery_settings(settings),
     }
+
+
+class RecordedCeleryExecutor(CeleryExecutor):
+    """dagster-celery's executor, with the run's process recorded as the in-process executor
+    records it: a run process killed while its steps are on the workers leaves a run that
+    pipelines.stuck_runs fails, and whose pool slots it frees."""
+
+    def execute(self, plan_context, execution_plan):
+        worker = str(Worker.current())
+        plan_context.instance.add_run_tags(plan_context.run_id, {WORKER_TAG: worker})
+        yield from super().execute(plan_context, execution_plan)
+
+
+@dg.executor(
+    name="celery",
+    config_schema=celery_executor.config_schema,
+    requirements=dg.multiple_process_executor_requirements(),
+)
+def recorded_celery_executor(init_context: dg.InitExecutorContext) -> RecordedCeleryExecutor:
+    """Each step a Celery task on the workers; the run's process recorded (see above)."""
+    base = celery_executor.executor_creation_fn(init_context)
+    return RecordedCeleryExecutor(
+        retries=base.retries,
+        broker=base.broker,
+        backend=base.backend,
+        include=base.include,
+        config_source=vars(base.config_source),
+    )
 
 
 def celery_app(settings: Settings):

@@ -10,6 +10,8 @@ recordings cover April-May 2021): 2 months x 3 symbols."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -21,7 +23,10 @@ import boto3
 import dagster as dg
 import pytest
 import yaml
+from kombu import Connection
 
+from assets.tags import WORKER_TAG
+from candlestack.config import Settings
 from tests.conftest import REPLAY_FILES, isolated_env
 from tests.integration.daemon import BIN, ROOT, running_daemon
 from tests.integration.fake_binance import FakeBinance
@@ -117,6 +122,12 @@ def in_process_lake(binance, endpoint, tmp_path_factory) -> dict[str, str]:
     return objects
 
 
+def delete_queue(name: str) -> None:
+    """The test's queue off the broker (durable queues outlive their workers)."""
+    with Connection(Settings().celery_broker) as broker:
+        broker.default_channel.queue_delete(name)
+
+
 class Deployment:
     """A Celery deployment on a throwaway PostgreSQL database: its environment, instance,
     workers and the daemon that launches the backfill's runs."""
@@ -204,6 +215,7 @@ def deployment(tmp_path, binance, endpoint, monkeypatch) -> Iterator[Deployment]
                 yield Deployment(env, workers, prefix)
         finally:
             workers.stop()
+            delete_queue(env["CANDLESTACK_CELERY_QUEUE"])
 
 
 def test_a_backfill_fans_out_over_two_workers_and_equals_the_in_process_run(
@@ -314,3 +326,32 @@ def test_a_worker_that_cannot_reach_the_object_store_fails_its_step_naming_the_e
     assert [worker for _, worker, _ in deployment.executions(run.run_id)] == [
         f"cut-off@{socket.gethostname()}"
     ]
+
+
+def test_a_killed_run_process_is_failed_and_its_pool_slot_freed(deployment):
+    """The run's process, not a worker, is killed: its step waits in the queue (no worker
+    runs) with the exchange's slot claimed, and `python -m pipelines.stuck_runs` finds the
+    run's recorded process gone."""
+    run_process = subprocess.Popen(
+        [BIN / "dagster", "asset", "materialize", "-m", "pipelines.definitions",
+         "--select", "candles_1m", "--partition", PARTITIONS[0]],
+        cwd=ROOT, env=deployment.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    storage = deployment.instance.event_log_storage
+    deadline = time.monotonic() + TIMEOUT_S
+    while not storage.get_concurrency_info(POOL).claimed_slots:
+        assert time.monotonic() < deadline, "the step never claimed the exchange's slot"
+        time.sleep(0.2)
+    (run,) = deployment.runs()
+    assert run.tags[WORKER_TAG].split(":")[:2] == [socket.gethostname(), str(run_process.pid)]
+    os.killpg(run_process.pid, signal.SIGKILL)
+    run_process.wait(timeout=30)
+
+    done = subprocess.run(
+        [BIN / "python", "-m", "pipelines.stuck_runs"],
+        cwd=ROOT, env=deployment.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert deployment.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert not storage.get_concurrency_info(POOL).claimed_slots
