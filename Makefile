@@ -59,7 +59,7 @@ workers: setup
 	$(BIN)/python -c 'import dagster; dagster.DagsterInstance.get()'; \
 	pids=; trap 'for p in $$pids; do pkill -TERM -P $$p; done; wait; exit 130' INT TERM; \
 	for i in $$(seq 1 $(N)); do \
-		$(BIN)/dagster-celery worker start -A pipelines.workers -n worker$$i -- --pool=solo & \
+		$(BIN)/dagster-celery worker start -A pipelines.workers -n worker$$i & \
 		pids="$$pids $$!"; \
 	done; \
 	wait

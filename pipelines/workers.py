@@ -1,7 +1,7 @@
 """The Celery deployment: the executor that CANDLESTACK_EXECUTOR=celery selects, and the app
-its workers run. A worker is one process taking one step at a time from the broker:
+its workers run. A worker takes one step at a time from the broker:
 
-    dagster-celery worker start -A pipelines.workers -n worker1 -- --pool=solo
+    dagster-celery worker start -A pipelines.workers -n worker1
 
 (`make workers N=2` starts N of them). A worker loads this code location with its own
 CANDLESTACK_* settings, so each needs the same settings as the run's process, the
@@ -37,8 +37,13 @@ def celery_settings(settings: Settings) -> dict:
         # lost: a worker killed mid-step has the step run again by another, not dropped.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # One step per worker at a time, none reserved behind a busy one.
+        # One step per worker at a time, none reserved behind a busy one. In a child process
+        # (the prefork pool): the worker's own process keeps answering the broker's
+        # heartbeats during a long step. In the solo pool a step blocks them, the broker drops
+        # the connection and hands the step out again (the bench saw steps started twice).
         "worker_prefetch_multiplier": 1,
+        "worker_pool": "prefork",
+        "worker_concurrency": 1,
         "task_default_queue": settings.celery_queue,
         # dagster-celery gives up sending after ~1.5 s (3 retries): a broker restart would
         # fail the run. Sending now retries each second, and workers reconnect forever.

@@ -203,8 +203,8 @@ def test_compose_celery_worker(compose):
     worker, code = services["worker"], services["code"]
     command = worker["command"]
     assert command[: len(WORKER_COMMAND)] == WORKER_COMMAND
-    # One step at a time in the worker's own process: the worker the UI names ran it.
-    assert command[command.index("--") + 1 :] == ["--pool=solo"]
+    # The pool and one step at a time come from pipelines/workers.py's settings, not flags.
+    assert "--" not in command
     # dagster-celery appends @%h to the name: each replica's container hostname keeps the
     # names of `--scale worker=N` apart. A fixed container name would refuse to scale.
     assert "@" not in command[command.index("-n") + 1]
@@ -310,7 +310,7 @@ def test_make_workers_starts_the_compose_worker_command(compose):
     assert re.search(r"^N \?= 2$", makefile, re.M)  # the documented default
     assert re.search(r"^workers: setup$", makefile, re.M)
     recipe = re.search(r"^workers:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    assert " ".join(WORKER_COMMAND) + " -n worker$$i -- --pool=solo &" in recipe
+    assert " ".join(WORKER_COMMAND) + " -n worker$$i &" in recipe
     assert "seq 1 $(N)" in recipe and "wait" in recipe
     assert "dagster-celery" in (ROOT / "pyproject.toml").read_text()  # in the image too
 

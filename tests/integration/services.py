@@ -61,9 +61,9 @@ def moto_s3() -> Iterator[str]:
 
 
 class CeleryWorkers:
-    """`dagster-celery worker start` processes, each in its own process group and one step
-    at a time (--pool=solo: the step runs in the worker's own process, so killing the worker
-    kills the step). Logs go to `logs`/NAME.log."""
+    """`dagster-celery worker start` processes, each in its own process group (killing a
+    worker kills the child process its step runs in), one step at a time. Logs go to
+    `logs`/NAME.log."""
 
     def __init__(self, env: dict, logs: Path) -> None:
         self.env = env
@@ -81,7 +81,7 @@ class CeleryWorkers:
         with open(self.logs / f"{name}.log", "w") as sink:
             self.processes[name] = subprocess.Popen(
                 [BIN / "dagster-celery", "worker", "start", "-A", "pipelines.workers",
-                 "-n", name, "--", "--pool=solo", "--without-mingle", "--without-gossip"],
+                 "-n", name, "--", "--without-mingle", "--without-gossip"],
                 cwd=ROOT, env={**self.env, "PATH": path, **env}, stdout=sink,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
