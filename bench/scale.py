@@ -364,7 +364,8 @@ def main() -> int:
         "--postgres",
         metavar="SERVER",
         help="PostgreSQL instance storage in a throwaway database on this server, e.g. "
-        "postgresql://postgres@127.0.0.1:5432 (default: SQLite)",
+        "postgresql://postgres@127.0.0.1:5432 (default: SQLite; with --executor celery, a "
+        "server of its own)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     celery = parser.add_argument_group("--executor celery (celery_scale.py)")
@@ -373,12 +374,14 @@ def main() -> int:
     celery.add_argument("--per-run", type=int, default=20, help="symbol-months per run")
     celery.add_argument("--concurrent", type=int, default=2, help="runs at a time")
     args = parser.parse_args()
+    if not 1 <= args.symbols <= 99 or args.days < 1:
+        parser.error("--symbols must be 1..99 and --days at least 1")
     if args.executor == "celery":
+        if args.grid or args.keep or min(args.workers, default=0) < 1 or args.per_run < 1:
+            parser.error("--executor celery takes neither --grid nor --keep, workers >= 1")
         from celery_scale import run
 
         return run(args)
-    if not 1 <= args.symbols <= 99 or args.days < 1:
-        parser.error("--symbols must be 1..99 and --days at least 1")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or set(args.stages) - set(STAGES):
         parser.error(f"--stages takes some of {', '.join(STAGES)}")
