@@ -241,13 +241,23 @@ def report(config: Config, baseline: Config | None) -> None:
         flush=True,
     )
     if baseline and config.steps:
-        cpu = (config.cpu - baseline.cpu) / config.steps
-        wall = (config.wall - baseline.wall) / config.steps
-        broker = sum(config.services[k] - baseline.services[k] for k in ("rabbitmq", "redis"))
+
+        def per_step(now: float, then: float) -> str:
+            return f"{(now - then) / config.steps * 1000:+.0f} ms"
+
+        def processes(c: Config) -> float:
+            return c.cpu_dagster + c.cpu_workers
+
+        def broker(c: Config) -> float:
+            return c.services["rabbitmq"] + c.services["redis"]
+
         print(
             f"   against {baseline.label}: {baseline.wall / config.wall:.2f}x the speed; "
-            f"overhead per step {cpu * 1000:+.0f} ms cpu ({broker / config.steps * 1000:+.0f} ms "
-            f"of it RabbitMQ + Redis), {wall * 1000:+.0f} ms wall",
+            f"overhead per step {per_step(config.cpu, baseline.cpu)} cpu "
+            f"(Dagster's processes {per_step(processes(config), processes(baseline))}, "
+            f"PostgreSQL {per_step(config.services['postgresql'], baseline.services['postgresql'])}"
+            f", RabbitMQ + Redis {per_step(broker(config), broker(baseline))}), "
+            f"{per_step(config.wall, baseline.wall)} wall",
             flush=True,
         )
 
