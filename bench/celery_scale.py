@@ -10,7 +10,8 @@ A single run over the range gives Celery nothing to fan out (one step per asset)
 the work of scale.py's ingest, bars and features stages is one daemon backfill of
 candles_1m, the bars of every timeframe and the features (concurrent_backfill.py's), split
 into runs of --per-run symbol-months (20: one month of every symbol per run), at most
---concurrent runs at a time, on PostgreSQL instance storage (a throwaway database). The
+--concurrent runs at a time, on PostgreSQL instance storage (a throwaway database on a
+cluster the bench initialises and starts as user postgres, or on --postgres SERVER). The
 same backfill runs first with CANDLESTACK_EXECUTOR=in_process (each run's steps in the
 run's process), then with CANDLESTACK_EXECUTOR=celery and each --workers count: N
 `dagster-celery worker start -A pipelines.workers -- --pool=solo` processes, each in a
@@ -21,8 +22,9 @@ after it. The lake is a local folder: every worker runs on this machine.
 Per configuration: wall time from submission to completion; CPU time (user + system) of
 the daemon, its code server and run processes and the submission (this process is a
 subreaper, so every descendant's CPU is counted once it has ended), of the workers (their
-start-up apart), and the deltas of the system's beam.smp (RabbitMQ), redis-server and
-postgres processes, read from /proc (other clients of those servers count too); steps
+start-up apart), and, from submission to completion, the deltas of the machine's beam.smp
+(RabbitMQ) and redis-server, read from /proc (their other clients count too), and of
+PostgreSQL (the bench's own cluster; with --postgres, all postgres processes); steps
 executed (from the instance) and by which process; and, against in-process, the overhead
 per step: (CPU - in-process CPU) / steps and (wall - in-process wall) / steps. Figures only.
 """
