@@ -1,7 +1,8 @@
 """Benchmark: scale.py's ingest, bars and features on Celery workers, beside in-process.
 
-Run from the repository root, with RabbitMQ, Redis and PostgreSQL reachable (the defaults of
-CANDLESTACK_CELERY_BROKER and _BACKEND, and --postgres):
+Run from the repository root, with RabbitMQ and Redis reachable (the defaults of
+CANDLESTACK_CELERY_BROKER and _BACKEND) and, without --postgres, as root with PostgreSQL 15's
+binaries (the bench starts a cluster of its own as user postgres):
 
     python bench/scale.py --executor celery [--workers 1 2] [--symbols 20] [--days 365]
                           [--per-run 20] [--concurrent 2] [--postgres SERVER]
@@ -14,7 +15,8 @@ into runs of --per-run symbol-months (20: one month of every symbol per run), at
 cluster the bench initialises and starts as user postgres, or on --postgres SERVER). The
 same backfill runs first with CANDLESTACK_EXECUTOR=in_process (each run's steps in the
 run's process), then with CANDLESTACK_EXECUTOR=celery and each --workers count: N
-`dagster-celery worker start -A pipelines.workers -- --pool=solo` processes, each in a
+`dagster-celery worker start -A pipelines.workers -- --pool=solo --without-mingle
+--without-gossip` processes (deaf to the broker's other workers), each in a
 process group of its own, on a queue of their own (CANDLESTACK_CELERY_QUEUE, unique to the
 invocation and the count), started and ready before the backfill is submitted and stopped
 after it. The lake is a local folder: every worker runs on this machine.
