@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from contextlib import contextmanager, suppress
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,15 +55,9 @@ with dg.DagsterInstance.get() as instance:
     instance.add_backfill(backfill)
     print(backfill.backfill_id)
 """
-STATUS = """
-import sys
-import dagster as dg
-with dg.DagsterInstance.get() as instance:
-    backfill = instance.get_backfill(sys.argv[1])
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": sys.argv[1]}))
-    failed = sum(r.status == dg.DagsterRunStatus.FAILURE for r in runs)
-    print(backfill.status.value, len(runs), failed)
-"""
+FINISHED = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
+POLL_SECONDS = 2.0
+STOP_SECONDS = 60.0
 
 
 def instance_yaml(url: str, concurrent: int) -> str:
@@ -83,38 +79,83 @@ def python(env: dict, code: str, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def measure(server: str, concurrent: int, names: list[str], days: int, per_run: int) -> None:
-    last = datetime.now(UTC).date() - timedelta(days=1)
-    first = last - timedelta(days=days - 1)
+@contextmanager
+def backfill_instance(server: str, concurrent: int, names: list[str], first, per_run: int):
+    """(env, temp dir): a throwaway database, a DAGSTER_HOME on it running `concurrent`
+    runs at a time, and the bench settings with backfills split into runs of `per_run`."""
     with postgres_database(server) as url, tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         home.mkdir()
         (home / "dagster.yaml").write_text(instance_yaml(url, concurrent))
         env = bench_env(home, Path(tmp) / "lake", Path(tmp) / "catalog.duckdb", names, first)
         env["CANDLESTACK_BACKFILL_RUN_PARTITIONS"] = str(per_run)
-        daemon = subprocess.Popen(
-            [Path(sys.executable).parent / "dagster-daemon", "run", "-m", MODULE],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        yield env, Path(tmp)
+
+
+def start_group(command: list, env: dict, log: Path | None = None) -> subprocess.Popen:
+    """A process in a process group of its own, output to `log` (or discarded)."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed by the child)
+    try:
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True
         )
+    finally:
+        if log:
+            out.close()
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """`sig` to the process's group, then wait for it and for every process of the group
+    handed to this one (a subreaper's orphans), SIGKILL after STOP_SECONDS."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    deadline = time.monotonic() + STOP_SECONDS
+    proc.wait()
+    while True:
+        try:
+            pid, _ = os.waitpid(-proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if time.monotonic() > deadline:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+
+def start_daemon(env: dict, log: Path | None = None) -> subprocess.Popen:
+    daemon = Path(sys.executable).parent / "dagster-daemon"
+    return start_group([daemon, "run", "-m", MODULE], env, log)
+
+
+def run_backfill(env: dict, first: date, last: date) -> tuple[float, str, list]:
+    """Submits the backfill of candles, bars and features over first..last and waits for it:
+    (wall seconds from submission to completion, its status, its runs)."""
+    import dagster as dg
+
+    started = time.perf_counter()
+    backfill_id = python(env, SUBMIT, first.isoformat(), last.isoformat())
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        while (status := instance.get_backfill(backfill_id).status.value) not in FINISHED:
+            time.sleep(POLL_SECONDS)
+        wall = time.perf_counter() - started
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+    return wall, status, runs
+
+
+def measure(server: str, concurrent: int, names: list[str], days: int, per_run: int) -> None:
+    last = datetime.now(UTC).date() - timedelta(days=1)
+    first = last - timedelta(days=days - 1)
+    with backfill_instance(server, concurrent, names, first, per_run) as (env, _):
+        daemon = start_daemon(env)
         try:
             load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-            started = time.perf_counter()
-            backfill_id = python(env, SUBMIT, first.isoformat(), last.isoformat())
-            while True:
-                status, runs, failed = python(env, STATUS, backfill_id).split()
-                if status in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED"):
-                    break
-                time.sleep(2)
-            wall = time.perf_counter() - started
+            wall, status, runs = run_backfill(env, first, last)
         finally:
-            os.killpg(daemon.pid, 15)
-            daemon.wait()
+            stop_group(daemon)
+        failed = sum(r.status.value == "FAILURE" for r in runs)
         print(
-            f"{concurrent} at a time: {wall:7.1f} s  runs {runs} ({failed} failed)  "
+            f"{concurrent} at a time: {wall:7.1f} s  runs {len(runs)} ({failed} failed)  "
             f"status {status}  load before {load}",
             flush=True,
         )

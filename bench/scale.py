@@ -4,6 +4,7 @@ Run from the repository root:
 
     python bench/scale.py [--symbols 20] [--days 365] [--grid] [--stages ingest,...]
                           [--postgres postgresql://user@host:5432] [--keep]
+    python bench/scale.py --executor celery [--workers 1 2] [--per-run 20] [--concurrent 2]
 
 For each size, a temporary DAGSTER_HOME (sqlite storage, telemetry off), lake, catalog,
 ledger and reports folder are created and the README's commands run one after the other,
@@ -23,6 +24,9 @@ written. --grid runs the growth grid instead: 1, 5 and 20 symbols at 30 days, an
 and 365 days at 1 symbol. The built-in strategies trade BTC/USDT and ETH/USDT, so the
 symbols are those, SOL/USDT, then synthetic SYN04/USDT...; with one symbol, the three
 BTC/USDT strategies run. Figures only: the exit code is non-zero only when a stage fails.
+
+--executor celery runs the ingest, bars and features work as a daemon backfill split into
+runs, in-process and then on N Celery workers: see celery_scale.py.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ class TreeMemory:
         self._thread.join()
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
     """CPU seconds of the reaped children: less sensitive to other load than wall time."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -265,7 +269,7 @@ def run_size(
         runs_before, compute_before, written_before = 0, 0.0, (0, 0)
         for name, command in (c for c in commands if c[0] in stages):
             started = time.perf_counter()
-            cpu_before = _children_cpu()
+            cpu_before = children_cpu()
             proc = subprocess.Popen(
                 command,
                 cwd=REPO,
@@ -278,7 +282,7 @@ def run_size(
             out, err = proc.communicate()
             memory.stop()
             stage = Stage(name, wall=time.perf_counter() - started, ok=proc.returncode == 0)
-            stage.cpu = _children_cpu() - cpu_before
+            stage.cpu = children_cpu() - cpu_before
             stage.tree_peak, stage.single_peak = memory.tree_peak, memory.single_peak
             runs, compute = _instance_runs(home)
             written = _written(outputs)
@@ -360,12 +364,24 @@ def main() -> int:
         "--postgres",
         metavar="SERVER",
         help="PostgreSQL instance storage in a throwaway database on this server, e.g. "
-        "postgresql://postgres@127.0.0.1:5432 (default: SQLite)",
+        "postgresql://postgres@127.0.0.1:5432 (default: SQLite; with --executor celery, a "
+        "server of its own)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    celery = parser.add_argument_group("--executor celery (celery_scale.py)")
+    celery.add_argument("--executor", choices=("in_process", "celery"), default="in_process")
+    celery.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts")
+    celery.add_argument("--per-run", type=int, default=20, help="symbol-months per run")
+    celery.add_argument("--concurrent", type=int, default=2, help="runs at a time")
     args = parser.parse_args()
     if not 1 <= args.symbols <= 99 or args.days < 1:
         parser.error("--symbols must be 1..99 and --days at least 1")
+    if args.executor == "celery":
+        if args.grid or args.keep or min(args.workers, default=0) < 1 or args.per_run < 1:
+            parser.error("--executor celery takes neither --grid nor --keep, workers >= 1")
+        from celery_scale import run
+
+        return run(args)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or set(args.stages) - set(STAGES):
         parser.error(f"--stages takes some of {', '.join(STAGES)}")
