@@ -15,8 +15,8 @@ into runs of --per-run symbol-months (20: one month of every symbol per run), at
 cluster the bench initialises and starts as user postgres, or on --postgres SERVER). The
 same backfill runs first with CANDLESTACK_EXECUTOR=in_process (each run's steps in the
 run's process), then with CANDLESTACK_EXECUTOR=celery and each --workers count: N
-`dagster-celery worker start -A pipelines.workers -- --pool=solo --without-mingle
---without-gossip` processes (deaf to the broker's other workers), each in a
+`dagster-celery worker start -A pipelines.workers -- --without-mingle --without-gossip`
+processes (one step at a time, as pipelines/workers.py configures them) (deaf to the broker's other workers), each in a
 process group of its own, on a queue of their own (CANDLESTACK_CELERY_QUEUE, unique to the
 invocation and the count), started and ready before the backfill is submitted and stopped
 after it. The lake is a local folder: every worker runs on this machine.
@@ -70,7 +70,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgresql"}
 WORKER_NAME = "bench{index}-{token}"
 # The bench's workers take no part in the broker's other workers' gossip and mingle.
-WORKER_ARGS = ("--pool=solo", "--without-mingle", "--without-gossip")
+WORKER_ARGS = ("--without-mingle", "--without-gossip")
 
 
 @dataclass
