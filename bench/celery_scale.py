@@ -13,13 +13,13 @@ candles_1m, the bars of every timeframe and the features (concurrent_backfill.py
 into runs of --per-run symbol-months (20: one month of every symbol per run), at most
 --concurrent runs at a time, on PostgreSQL instance storage (a throwaway database on a
 cluster the bench initialises and starts as user postgres, or on --postgres SERVER). The
-same backfill runs first with CANDLESTACK_EXECUTOR=in_process (each run's steps in the
-run's process), then with CANDLESTACK_EXECUTOR=celery and each --workers count: N
-`dagster-celery worker start -A pipelines.workers -- --without-mingle --without-gossip`
-processes (one step at a time, as pipelines/workers.py configures them) (deaf to the broker's other workers), each in a
-process group of its own, on a queue of their own (CANDLESTACK_CELERY_QUEUE, unique to the
-invocation and the count), started and ready before the backfill is submitted and stopped
-after it. The lake is a local folder: every worker runs on this machine.
+same backfill runs first with CANDLESTACK_EXECUTOR=in_process (each run's steps in the run's
+process), then with CANDLESTACK_EXECUTOR=celery and each --workers count: N `dagster-celery
+worker start -A pipelines.workers -- --without-mingle --without-gossip` processes (one step
+at a time, as pipelines/workers.py configures them; deaf to the broker's other workers),
+each in a process group of its own, on a queue of their own (CANDLESTACK_CELERY_QUEUE,
+unique to the invocation and the count), started and ready before the backfill is submitted
+and stopped after it. The lake is a local folder: every worker runs on this machine.
 
 Per configuration: wall time from submission to completion; CPU time (user + system) of
 the daemon, its code server and run processes and the submission (this process is a
