@@ -26,8 +26,12 @@ from resources.deployment import settings
 
 # A broker restart is waited out for this long before sending a step fails its run.
 PUBLISH_RETRY_SECONDS = 300
-# Celery's default; dagster-celery's queue declares it, and the workers' queue must match.
-MAX_PRIORITY = 10
+RETRY_EACH_SECOND = {
+    "max_retries": PUBLISH_RETRY_SECONDS,
+    "interval_start": 0,
+    "interval_step": 1,
+    "interval_max": 1,
+}
 
 
 def celery_settings(settings: Settings) -> dict:
@@ -47,18 +51,10 @@ def celery_settings(settings: Settings) -> dict:
         "task_default_queue": settings.celery_queue,
         # dagster-celery gives up sending after ~1.5 s (3 retries): a broker restart would
         # fail the run. Sending now retries each second, and workers reconnect forever.
-        "task_publish_retry_policy": {
-            "max_retries": PUBLISH_RETRY_SECONDS,
-            "interval_start": 0,
-            "interval_step": 1,
-            "interval_max": 1,
-        },
+        "task_publish_retry_policy": RETRY_EACH_SECOND,
+        # kombu also stops reconnecting after the connect timeout (4 s) in all.
         "broker_transport_options": {
-            "max_retries": PUBLISH_RETRY_SECONDS,
-            "interval_start": 0,
-            "interval_step": 1,
-            "interval_max": 1,
-            # kombu also stops reconnecting after the connect timeout (4 s) in all.
+            **RETRY_EACH_SECOND,
             "connect_retries_timeout": PUBLISH_RETRY_SECONDS,
         },
         "broker_connection_retry_on_startup": True,
@@ -105,11 +101,11 @@ def recorded_celery_executor(init_context: dg.InitExecutorContext) -> RecordedCe
 
 def celery_app(settings: Settings):
     app = make_app(CeleryExecutor.for_cli(**executor_config(settings)).app_args())
-    # dagster-celery's app listens on its own queue name: workers take the deployment's.
+    # dagster-celery's app listens on its own queue name: workers take the deployment's,
+    # declared with the same priority bound as the queue the run's process sends to.
     queue = settings.celery_queue
-    app.conf.task_queues = [
-        Queue(queue, routing_key=f"{queue}.#", queue_arguments={"x-max-priority": MAX_PRIORITY})
-    ]
+    priorities = {"x-max-priority": app.conf.task_queue_max_priority}
+    app.conf.task_queues = [Queue(queue, routing_key=f"{queue}.#", queue_arguments=priorities)]
     return app
 
 
